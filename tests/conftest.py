@@ -1,0 +1,37 @@
+"""Shared test set-up: the repo on sys.path, and no network, ever.
+
+tiktoken reads GPT-2's BPE files from the vendored cache in tests/fixtures/tiktoken_cache
+(the files are named by the sha1 of their download URL, as tiktoken expects), and the
+Hugging Face libraries are told to stay offline. Any attempt to open a non-local socket
+fails the test, so a hidden download cannot slip in.
+"""
+import os
+import socket
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+sys.path.insert(0, ROOT)
+
+# set before anything imports tiktoken / transformers; subprocesses inherit them
+os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(FIXTURES, "tiktoken_cache")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+_LOCAL = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+_connect = socket.socket.connect
+
+
+def _local_only_connect(self, address):
+    if isinstance(address, tuple) and address[0] not in _LOCAL:
+        raise RuntimeError(f"test tried to reach the network: {address}")
+    return _connect(self, address)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    monkeypatch.setattr(socket.socket, "connect", _local_only_connect)

@@ -1,0 +1,12 @@
+import tiktoken
+
+PROMPT = "Hello, I'm a language model,"
+PROMPT_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # REFERENCE.md
+
+
+def test_gpt2_encoding_offline_from_vendored_cache():
+    enc = tiktoken.get_encoding("gpt2")
+    assert enc.n_vocab == 50257
+    assert enc.eot_token == 50256
+    assert enc.encode(PROMPT) == PROMPT_IDS
+    assert enc.decode(PROMPT_IDS) == PROMPT
