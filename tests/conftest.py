@@ -10,6 +10,7 @@ import socket
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -35,3 +36,18 @@ def _local_only_connect(self, address):
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", _local_only_connect)
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: a tiny GPT-2 with random weights saved as a Hugging Face directory."""
+    def make(name="tiny", seed=0, **shape):
+        from transformers import GPT2Config, GPT2LMHeadModel
+        cfg = dict(n_positions=64, n_embd=32, n_layer=2, n_head=4, vocab_size=128)
+        cfg.update(shape)
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+        path = tmp_path / name
+        model.save_pretrained(path)
+        return str(path)
+    return make

@@ -1,0 +1,56 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from train_gpt2 import GPT
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def test_from_pretrained_copies_every_tensor(hf_checkpoint):
+    path = hf_checkpoint(n_layer=3, n_head=2, n_embd=16, vocab_size=100, n_positions=32)
+    model = GPT.from_pretrained(path)
+    assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (3, 2, 16)
+    assert (model.config.vocab_size, model.config.block_size) == (100, 32)
+    sd = model.state_dict()
+    sd_hf = GPT2LMHeadModel.from_pretrained(path).state_dict()
+    n = 0
+    for k, w in sd_hf.items():
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        expected = w.t() if k.endswith(CONV1D) else w
+        assert torch.equal(sd[k], expected), k
+        n += 1
+    assert n == 4 + 12 * 3 + 1  # wte, wpe, ln_f (2); 12 per block; lm_head
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'gpt3'.*gpt2-xl"):
+        GPT.from_pretrained("gpt3")
+
+
+def test_mismatched_checkpoint_names_the_tensor(hf_checkpoint):
+    path = hf_checkpoint(n_inner=48)  # an MLP width GPT-2 does not have (4 * 32 = 128)
+    with pytest.raises(ValueError, match=r"mlp\.c_fc\.weight has shape \(48, 32\), expected \(128, 32\)"):
+        GPT.from_pretrained(path)
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot load a GPT-2 checkpoint from"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_import_has_no_side_effects(tmp_path):
+    code = ("import sys, torch.distributed as dist; import train_gpt2; "
+            "assert not dist.is_initialized(); print('ok')")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "ok\n"  # nothing printed, nothing trained
+    assert os.listdir(tmp_path) == []  # no files written

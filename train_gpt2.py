@@ -1,0 +1,132 @@
+"""GPT-2 (124M) from scratch: the model, its data, and its training loop, in one file.
+
+Read it top to bottom: the model first, then the data, then the training.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the model can read (context length)
+    vocab_size: int = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        # query, key and value for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        # the causal mask: a token may look at itself and the past, never the future.
+        # OpenAI named it "bias"; it is a constant, not a weight.
+        T = config.block_size
+        self.register_buffer("bias", torch.tril(torch.ones(T, T)).view(1, 1, T, T))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size): each head attends independently
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = att @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        # pre-norm: the residual stream x is never normalised, only what branches off it
+        x = x + self.attn(self.ln_1(x))  # tokens talk to each other
+        x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
+        return x
+
+
+# the published checkpoints, loadable by name through Hugging Face
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path):
+        """GPT-2 with OpenAI's weights: a name in PRETRAINED or a Hugging Face GPT-2 directory."""
+        if name_or_path not in PRETRAINED and not os.path.isdir(name_or_path):
+            raise ValueError(f"unknown model {name_or_path!r}: use one of {', '.join(PRETRAINED)} "
+                             "or a directory holding a Hugging Face GPT-2 checkpoint")
+        from transformers import GPT2LMHeadModel  # imported here: only this path needs it
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"cannot load a GPT-2 checkpoint from {name_or_path!r}: {reason}") from e
+        c = hf.config  # the shape comes from the checkpoint, not from our defaults
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
+                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+        model = cls(config)
+        sd = model.state_dict()
+        # the causal masks are buffers, not weights: skip them on both sides
+        is_mask = lambda k: k.endswith((".attn.bias", ".attn.masked_bias"))
+        keys = [k for k in sd if not is_mask(k)]
+        sd_hf = hf.state_dict()
+        keys_hf = [k for k in sd_hf if not is_mask(k)]
+        if set(keys) != set(keys_hf):
+            missing, extra = sorted(set(keys) - set(keys_hf)), sorted(set(keys_hf) - set(keys))
+            raise ValueError(f"checkpoint {name_or_path!r} does not match GPT-2: "
+                             f"missing {missing[:3]}, unexpected {extra[:3]}")
+        # OpenAI's Conv1D stores these four weights as (in, out); nn.Linear wants (out, in)
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for k in keys_hf:
+                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+                if w.shape != sd[k].shape:
+                    raise ValueError(f"checkpoint {name_or_path!r} does not match GPT-2: {k} has shape "
+                                     f"{tuple(w.shape)}, expected {tuple(sd[k].shape)}")
+                sd[k].copy_(w)
+        return model
