@@ -54,3 +54,38 @@ def test_import_has_no_side_effects(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout == "ok\n"  # nothing printed, nothing trained
     assert os.listdir(tmp_path) == []  # no files written
+
+
+@pytest.mark.parametrize("shape", [
+    dict(n_layer=4, n_head=4, n_embd=32, vocab_size=50257, n_positions=64),  # the full vocabulary
+    dict(n_layer=2, n_head=2, n_embd=24, vocab_size=300, n_positions=16),
+])
+def test_logits_match_transformers(hf_checkpoint, shape):
+    path = hf_checkpoint(seed=1, **shape)
+    ours = GPT.from_pretrained(path).eval()
+    theirs = GPT2LMHeadModel.from_pretrained(path).eval()
+    T = shape["n_positions"]
+    idx = torch.randint(0, shape["vocab_size"], (3, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, loss = ours(idx)
+        expected = theirs(idx).logits
+    assert loss is None
+    assert logits.shape == (3, T, shape["vocab_size"])
+    assert (logits - expected).abs().max().item() < 1e-5
+
+
+def test_loss_is_mean_cross_entropy(hf_checkpoint):
+    model = GPT.from_pretrained(hf_checkpoint()).eval()
+    g = torch.Generator().manual_seed(0)
+    idx, targets = torch.randint(0, 128, (2, 2, 10), generator=g)
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+    logp = torch.log_softmax(logits, dim=-1)
+    expected = -logp.gather(-1, targets.unsqueeze(-1)).mean()
+    assert abs(loss.item() - expected.item()) < 1e-6
+
+
+def test_sequence_longer_than_block_size_is_a_clear_error(hf_checkpoint):
+    model = GPT.from_pretrained(hf_checkpoint(n_positions=8))
+    with pytest.raises(ValueError, match="sequence of length 9 is longer than block_size 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
