@@ -110,6 +110,18 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, top_k=50, generator=None):
+        """Append max_new_tokens to idx (B, T), each sampled from the top_k most likely next tokens."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])  # the model sees at most block_size
+            probs = F.softmax(logits[:, -1, :], dim=-1)  # only the last position predicts the next token
+            # keep the k most likely tokens: the long tail of unlikely ones is where samples go astray
+            topk_probs, topk_indices = torch.topk(probs, min(top_k, probs.size(-1)), dim=-1)
+            ix = torch.multinomial(topk_probs, 1, generator=generator)  # renormalises for us
+            idx = torch.cat((idx, torch.gather(topk_indices, -1, ix)), dim=1)
+        return idx
+
     @classmethod
     def from_pretrained(cls, name_or_path):
         """GPT-2 with OpenAI's weights: a name in PRETRAINED or a Hugging Face GPT-2 directory."""
@@ -146,3 +158,20 @@ class GPT(nn.Module):
                                      f"{tuple(w.shape)}, expected {tuple(sd[k].shape)}")
                 sd[k].copy_(w)
         return model
+
+
+# -----------------------------------------------------------------------------
+# Sampling from GPT-2
+
+if __name__ == "__main__":
+    import sys
+    import tiktoken
+
+    model = GPT.from_pretrained(sys.argv[1] if len(sys.argv) > 1 else "gpt2")
+    model.eval()
+    enc = tiktoken.get_encoding("gpt2")
+    prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), dtype=torch.long)
+    x = prompt.unsqueeze(0).repeat(5, 1)  # 5 continuations of the same prompt, as one batch
+    y = model.generate(x, max_new_tokens=30, generator=torch.Generator().manual_seed(42))
+    for row in y:
+        print(">", enc.decode(row.tolist()))

@@ -45,6 +45,9 @@ def hf_checkpoint(tmp_path):
         from transformers import GPT2Config, GPT2LMHeadModel
         cfg = dict(n_positions=64, n_embd=32, n_layer=2, n_head=4, vocab_size=128)
         cfg.update(shape)
+        if cfg["vocab_size"] <= 50256:  # keep the special-token ids inside a small vocabulary
+            cfg.setdefault("bos_token_id", cfg["vocab_size"] - 1)
+            cfg.setdefault("eos_token_id", cfg["vocab_size"] - 1)
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(GPT2Config(**cfg)).eval()
         path = tmp_path / name

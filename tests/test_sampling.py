@@ -1,0 +1,50 @@
+import os
+import subprocess
+import sys
+
+import tiktoken
+import torch
+
+from train_gpt2 import GPT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "Hello, I'm a language model,"
+
+
+def test_generate_is_reproducible_with_a_seeded_generator(hf_checkpoint):
+    model = GPT.from_pretrained(hf_checkpoint()).eval()
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    a = model.generate(idx, 20, top_k=10, generator=torch.Generator().manual_seed(7))
+    b = model.generate(idx, 20, top_k=10, generator=torch.Generator().manual_seed(7))
+    c = model.generate(idx, 20, top_k=10, generator=torch.Generator().manual_seed(8))
+    assert a.shape == (2, 23)
+    assert torch.equal(a[:, :3], idx)  # the prompt comes back first
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_generate_only_picks_from_the_top_k(hf_checkpoint):
+    k = 5
+    model = GPT.from_pretrained(hf_checkpoint(n_positions=16)).eval()
+    idx = torch.tensor([[10, 20]] * 4)
+    out = model.generate(idx, 30, top_k=k, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (4, 32)  # longer than block_size 16: the context is cropped
+    for t in range(2, out.size(1)):
+        with torch.no_grad():
+            logits, _ = model(out[:, max(0, t - 16):t])
+        topk = torch.topk(logits[:, -1, :], k).indices
+        assert (topk == out[:, t:t + 1]).any(dim=1).all(), f"step {t} left the top {k}"
+
+
+def test_main_prints_five_continuations_of_the_prompt(hf_checkpoint):
+    path = hf_checkpoint(vocab_size=50257, n_embd=16)  # the prompt's ids need the full vocabulary
+    out = subprocess.run([sys.executable, "train_gpt2.py", path], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [l for l in out.stdout.splitlines() if l.startswith("> ")]
+    assert len(lines) == 5
+    enc = tiktoken.get_encoding("gpt2")
+    for line in lines:
+        assert line.startswith("> " + PROMPT)
+        # 8 prompt tokens + 30 new ones (re-encoding decoded random text can merge or split some)
+        assert 30 <= len(enc.encode(line[2:])) <= 50
