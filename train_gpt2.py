@@ -161,17 +161,52 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Sampling from GPT-2
+# Running it
 
-if __name__ == "__main__":
-    import sys
+
+def get_device(requested="auto"):
+    """The fastest device there is (cuda, then Apple's mps, then cpu), or the one asked for."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = requested.split(":")[0]
+    if kind not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} asked for, but this torch sees no CUDA GPU: use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {requested!r} asked for, but MPS is not available here: use --device cpu")
+    return requested
+
+
+def main(argv=None):
+    import argparse
     import tiktoken
 
-    model = GPT.from_pretrained(sys.argv[1] if len(sys.argv) > 1 else "gpt2")
+    parser = argparse.ArgumentParser(description="Sample from GPT-2.")
+    parser.add_argument("--init_from", default="gpt2",
+                        help="scratch (random weights), gpt2 ... gpt2-xl, or a Hugging Face GPT-2 directory")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    args = parser.parse_args(argv)
+    try:
+        device = get_device(args.device)
+        model = GPT(GPTConfig()) if args.init_from == "scratch" else GPT.from_pretrained(args.init_from)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"using device: {device}")
+    model.to(device)
     model.eval()
     enc = tiktoken.get_encoding("gpt2")
-    prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), dtype=torch.long)
+    prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), dtype=torch.long, device=device)
     x = prompt.unsqueeze(0).repeat(5, 1)  # 5 continuations of the same prompt, as one batch
-    y = model.generate(x, max_new_tokens=30, generator=torch.Generator().manual_seed(42))
+    g = torch.Generator(device=device).manual_seed(42)  # a generator of its own: sampling never shifts training's RNG
+    y = model.generate(x, max_new_tokens=30, generator=g)
     for row in y:
         print(">", enc.decode(row.tolist()))
+
+
+if __name__ == "__main__":
+    main()

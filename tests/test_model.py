@@ -89,3 +89,11 @@ def test_sequence_longer_than_block_size_is_a_clear_error(hf_checkpoint):
     model = GPT.from_pretrained(hf_checkpoint(n_positions=8))
     with pytest.raises(ValueError, match="sequence of length 9 is longer than block_size 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_get_device_picks_cpu_without_a_gpu_and_honours_an_override():
+    from train_gpt2 import get_device
+    assert get_device("auto") == "cpu"  # the tests hide any GPU
+    assert get_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="unknown device"):
+        get_device("gpu0")

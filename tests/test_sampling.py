@@ -38,7 +38,7 @@ def test_generate_only_picks_from_the_top_k(hf_checkpoint):
 
 def test_main_prints_five_continuations_of_the_prompt(hf_checkpoint):
     path = hf_checkpoint(vocab_size=50257, n_embd=16)  # the prompt's ids need the full vocabulary
-    out = subprocess.run([sys.executable, "train_gpt2.py", path], cwd=ROOT,
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--init_from", path], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith("> ")]
@@ -48,3 +48,23 @@ def test_main_prints_five_continuations_of_the_prompt(hf_checkpoint):
         assert line.startswith("> " + PROMPT)
         # 8 prompt tokens + 30 new ones (re-encoding decoded random text can merge or split some)
         assert 30 <= len(enc.encode(line[2:])) <= 50
+
+
+def test_main_samples_from_a_random_model_on_the_chosen_device():
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--init_from", "scratch", "--device", "cpu"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "using device: cpu" in out.stdout
+    lines = [l for l in out.stdout.splitlines() if l.startswith("> " + PROMPT)]
+    assert len(lines) == 5
+
+
+def test_main_bad_model_or_device_is_a_one_line_error():
+    for args, msg in ((["--init_from", "gpt3"], "unknown model 'gpt3'"),
+                      (["--device", "tpu"], "unknown device 'tpu'"),
+                      (["--device", "cuda"], "sees no CUDA GPU")):
+        out = subprocess.run([sys.executable, "train_gpt2.py", *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode != 0
+        assert out.stderr.strip().splitlines() == [f"error: {out.stderr.strip()[7:]}"]
+        assert msg in out.stderr
