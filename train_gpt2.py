@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import tiktoken
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -161,6 +162,23 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# The data
+
+
+def load_text_tokens(path):
+    """A text file as one long tensor of GPT-2 token ids."""
+    with open(path, "r", encoding="utf-8") as f:
+        text = f.read()
+    return torch.tensor(tiktoken.get_encoding("gpt2").encode(text), dtype=torch.long)
+
+
+def first_batch(tokens, B, T):
+    """The first B*T tokens as inputs x (B, T) and targets y: the same tokens, one step ahead."""
+    buf = tokens[:B * T + 1]  # one extra token: the target of the last input
+    return buf[:-1].view(B, T), buf[1:].view(B, T)
+
+
+# -----------------------------------------------------------------------------
 # Running it
 
 
@@ -184,12 +202,12 @@ def get_device(requested="auto"):
 
 def main(argv=None):
     import argparse
-    import tiktoken
 
-    parser = argparse.ArgumentParser(description="Sample from GPT-2.")
+    parser = argparse.ArgumentParser(description="Train GPT-2, and sample from it.")
     parser.add_argument("--init_from", default="gpt2",
                         help="scratch (random weights), gpt2 ... gpt2-xl, or a Hugging Face GPT-2 directory")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--data", default="input.txt", help="a text file to train on")
     args = parser.parse_args(argv)
     try:
         device = get_device(args.device)
@@ -198,6 +216,14 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     print(f"using device: {device}")
     model.to(device)
+
+    # the data: tiny Shakespeare as GPT-2 tokens, and a first batch cut from its start
+    tokens = load_text_tokens(args.data)
+    print(f"{args.data}: {len(tokens):,} tokens")
+    x, y = first_batch(tokens, B=4, T=32)
+    x, y = x.to(device), y.to(device)
+    print(f"first batch: x {tuple(x.shape)}, y {tuple(y.shape)}")
+
     model.eval()
     enc = tiktoken.get_encoding("gpt2")
     prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), dtype=torch.long, device=device)
