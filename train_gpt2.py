@@ -224,6 +224,11 @@ def main(argv=None):
     x, y = x.to(device), y.to(device)
     print(f"first batch: x {tuple(x.shape)}, y {tuple(y.shape)}")
 
+    # an untrained model spreads its bets evenly over the vocabulary, so its loss should be
+    # close to -ln(1/50257) = 10.82; much higher would mean a badly scaled initialisation
+    logits, loss = model(x, y)
+    print(f"loss of the first batch: {loss.item():.4f} (uniform guessing: {math.log(model.config.vocab_size):.4f})")
+
     model.eval()
     enc = tiktoken.get_encoding("gpt2")
     prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), dtype=torch.long, device=device)

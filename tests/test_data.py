@@ -28,3 +28,14 @@ def test_first_batch_targets_are_inputs_shifted_by_one():
     assert torch.equal(y.reshape(-1), tokens[1:B * T + 1])
     assert torch.equal(y[:, :-1], x[:, 1:])  # within a row
     assert torch.equal(y[:-1, -1], x[1:, 0])  # across rows: the stream continues
+
+
+def test_untrained_loss_on_real_text_is_about_ln_vocab():
+    from train_gpt2 import GPT, GPTConfig
+    torch.manual_seed(1337)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=4, n_embd=64))
+    x, y = first_batch(load_text_tokens(INPUT), B=4, T=64)
+    with torch.no_grad():
+        _, loss = model(x, y)
+    print(loss.item())
+    assert 10.5 < loss.item() < 11.2  # -ln(1/50257) = 10.82
