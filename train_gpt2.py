@@ -208,6 +208,7 @@ def main(argv=None):
                         help="scratch (random weights), gpt2 ... gpt2-xl, or a Hugging Face GPT-2 directory")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     parser.add_argument("--data", default="input.txt", help="a text file to train on")
+    parser.add_argument("--max_steps", type=int, default=50, help="optimisation steps")
     args = parser.parse_args(argv)
     try:
         device = get_device(args.device)
@@ -228,6 +229,15 @@ def main(argv=None):
     # close to -ln(1/50257) = 10.82; much higher would mean a badly scaled initialisation
     logits, loss = model(x, y)
     print(f"loss of the first batch: {loss.item():.4f} (uniform guessing: {math.log(model.config.vocab_size):.4f})")
+
+    # overfit this one batch: if the model and the loss are wired right, the loss goes to ~0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    for step in range(args.max_steps):
+        optimizer.zero_grad()
+        logits, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        print(f"step {step:4d} | loss {loss.item():.6f}")
 
     model.eval()
     enc = tiktoken.get_encoding("gpt2")
