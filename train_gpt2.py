@@ -172,10 +172,26 @@ def load_text_tokens(path):
     return torch.tensor(tiktoken.get_encoding("gpt2").encode(text), dtype=torch.long)
 
 
-def first_batch(tokens, B, T):
-    """The first B*T tokens as inputs x (B, T) and targets y: the same tokens, one step ahead."""
-    buf = tokens[:B * T + 1]  # one extra token: the target of the last input
-    return buf[:-1].view(B, T), buf[1:].view(B, T)
+class DataLoaderLite:
+    """Batches of B rows of T tokens, walking a text file's tokens in order and wrapping at the end."""
+
+    def __init__(self, B, T, path):
+        self.B, self.T = B, T
+        self.tokens = load_text_tokens(path)
+        if len(self.tokens) < B * T + 1:
+            raise ValueError(f"{path} has {len(self.tokens)} tokens, fewer than one batch of B*T+1 = {B * T + 1}")
+        print(f"{path}: {len(self.tokens):,} tokens, 1 epoch = {len(self.tokens) // (B * T)} batches of {B}x{T}")
+        self.position = 0
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        buf = self.tokens[self.position:self.position + B * T + 1]  # +1: the last input's target
+        x = buf[:-1].view(B, T)  # inputs
+        y = buf[1:].view(B, T)  # targets: each input's next token
+        self.position += B * T
+        if self.position + B * T + 1 > len(self.tokens):  # the next batch would run off the end
+            self.position = 0
+        return x, y
 
 
 # -----------------------------------------------------------------------------
@@ -218,21 +234,19 @@ def main(argv=None):
     print(f"using device: {device}")
     model.to(device)
 
-    # the data: tiny Shakespeare as GPT-2 tokens, and a first batch cut from its start
-    tokens = load_text_tokens(args.data)
-    print(f"{args.data}: {len(tokens):,} tokens")
-    x, y = first_batch(tokens, B=4, T=32)
-    x, y = x.to(device), y.to(device)
-    print(f"first batch: x {tuple(x.shape)}, y {tuple(y.shape)}")
+    # the data: tiny Shakespeare as GPT-2 tokens, served in consecutive batches
+    train_loader = DataLoaderLite(B=4, T=32, path=args.data)
 
     # an untrained model spreads its bets evenly over the vocabulary, so its loss should be
     # close to -ln(1/50257) = 10.82; much higher would mean a badly scaled initialisation
-    logits, loss = model(x, y)
+    x, y = train_loader.next_batch()
+    logits, loss = model(x.to(device), y.to(device))
     print(f"loss of the first batch: {loss.item():.4f} (uniform guessing: {math.log(model.config.vocab_size):.4f})")
 
-    # overfit this one batch: if the model and the loss are wired right, the loss goes to ~0
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     for step in range(args.max_steps):
+        x, y = train_loader.next_batch()
+        x, y = x.to(device), y.to(device)
         optimizer.zero_grad()
         logits, loss = model(x, y)
         loss.backward()

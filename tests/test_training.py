@@ -2,7 +2,7 @@ import os
 
 import torch
 
-from train_gpt2 import GPT, GPTConfig, first_batch, load_text_tokens
+from train_gpt2 import GPT, GPTConfig, DataLoaderLite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUT = os.path.join(ROOT, "input.txt")
@@ -11,7 +11,7 @@ INPUT = os.path.join(ROOT, "input.txt")
 def test_a_tiny_model_overfits_one_batch():
     torch.manual_seed(1337)
     model = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=2, n_head=4, n_embd=256))
-    x, y = first_batch(load_text_tokens(INPUT), B=2, T=16)
+    x, y = DataLoaderLite(2, 16, INPUT).next_batch()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     losses = []
     for _ in range(60):
