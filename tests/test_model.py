@@ -97,3 +97,20 @@ def test_get_device_picks_cpu_without_a_gpu_and_honours_an_override():
     assert get_device("cpu") == "cpu"
     with pytest.raises(ValueError, match="unknown device"):
         get_device("gpu0")
+
+
+def test_weight_tying_and_the_124M_parameter_count():
+    from train_gpt2 import GPTConfig
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model = GPT(GPTConfig(vocab_size=50257))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    n = sum(p.numel() for p in model.parameters())  # parameters() counts a shared tensor once
+    assert n == 124_439_808
+    untied = n + 50257 * 768
+    assert untied == 163_037_184
+
+
+def test_tied_weights_survive_loading(hf_checkpoint):
+    model = GPT.from_pretrained(hf_checkpoint())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert torch.equal(model.lm_head.weight, GPT2LMHeadModel.from_pretrained(hf_checkpoint()).lm_head.weight)
