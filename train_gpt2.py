@@ -31,6 +31,7 @@ class CausalSelfAttention(nn.Module):
         # query, key and value for all heads in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True  # adds into the residual stream: see GPT._init_weights
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         # the causal mask: a token may look at itself and the past, never the future.
@@ -59,6 +60,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
 
     def forward(self, x):
         return self.c_proj(self.gelu(self.c_fc(x)))
@@ -97,6 +99,21 @@ class GPT(nn.Module):
         # weight tying: the output head reuses the token embedding (GPT-2 does, and it saves
         # vocab_size * n_embd = 38.6M parameters, 30% of the 124M model)
         self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """GPT-2's initialisation: normal(0, 0.02) weights, zero biases (LayerNorm keeps 1 and 0)."""
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_SCALE_INIT", False):
+                # each block adds two branches into the residual stream; scaling them by
+                # 1/sqrt(2 * n_layer) keeps the stream's variance from growing with depth
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy if targets."""

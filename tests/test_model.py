@@ -114,3 +114,22 @@ def test_tied_weights_survive_loading(hf_checkpoint):
     model = GPT.from_pretrained(hf_checkpoint())
     assert model.lm_head.weight is model.transformer.wte.weight
     assert torch.equal(model.lm_head.weight, GPT2LMHeadModel.from_pretrained(hf_checkpoint()).lm_head.weight)
+
+
+def test_gpt2_initialisation_statistics():
+    from train_gpt2 import GPTConfig
+    torch.manual_seed(0)
+    L = 8
+    model = GPT(GPTConfig(block_size=256, vocab_size=4096, n_layer=L, n_head=4, n_embd=256))
+    residual = 0.02 / (2 * L) ** 0.5
+    for name, p in model.named_parameters():
+        if name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")):
+            assert abs(p.std().item() - residual) < 0.05 * residual, name
+            assert abs(p.mean().item()) < 1e-3, name
+        elif name.endswith(("c_attn.weight", "c_fc.weight", "wte.weight", "wpe.weight")):
+            assert abs(p.std().item() - 0.02) < 0.001, name
+            assert abs(p.mean().item()) < 1e-3, name
+        elif "ln_" in name and name.endswith("weight"):
+            assert torch.all(p == 1), name
+        else:
+            assert name.endswith("bias") and torch.all(p == 0), name
