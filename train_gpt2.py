@@ -2,9 +2,11 @@
 
 Read it top to bottom: the model first, then the data, then the training.
 """
+import argparse
 import math
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field, fields
 
 import tiktoken
 import torch
@@ -236,43 +238,91 @@ def get_device(requested="auto"):
     return requested
 
 
-def main(argv=None):
-    import argparse
+def flag(default, help):
+    return field(default=default, metadata={"help": help})
 
-    parser = argparse.ArgumentParser(description="Train GPT-2, and sample from it.")
-    parser.add_argument("--init_from", default="gpt2",
-                        help="scratch (random weights), gpt2 ... gpt2-xl, or a Hugging Face GPT-2 directory")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    parser.add_argument("--data", default="input.txt", help="a text file to train on")
-    parser.add_argument("--max_steps", type=int, default=50, help="optimisation steps")
-    args = parser.parse_args(argv)
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. The defaults reproduce GPT-2 124M; each one is a flag of the same name."""
+    data: str = flag("input.txt", "a text file to train on")
+    init_from: str = flag("scratch", "scratch (random GPT-2 init), gpt2 ... gpt2-xl, or a Hugging Face GPT-2 directory")
+    n_layer: int = flag(12, "transformer blocks (scratch only)")
+    n_head: int = flag(12, "attention heads (scratch only)")
+    n_embd: int = flag(768, "channels (scratch only)")
+    batch_size: int = flag(64, "B: sequences per batch")
+    seq_len: int = flag(1024, "T: tokens per sequence")
+    max_steps: int = flag(19073, "optimisation steps")
+    learning_rate: float = flag(6e-4, "AdamW learning rate")
+    seed: int = flag(1337, "seed for initialisation and training")
+    device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    log_dir: str = flag("log", "where log.txt is written")
+
+
+def on_off(text):
+    """On/off flags take 1 or 0."""
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"expected 1 or 0, got {text!r}")
+    return text == "1"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train GPT-2 (124M by default), then sample from it.")
+    for f in fields(TrainConfig):
+        parser.add_argument(f"--{f.name}", type=on_off if f.type is bool else f.type,
+                            default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+    # argparse's errors are already clear; print them on one line, with where to look
+    parser.error = lambda message: sys.exit(f"error: {message} (see --help)")
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def check_config(cfg):
+    """Catch bad settings before any work is done, with a message that says what to change."""
+    for name in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len", "max_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
+    if not os.path.isfile(cfg.data):
+        raise ValueError(f"data file {cfg.data!r} not found: pass --data with a text file, e.g. --data input.txt")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
     try:
-        device = get_device(args.device)
-        model = GPT(GPTConfig()) if args.init_from == "scratch" else GPT.from_pretrained(args.init_from)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        check_config(cfg)
+        device = get_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        if cfg.init_from == "scratch":
+            model = GPT(GPTConfig(vocab_size=50257, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+        else:
+            model = GPT.from_pretrained(cfg.init_from)
+        if cfg.seq_len > model.config.block_size:
+            raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
+        train_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, path=cfg.data)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
     print(f"using device: {device}")
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     model.to(device)
 
-    # the data: tiny Shakespeare as GPT-2 tokens, served in consecutive batches
-    train_loader = DataLoaderLite(B=4, T=32, path=args.data)
+    os.makedirs(cfg.log_dir, exist_ok=True)
+    log_file = os.path.join(cfg.log_dir, "log.txt")
+    open(log_file, "w").close()  # a new run starts a new log
 
-    # an untrained model spreads its bets evenly over the vocabulary, so its loss should be
-    # close to -ln(1/50257) = 10.82; much higher would mean a badly scaled initialisation
-    x, y = train_loader.next_batch()
-    logits, loss = model(x.to(device), y.to(device))
-    print(f"loss of the first batch: {loss.item():.4f} (uniform guessing: {math.log(model.config.vocab_size):.4f})")
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    for step in range(args.max_steps):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    for step in range(cfg.max_steps):
         x, y = train_loader.next_batch()
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad()
         logits, loss = model(x, y)
         loss.backward()
         optimizer.step()
-        print(f"step {step:4d} | loss {loss.item():.6f}")
+        print(f"step {step:5d} | loss {loss.item():.6f}")
+        with open(log_file, "a") as f:
+            f.write(f"{step} train {loss.item():.6f}\n")
 
+    # what has it learned? continue a prompt five times
     model.eval()
     enc = tiktoken.get_encoding("gpt2")
     prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), dtype=torch.long, device=device)

@@ -35,30 +35,22 @@ def test_generate_only_picks_from_the_top_k(hf_checkpoint):
         assert (topk == out[:, t:t + 1]).any(dim=1).all(), f"step {t} left the top {k}"
 
 
-def test_main_prints_five_continuations_of_the_prompt(hf_checkpoint):
+def test_main_prints_five_continuations_of_the_prompt(hf_checkpoint, tmp_path):
     path = hf_checkpoint(vocab_size=50257, n_embd=16)  # the prompt's ids need the full vocabulary
-    out = subprocess.run([sys.executable, "train_gpt2.py", "--init_from", path, "--max_steps", "1"],
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--init_from", path, "--max_steps", "1",
+                          "--batch_size", "2", "--seq_len", "32", "--log_dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     # samples may hold newlines: count the prompts, each at the start of a line
     assert out.stdout.count("\n> " + PROMPT) == 5
 
 
-def test_main_samples_from_a_random_model_on_the_chosen_device():
-    out = subprocess.run([sys.executable, "train_gpt2.py", "--init_from", "scratch", "--device", "cpu", "--max_steps", "1"],
+def test_main_samples_from_a_random_model_on_the_chosen_device(tmp_path):
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--init_from", "scratch", "--device", "cpu", "--max_steps", "1",
+                          "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
+                          "--log_dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "using device: cpu" in out.stdout
     lines = [l for l in out.stdout.splitlines() if l.startswith("> " + PROMPT)]
     assert len(lines) == 5
-
-
-def test_main_bad_model_or_device_is_a_one_line_error():
-    for args, msg in ((["--init_from", "gpt3"], "unknown model 'gpt3'"),
-                      (["--device", "tpu"], "unknown device 'tpu'"),
-                      (["--device", "cuda"], "sees no CUDA GPU")):
-        out = subprocess.run([sys.executable, "train_gpt2.py", *args], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode != 0
-        assert out.stderr.strip().splitlines() == [f"error: {out.stderr.strip()[7:]}"]
-        assert msg in out.stderr

@@ -1,0 +1,68 @@
+"""The command line: the README's main command, and bad input."""
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16"]
+
+
+def run(args, cwd=ROOT, timeout=600):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def readme_main_command():
+    """The training command of the README's set-up section, as an argument list."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    line = next(l for l in readme.splitlines() if l.startswith("pip install torch==2.13.0 -r requirements.txt && "))
+    return shlex.split(line.split("&&", 1)[1])
+
+
+def read_log(log_dir):
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        return [line.split() for line in f.read().splitlines()]
+
+
+def test_readme_main_command_trains_and_samples(tmp_path):
+    cmd = readme_main_command()
+    assert cmd[:2] == ["python", "train_gpt2.py"] and "input.txt" in cmd
+    out = run(cmd[1:] + ["--log_dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr
+    train = [float(loss) for step, kind, loss in read_log(tmp_path) if kind == "train"]
+    assert len(train) >= 20
+    assert train[0] - train[-1] > 2.0, train  # more than 2 nats learned
+    samples = re.findall(r"^> (Hello, I'm a language model,.*)$", out.stdout, re.M)
+    assert len(samples) == 5
+    assert all(s.isprintable() for s in samples)
+
+
+def one_line_error(out, message):
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max_steps", "ten"], "argument --max_steps: invalid int value: 'ten'"),
+    (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
+    (["--data", "missing.txt"], "data file 'missing.txt' not found"),
+    (["--n_embd", "30", "--n_head", "4"], "--n_embd 30 must be a multiple of --n_head 4"),
+    (["--seq_len", "2048"], "--seq_len 2048 is longer than the model's context of 1024"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--init_from", "gpt3"], "unknown model 'gpt3'"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "cuda"], "sees no CUDA GPU"),
+])
+def test_bad_input_is_a_one_line_error_and_clobbers_nothing(tmp_path, args, message):
+    log = tmp_path / "log.txt"
+    log.write_text("0 train 10.000000\n")  # an earlier run's log
+    out = run(["train_gpt2.py", *SMALL, *args, "--log_dir", str(tmp_path)])
+    one_line_error(out, message)
+    assert log.read_text() == "0 train 10.000000\n"
+    assert os.listdir(tmp_path) == ["log.txt"]
