@@ -38,19 +38,20 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", _local_only_connect)
 
 
+def make_hf_checkpoint(path, seed=0, **shape):
+    """A tiny GPT-2 with random weights saved as a Hugging Face directory at path."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = dict(n_positions=64, n_embd=32, n_layer=2, n_head=4, vocab_size=128)
+    cfg.update(shape)
+    if cfg["vocab_size"] <= 50256:  # keep the special-token ids inside a small vocabulary
+        cfg.setdefault("bos_token_id", cfg["vocab_size"] - 1)
+        cfg.setdefault("eos_token_id", cfg["vocab_size"] - 1)
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config(**cfg)).eval().save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
-    """Factory: a tiny GPT-2 with random weights saved as a Hugging Face directory."""
-    def make(name="tiny", seed=0, **shape):
-        from transformers import GPT2Config, GPT2LMHeadModel
-        cfg = dict(n_positions=64, n_embd=32, n_layer=2, n_head=4, vocab_size=128)
-        cfg.update(shape)
-        if cfg["vocab_size"] <= 50256:  # keep the special-token ids inside a small vocabulary
-            cfg.setdefault("bos_token_id", cfg["vocab_size"] - 1)
-            cfg.setdefault("eos_token_id", cfg["vocab_size"] - 1)
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(GPT2Config(**cfg)).eval()
-        path = tmp_path / name
-        model.save_pretrained(path)
-        return str(path)
-    return make
+    """Factory fixture: make_hf_checkpoint into this test's tmp_path."""
+    return lambda name="tiny", seed=0, **shape: make_hf_checkpoint(tmp_path / name, seed, **shape)

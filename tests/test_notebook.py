@@ -1,18 +1,26 @@
 import os
+import re
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+from conftest import make_hf_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_notebook(monkeypatch, **env):
+def run_notebook(**env):
     """Execute play.ipynb headless from the repo root; return its cells with their outputs."""
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    nb = nbformat.read(os.path.join(ROOT, "play.ipynb"), as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": ROOT}}).execute()
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernel inherits this process's environment
+    try:
+        nb = nbformat.read(os.path.join(ROOT, "play.ipynb"), as_version=4)
+        NotebookClient(nb, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": ROOT}}).execute()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return nb.cells
 
 
@@ -20,10 +28,16 @@ def text_of(cell):
     return "".join(o.get("text", "") for o in cell.get("outputs", []))
 
 
-def test_notebook_runs_on_a_tiny_local_checkpoint(monkeypatch, hf_checkpoint):
-    path = hf_checkpoint(vocab_size=50257, n_embd=20, n_positions=48)
-    cells = run_notebook(monkeypatch, NANOGPT_MODEL=path)
-    out = "\n".join(text_of(c) for c in cells)
+@pytest.fixture(scope="module")
+def notebook(tmp_path_factory):
+    """The notebook executed once against a tiny random checkpoint: (cells, all text output)."""
+    path = make_hf_checkpoint(tmp_path_factory.mktemp("nb") / "tiny", vocab_size=50257, n_embd=20, n_positions=48)
+    cells = run_notebook(NANOGPT_MODEL=path)
+    return cells, "\n".join(text_of(c) for c in cells)
+
+
+def test_notebook_runs_on_a_tiny_local_checkpoint(notebook):
+    cells, out = notebook
     assert "transformer.wpe.weight torch.Size([48, 20])" in out
     assert "transformer.h.1.attn.c_attn.weight torch.Size([20, 60])" in out  # Conv1D: (in, out)
     assert "[15496, 11, 314, 1101, 257, 3303, 2746, 11]" in out
@@ -31,3 +45,11 @@ def test_notebook_runs_on_a_tiny_local_checkpoint(monkeypatch, hf_checkpoint):
     assert len(samples) == 5
     images = [o for c in cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the wpe image and its columns
+
+
+def test_notebook_warm_up_bigram_and_averaging(notebook):
+    _, out = notebook
+    loss = float(re.search(r"65 characters; bigram val loss ([0-9.]+) nats per character", out).group(1))
+    assert 2.4 < loss < 2.6  # a bigram on tiny Shakespeare: about 2.5 nats per character
+    assert "loop == matmul: True" in out
+    assert "loop == masked softmax: True" in out
