@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field, fields
 
 import tiktoken
@@ -238,6 +239,14 @@ def get_device(requested="auto"):
     return requested
 
 
+def synchronize(device):
+    """Wait for the accelerator to finish its queued work (a no-op on the CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
 def flag(default, help):
     return field(default=default, metadata={"help": help})
 
@@ -312,13 +321,19 @@ def main(argv=None):
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     for step in range(cfg.max_steps):
+        t0 = time.time()
         x, y = train_loader.next_batch()
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad()
         logits, loss = model(x, y)
         loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # inf: measure, don't clip
         optimizer.step()
-        print(f"step {step:5d} | loss {loss.item():.6f}")
+        synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
+        dt = time.time() - t0
+        tokens_per_sec = train_loader.B * train_loader.T / dt
+        print(f"step {step:5d} | loss {loss.item():.6f} | lr {cfg.learning_rate:.4e} | norm {norm:.4f} "
+              f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}")
         with open(log_file, "a") as f:
             f.write(f"{step} train {loss.item():.6f}\n")
 

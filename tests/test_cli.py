@@ -66,3 +66,16 @@ def test_bad_input_is_a_one_line_error_and_clobbers_nothing(tmp_path, args, mess
     one_line_error(out, message)
     assert log.read_text() == "0 train 10.000000\n"
     assert os.listdir(tmp_path) == ["log.txt"]
+
+
+def test_each_step_prints_loss_lr_norm_time_and_throughput(tmp_path):
+    out = run(["train_gpt2.py", *SMALL, "--max_steps", "3", "--log_dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr
+    steps = re.findall(r"^step +(\d+) \| loss ([0-9.]+) \| lr ([0-9.e+-]+) \| norm ([0-9.]+) "
+                       r"\| dt ([0-9.]+)ms \| tok/sec ([0-9.]+)$", out.stdout, re.M)
+    assert [int(s[0]) for s in steps] == [0, 1, 2]
+    logged = [float(loss) for _, _, loss in read_log(tmp_path)]
+    for (step, loss, lr, norm, dt, tps), log_loss in zip(steps, logged):
+        assert float(loss) == log_loss
+        assert float(norm) > 0
+        assert abs(float(tps) - 2 * 16 / (float(dt) / 1000)) / float(tps) < 0.01  # B*T / dt
