@@ -312,6 +312,10 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     print(f"using device: {device}")
+    if device.startswith("cuda"):
+        # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa, ~3x faster on A100/H100; the
+        # weights and activations stay fp32 and training does not notice the lost precision
+        torch.set_float32_matmul_precision("high")
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     model.to(device)
 
