@@ -265,6 +265,7 @@ class TrainConfig:
     learning_rate: float = flag(6e-4, "AdamW learning rate")
     seed: int = flag(1337, "seed for initialisation and training")
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    bf16: bool = flag(True, "bfloat16 autocast for the forward pass and loss (fast on GPUs; slow on most CPUs)")
     log_dir: str = flag("log", "where log.txt is written")
 
 
@@ -311,6 +312,7 @@ def main(argv=None):
         train_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, path=cfg.data)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    device_type = device.split(":")[0]  # cuda, mps or cpu
     print(f"using device: {device}")
     if device.startswith("cuda"):
         # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa, ~3x faster on A100/H100; the
@@ -329,7 +331,10 @@ def main(argv=None):
         x, y = train_loader.next_batch()
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad()
-        logits, loss = model(x, y)
+        # bf16 autocast: matmuls run in bfloat16 (fp32's range, 8 bits of mantissa), parameters and
+        # the loss stay fp32. autocast wants the device *type*: 'cuda', never 'cuda:3'
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits, loss = model(x, y)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # inf: measure, don't clip
         optimizer.step()

@@ -24,3 +24,17 @@ def test_a_tiny_model_overfits_one_batch():
             break
     assert losses[0] > 10.0
     assert losses[-1] < 0.5, f"still {losses[-1]:.3f} after {len(losses)} steps"
+
+
+def test_bf16_autocast_runs_matmuls_in_bf16_and_keeps_the_loss_close():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=4, n_embd=64))
+    x, y = DataLoaderLite(4, 32, INPUT).next_batch()
+    with torch.no_grad():
+        _, loss32 = model(x, y)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            logits, loss16 = model(x, y)
+    assert logits.dtype == torch.bfloat16
+    assert loss16.dtype == torch.float32  # autocast computes cross-entropy in fp32
+    assert model.lm_head.weight.dtype == torch.float32  # the weights are untouched
+    assert abs(loss16.item() - loss32.item()) < 0.02
