@@ -5,6 +5,7 @@ Read it top to bottom: the model first, then the data, then the training.
 import argparse
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -247,6 +248,21 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
+def maybe_compile(model, enabled, device_type):
+    """torch.compile the model where it can run; where it cannot, say why and stay eager."""
+    if not enabled:
+        return model
+    if device_type == "cpu" and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "c++", "g++")):
+        print("compile: no C/C++ compiler found (the CPU backend needs one): running eager; "
+              "install gcc or pass --compile 0")
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as e:  # e.g. a Python release torch.compile does not support yet
+        print(f"compile: unavailable ({str(e).strip().splitlines()[0]}): running eager; pass --compile 0")
+        return model
+
+
 def flag(default, help):
     return field(default=default, metadata={"help": help})
 
@@ -266,6 +282,7 @@ class TrainConfig:
     seed: int = flag(1337, "seed for initialisation and training")
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     bf16: bool = flag(True, "bfloat16 autocast for the forward pass and loss (fast on GPUs; slow on most CPUs)")
+    compile: bool = flag(True, "torch.compile the model (slow to start, faster steps)")
     log_dir: str = flag("log", "where log.txt is written")
 
 
@@ -320,6 +337,10 @@ def main(argv=None):
         torch.set_float32_matmul_precision("high")
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     model.to(device)
+    # compile fuses the model's elementwise ops into a few kernels and cuts Python overhead; the
+    # compiled module shares raw_model's weights, and raw_model stays for sampling (other shapes)
+    raw_model = model
+    model = maybe_compile(model, cfg.compile, device_type)
 
     os.makedirs(cfg.log_dir, exist_ok=True)
     log_file = os.path.join(cfg.log_dir, "log.txt")
@@ -347,6 +368,7 @@ def main(argv=None):
             f.write(f"{step} train {loss.item():.6f}\n")
 
     # what has it learned? continue a prompt five times
+    model = raw_model
     model.eval()
     enc = tiktoken.get_encoding("gpt2")
     prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), dtype=torch.long, device=device)

@@ -38,3 +38,34 @@ def test_bf16_autocast_runs_matmuls_in_bf16_and_keeps_the_loss_close():
     assert loss16.dtype == torch.float32  # autocast computes cross-entropy in fp32
     assert model.lm_head.weight.dtype == torch.float32  # the weights are untouched
     assert abs(loss16.item() - loss32.item()) < 0.02
+
+
+def test_compiled_model_computes_the_eager_loss_and_trains():
+    from train_gpt2 import maybe_compile
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=512, n_layer=2, n_head=4, n_embd=32))
+    compiled = maybe_compile(model, True, "cpu")
+    assert compiled is not model
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 512, (2, 4, 32), generator=g)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(5):
+        with torch.no_grad():
+            _, eager = model(x, y)
+        optimizer.zero_grad()
+        _, loss = compiled(x, y)
+        assert abs(loss.item() - eager.item()) < 1e-4
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_compile_falls_back_to_eager_without_a_c_compiler(monkeypatch, capsys):
+    import train_gpt2
+    monkeypatch.setattr(train_gpt2.shutil, "which", lambda name: None)
+    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
+    assert train_gpt2.maybe_compile(model, True, "cpu") is model
+    assert "no C/C++ compiler found" in capsys.readouterr().out
+    assert train_gpt2.maybe_compile(model, False, "cpu") is model
