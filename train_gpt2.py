@@ -38,10 +38,6 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_SCALE_INIT = True  # adds into the residual stream: see GPT._init_weights
         self.n_head = config.n_head
         self.n_embd = config.n_embd
-        # the causal mask: a token may look at itself and the past, never the future.
-        # OpenAI named it "bias"; it is a constant, not a weight.
-        T = config.block_size
-        self.register_buffer("bias", torch.tril(torch.ones(T, T)).view(1, 1, T, T))
 
     def forward(self, x):
         B, T, C = x.size()
@@ -50,10 +46,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
-        att = F.softmax(att, dim=-1)
-        y = att @ v
+        # flash attention: softmax(q k^T / sqrt(head_size)) v, causal (no token sees the future),
+        # computed in tiles without ever writing the (T, T) attention matrix to memory
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.c_proj(y)
 
@@ -164,11 +159,10 @@ class GPT(nn.Module):
                            n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
         model = cls(config)
         sd = model.state_dict()
-        # the causal masks are buffers, not weights: skip them on both sides
-        is_mask = lambda k: k.endswith((".attn.bias", ".attn.masked_bias"))
-        keys = [k for k in sd if not is_mask(k)]
+        keys = list(sd)
         sd_hf = hf.state_dict()
-        keys_hf = [k for k in sd_hf if not is_mask(k)]
+        # some checkpoints carry their causal masks as buffers: constants, not weights
+        keys_hf = [k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))]
         if set(keys) != set(keys_hf):
             missing, extra = sorted(set(keys) - set(keys_hf)), sorted(set(keys_hf) - set(keys))
             raise ValueError(f"checkpoint {name_or_path!r} does not match GPT-2: "

@@ -133,3 +133,26 @@ def test_gpt2_initialisation_statistics():
             assert torch.all(p == 1), name
         else:
             assert name.endswith("bias") and torch.all(p == 0), name
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_causal_sdpa_equals_explicit_masked_softmax_attention(dtype, tol):
+    from train_gpt2 import CausalSelfAttention, GPTConfig
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(GPTConfig(block_size=16, n_head=4, n_embd=32)).to(dtype)
+    x = torch.randn(3, 16, 32, dtype=dtype)
+    B, T, C = x.shape
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(B, T, 4, C // 4).transpose(1, 2) for t in (q, k, v))
+    att = (q @ k.transpose(-2, -1)) / (C // 4) ** 0.5
+    att = att.masked_fill(torch.tril(torch.ones(T, T)) == 0, float("-inf")).softmax(dim=-1)
+    expected = attn.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
+    with torch.no_grad():
+        assert (attn(x) - expected).abs().max().item() < tol
+
+
+def test_state_dict_holds_no_attention_mask():
+    from train_gpt2 import GPTConfig
+    model = GPT(GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=4, n_embd=32))
+    assert not [k for k in model.state_dict() if k.endswith((".attn.bias", ".attn.masked_bias"))]
+    assert not list(model.buffers())
