@@ -54,3 +54,18 @@ def test_main_samples_from_a_random_model_on_the_chosen_device(tmp_path):
     assert "using device: cpu" in out.stdout
     lines = [l for l in out.stdout.splitlines() if l.startswith("> " + PROMPT)]
     assert len(lines) == 5
+
+
+def test_generate_never_returns_padded_vocabulary_ids():
+    import tiktoken
+    from train_gpt2 import GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():  # make the 47 padded rows the most likely "tokens" by far
+        model.lm_head.weight[50257:] = model.lm_head.weight[50257:].sign() * 10
+        logits, _ = model(torch.tensor([[1, 2, 3]]))
+    assert logits[0, -1].argmax().item() >= 50257  # unmasked, they would win
+    out = model.generate(torch.tensor([[15496, 11]] * 8), 40, generator=torch.Generator().manual_seed(0))
+    assert out.max().item() < 50257
+    for row in out:
+        assert isinstance(tiktoken.get_encoding("gpt2").decode(row.tolist()), str)
