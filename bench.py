@@ -1,0 +1,128 @@
+"""Training throughput of train_gpt2.py's model: tokens/s, MFU and peak memory for one setting.
+
+    python bench.py --n_layer 12 --n_head 12 --n_embd 768 --batch_size 16 --seq_len 1024
+
+It times whole training steps (forward, backward, clipping, AdamW) on random tokens, so data
+loading is not measured. MFU is achieved FLOP/s over the device's peak: the peak is measured
+here with a large matmul in the step's precision, and also taken from the datasheet where the
+device is a GPU this file knows.
+"""
+import argparse
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+from train_gpt2 import GPT, GPTConfig, get_device, maybe_compile, on_off, synchronize
+
+# dense bf16 tensor-core peaks from the datasheets, TFLOP/s (name as torch reports it)
+DATASHEET_BF16_TFLOPS = {"A100": 312, "H100 PCIe": 756, "H100": 989, "H200": 989, "L4": 121,
+                         "A10G": 125, "RTX 4090": 165, "RTX 3090": 71}
+
+
+def datasheet_tflops(device):
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in DATASHEET_BF16_TFLOPS.items():  # the first key found in the name wins
+        if key in name:
+            return tflops
+    return None
+
+
+def measured_tflops(device, dtype, n=4096, reps=10):
+    """The device's matmul peak in practice: TFLOP/s of a large square matmul."""
+    if not device.startswith("cuda"):
+        n, reps = 2048, 5  # a CPU is ~1000x slower: keep this short
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):  # the fastest repetition: the ceiling, not the average under noise
+        synchronize(device)
+        t0 = time.time()
+        a @ b
+        synchronize(device)
+        best = min(best, time.time() - t0)
+    return 2 * n ** 3 / best / 1e12
+
+
+def machine_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n_layer", type=int, default=12)
+    p.add_argument("--n_head", type=int, default=12)
+    p.add_argument("--n_embd", type=int, default=768)
+    p.add_argument("--vocab_size", type=int, default=50304)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", type=on_off, default=True)
+    p.add_argument("--bf16", type=on_off, default=True)
+    p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first: compilation, allocator warm-up")
+    args = p.parse_args()
+    device = get_device(args.device)
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    # the peak first, on an idle device (compile workers and the allocator not yet busy)
+    peak = measured_tflops(device, torch.bfloat16 if args.bf16 else torch.float32)
+    torch.manual_seed(1337)
+    B, T = args.batch_size, args.seq_len
+    config = GPTConfig(block_size=max(1024, T), vocab_size=args.vocab_size,
+                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    model = GPT(config).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    # training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's scores
+    flops_per_token = 6 * n_params + 12 * args.n_layer * T * args.n_embd
+    model = maybe_compile(model, args.compile, device_type)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
+    x = torch.randint(0, min(args.vocab_size, 50257), (B, T + 1), device=device)
+    x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+    times = []
+    for step in range(args.warmup + args.steps):
+        t0 = time.time()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=args.bf16):
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        synchronize(device)
+        if step >= args.warmup:
+            times.append(time.time() - t0)
+    dt = statistics.median(times)
+    tok_s = B * T / dt
+    achieved = tok_s * flops_per_token / 1e12
+    sheet = datasheet_tflops(device)
+    if device_type == "cuda":
+        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (max allocated)"
+    else:
+        mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
+    print(f"machine: {machine_name(device)} | torch {torch.__version__}")
+    print(f"model: {n_params:,} parameters, {args.n_layer}L {args.n_head}H {args.n_embd}C, vocab {args.vocab_size}, "
+          f"{flops_per_token / 1e9:.3f} GFLOP/token")
+    print(f"setting: B={B} T={T} device={device} compile={int(args.compile)} bf16={int(args.bf16)}")
+    print(f"step: {dt * 1000:.1f} ms (median of {len(times)}) | {tok_s:,.0f} tok/s | {achieved:.3f} TFLOP/s")
+    print(f"MFU: {100 * achieved / peak:.1f}% of the measured matmul peak {peak:.3f} TFLOP/s"
+          + (f" | {100 * achieved / sheet:.1f}% of the datasheet bf16 peak {sheet} TFLOP/s" if sheet else ""))
+    print(f"peak memory: {mem}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_prints_throughput_mfu_and_memory():
+    out = subprocess.run([sys.executable, "bench.py", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+                          "--batch_size", "2", "--seq_len", "32", "--device", "cpu", "--compile", "0",
+                          "--bf16", "0", "--steps", "3", "--warmup", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^machine: .+\| torch 2", out.stdout, re.M)
+    assert "setting: B=2 T=32 device=cpu compile=0 bf16=0" in out.stdout
+    ms, tok_s = re.search(r"step: ([0-9.]+) ms \(median of 3\) \| ([0-9,]+) tok/s", out.stdout).groups()
+    assert abs(float(tok_s.replace(",", "")) - 64 / (float(ms) / 1000)) < 0.01 * float(tok_s.replace(",", "")) + 1
+    mfu, peak = re.search(r"MFU: ([0-9.]+)% of the measured matmul peak ([0-9.]+) TFLOP/s", out.stdout).groups()
+    assert 0 < float(mfu) < 100 and float(peak) > 0
+    assert re.search(r"peak memory: [0-9.]+ GiB", out.stdout)
+
+
+def test_readme_documents_the_benchmark_with_its_machine():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    perf = readme[readme.index("## Performance"):]
+    assert "python bench.py" in perf
+    rows = [l for l in perf.splitlines() if l.startswith("| 2026-")]
+    assert rows and all(re.search(r"Xeon|H100|H200|A100|GPU|CPU|same", r) for r in rows)
