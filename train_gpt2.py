@@ -347,7 +347,8 @@ def main(argv=None):
     log_file = os.path.join(cfg.log_dir, "log.txt")
     open(log_file, "w").close()  # a new run starts a new log
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    # GPT-3's AdamW: beta2 0.95 (not 0.999) lets the second moment follow the gradients' scale faster
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8)
     for step in range(cfg.max_steps):
         t0 = time.time()
         x, y = train_loader.next_batch()
@@ -358,7 +359,8 @@ def main(argv=None):
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
             logits, loss = model(x, y)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # inf: measure, don't clip
+        # clip the global gradient norm at 1.0: one unlucky batch cannot shock the weights
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
         dt = time.time() - t0
