@@ -217,6 +217,21 @@ class DataLoaderLite:
 
 
 # -----------------------------------------------------------------------------
+# The optimisation schedule
+
+
+def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
+    """Learning rate at a step: linear warmup to max_lr, cosine decay to min_lr at max_steps, then min_lr."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps  # step + 1: the first step already moves
+    if step >= max_steps:
+        return min_lr
+    decay_ratio = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
+    return min_lr + coeff * (max_lr - min_lr)
+
+
+# -----------------------------------------------------------------------------
 # Running it
 
 
@@ -275,8 +290,10 @@ class TrainConfig:
     n_embd: int = flag(768, "channels (scratch only)")
     batch_size: int = flag(64, "B: sequences per batch")
     seq_len: int = flag(1024, "T: tokens per sequence")
-    max_steps: int = flag(19073, "optimisation steps")
-    learning_rate: float = flag(6e-4, "AdamW learning rate")
+    max_steps: int = flag(19073, "optimisation steps (19073 x 524288 tokens: one epoch of FineWeb-Edu 10B)")
+    warmup_steps: int = flag(715, "linear learning-rate warmup steps (GPT-3: 375M tokens)")
+    max_lr: float = flag(6e-4, "peak learning rate, after warmup")
+    min_lr: float = flag(6e-5, "final learning rate, 10% of the peak")
     seed: int = flag(1337, "seed for initialisation and training")
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     bf16: bool = flag(True, "bfloat16 autocast for the forward pass and loss (fast on GPUs; slow on most CPUs)")
@@ -306,6 +323,8 @@ def check_config(cfg):
     for name in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len", "max_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"--warmup_steps must be at least 0, got {cfg.warmup_steps}")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
     if not os.path.isfile(cfg.data):
@@ -348,7 +367,7 @@ def main(argv=None):
     open(log_file, "w").close()  # a new run starts a new log
 
     # GPT-3's AdamW: beta2 0.95 (not 0.999) lets the second moment follow the gradients' scale faster
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8)
     for step in range(cfg.max_steps):
         t0 = time.time()
         x, y = train_loader.next_batch()
@@ -361,11 +380,15 @@ def main(argv=None):
         loss.backward()
         # clip the global gradient norm at 1.0: one unlucky batch cannot shock the weights
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        lr = get_lr(step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                    max_lr=cfg.max_lr, min_lr=cfg.min_lr)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
         optimizer.step()
         synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
         dt = time.time() - t0
         tokens_per_sec = train_loader.B * train_loader.T / dt
-        print(f"step {step:5d} | loss {loss.item():.6f} | lr {cfg.learning_rate:.4e} | norm {norm:.4f} "
+        print(f"step {step:5d} | loss {loss.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
               f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}")
         with open(log_file, "a") as f:
             f.write(f"{step} train {loss.item():.6f}\n")

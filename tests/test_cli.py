@@ -55,6 +55,7 @@ def one_line_error(out, message):
     (["--n_embd", "30", "--n_head", "4"], "--n_embd 30 must be a multiple of --n_head 4"),
     (["--seq_len", "2048"], "--seq_len 2048 is longer than the model's context of 1024"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--warmup_steps", "-1"], "--warmup_steps must be at least 0"),
     (["--init_from", "gpt3"], "unknown model 'gpt3'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cuda"], "sees no CUDA GPU"),

@@ -75,7 +75,7 @@ def test_training_step_clips_the_global_grad_norm_to_one(tmp_path):
     import re, subprocess, sys
     out = subprocess.run([sys.executable, "train_gpt2.py", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
                           "--batch_size", "2", "--seq_len", "16", "--compile", "0", "--max_steps", "3",
-                          "--learning_rate", "1e-3", "--log_dir", str(tmp_path)],
+                          "--max_lr", "1e-3", "--warmup_steps", "1", "--log_dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     norms = [float(n) for n in re.findall(r"\| norm ([0-9.]+) \|", out.stdout)]
@@ -89,3 +89,17 @@ def test_training_step_clips_the_global_grad_norm_to_one(tmp_path):
     before = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     after = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))
     assert before > 1.0 and abs(after.item() - 1.0) < 1e-5
+
+
+def test_get_lr_warmup_cosine_and_floor():
+    import math
+    from train_gpt2 import get_lr
+    kw = dict(warmup_steps=715, max_steps=19073, max_lr=6e-4, min_lr=6e-5)
+    cosine = lambda s: 6e-5 + 0.5 * (1 + math.cos(math.pi * (s - 715) / (19073 - 715))) * (6e-4 - 6e-5)
+    expected = {0: 6e-4 * 1 / 715, 714: 6e-4, 715: 6e-4, 9894: cosine(9894), 19072: cosine(19072), 20000: 6e-5}
+    for step, lr in expected.items():
+        assert math.isclose(get_lr(step=step, **kw), lr, rel_tol=1e-12), step
+    assert math.isclose(get_lr(step=9894, **kw), 3.3e-4, rel_tol=1e-12)  # halfway down: the midpoint
+    assert min(get_lr(step=s, **kw) for s in range(715, 20001)) == 6e-5  # after warmup, never below the floor
+    assert all(get_lr(step=s, **kw) > 0 for s in range(715))  # warmup never yields 0
+    assert get_lr(step=0, warmup_steps=0, max_steps=10, max_lr=1.0, min_lr=0.1) == 1.0
