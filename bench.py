@@ -89,8 +89,8 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     # training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's scores
     flops_per_token = 6 * n_params + 12 * args.n_layer * T * args.n_embd
+    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type=device_type)
     model = maybe_compile(model, args.compile, device_type)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
     x = torch.randint(0, min(args.vocab_size, 50257), (B, T + 1), device=device)
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 

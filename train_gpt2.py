@@ -146,6 +146,20 @@ class GPT(nn.Module):
             idx = torch.cat((idx, torch.gather(topk_indices, -1, ix)), dim=1)
         return idx
 
+    def configure_optimizers(self, weight_decay, learning_rate, device_type):
+        """AdamW with weight decay on the matmul weights and embeddings, none on biases and LayerNorms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        # decay pulls weights toward 0 as a regulariser: right for the 2-D tensors that multiply
+        # activations, wrong for biases and LayerNorm gains (1-D), whose 0 means nothing special
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        print(f"decayed tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
+        print(f"non-decayed tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # the fused kernel updates every tensor in one launch instead of several per tensor (CUDA only)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                 fused=device_type == "cuda")
+
     @classmethod
     def from_pretrained(cls, name_or_path):
         """GPT-2 with OpenAI's weights: a name in PRETRAINED or a Hugging Face GPT-2 directory."""
@@ -294,6 +308,7 @@ class TrainConfig:
     warmup_steps: int = flag(715, "linear learning-rate warmup steps (GPT-3: 375M tokens)")
     max_lr: float = flag(6e-4, "peak learning rate, after warmup")
     min_lr: float = flag(6e-5, "final learning rate, 10% of the peak")
+    weight_decay: float = flag(0.1, "AdamW weight decay on 2-D+ tensors (matmul weights, embeddings)")
     seed: int = flag(1337, "seed for initialisation and training")
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     bf16: bool = flag(True, "bfloat16 autocast for the forward pass and loss (fast on GPUs; slow on most CPUs)")
@@ -367,7 +382,8 @@ def main(argv=None):
     open(log_file, "w").close()  # a new run starts a new log
 
     # GPT-3's AdamW: beta2 0.95 (not 0.999) lets the second moment follow the gradients' scale faster
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.max_lr, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
+                                               device_type=device_type)
     for step in range(cfg.max_steps):
         t0 = time.time()
         x, y = train_loader.next_batch()

@@ -103,3 +103,18 @@ def test_get_lr_warmup_cosine_and_floor():
     assert min(get_lr(step=s, **kw) for s in range(715, 20001)) == 6e-5  # after warmup, never below the floor
     assert all(get_lr(step=s, **kw) > 0 for s in range(715))  # warmup never yields 0
     assert get_lr(step=0, warmup_steps=0, max_steps=10, max_lr=1.0, min_lr=0.1) == 1.0
+
+
+def test_configure_optimizers_groups_for_gpt2_124M(capsys):
+    with torch.device("meta"):  # shapes are all that matter here
+        model = GPT(GPTConfig(vocab_size=50304))
+    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
+    decay, no_decay = optimizer.param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert len(decay["params"]) == 50 and sum(p.numel() for p in decay["params"]) == 124_354_560
+    assert len(no_decay["params"]) == 98 and sum(p.numel() for p in no_decay["params"]) == 121_344
+    assert decay["betas"] == (0.9, 0.95) and decay["eps"] == 1e-8 and decay["lr"] == 6e-4
+    assert not decay["fused"]  # fused AdamW is for CUDA only
+    out = capsys.readouterr().out
+    assert "decayed tensors: 50, with 124,354,560 parameters" in out
+    assert "non-decayed tensors: 98, with 121,344 parameters" in out
