@@ -302,7 +302,8 @@ class TrainConfig:
     n_layer: int = flag(12, "transformer blocks (scratch only)")
     n_head: int = flag(12, "attention heads (scratch only)")
     n_embd: int = flag(768, "channels (scratch only)")
-    batch_size: int = flag(64, "B: sequences per batch")
+    total_batch_size: int = flag(524288, "tokens per optimisation step (2**19, GPT-3 Small's 0.5M)")
+    batch_size: int = flag(64, "B: sequences per micro-batch; accumulation makes up the rest")
     seq_len: int = flag(1024, "T: tokens per sequence")
     max_steps: int = flag(19073, "optimisation steps (19073 x 524288 tokens: one epoch of FineWeb-Edu 10B)")
     warmup_steps: int = flag(715, "linear learning-rate warmup steps (GPT-3: 375M tokens)")
@@ -338,6 +339,9 @@ def check_config(cfg):
     for name in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len", "max_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.total_batch_size % (cfg.batch_size * cfg.seq_len):
+        raise ValueError(f"--total_batch_size {cfg.total_batch_size} is not a multiple of --batch_size x "
+                         f"--seq_len = {cfg.batch_size * cfg.seq_len}: change one of them")
     if cfg.warmup_steps < 0:
         raise ValueError(f"--warmup_steps must be at least 0, got {cfg.warmup_steps}")
     if cfg.n_embd % cfg.n_head:
@@ -371,6 +375,10 @@ def main(argv=None):
         # weights and activations stay fp32 and training does not notice the lost precision
         torch.set_float32_matmul_precision("high")
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
+    # a 0.5M-token batch does not fit in memory at once: add up the gradients of several micro-batches
+    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len)
+    print(f"total batch {cfg.total_batch_size:,} tokens = {grad_accum_steps} micro-batches of "
+          f"{cfg.batch_size} x {cfg.seq_len}")
     model.to(device)
     # compile fuses the model's elementwise ops into a few kernels and cuts Python overhead; the
     # compiled module shares raw_model's weights, and raw_model stays for sampling (other shapes)
@@ -386,14 +394,20 @@ def main(argv=None):
                                                device_type=device_type)
     for step in range(cfg.max_steps):
         t0 = time.time()
-        x, y = train_loader.next_batch()
-        x, y = x.to(device), y.to(device)
         optimizer.zero_grad()
-        # bf16 autocast: matmuls run in bfloat16 (fp32's range, 8 bits of mantissa), parameters and
-        # the loss stay fp32. autocast wants the device *type*: 'cuda', never 'cuda:3'
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits, loss = model(x, y)
-        loss.backward()
+        loss_accum = 0.0
+        for micro_step in range(grad_accum_steps):
+            x, y = train_loader.next_batch()
+            x, y = x.to(device), y.to(device)
+            # bf16 autocast: matmuls run in bfloat16 (fp32's range, 8 bits of mantissa), parameters and
+            # the loss stay fp32. autocast wants the device *type*: 'cuda', never 'cuda:3'
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits, loss = model(x, y)
+            # backward adds to .grad: dividing each micro-batch's mean loss by their number makes the
+            # sum the mean over the whole batch, as if it had been one forward pass
+            loss = loss / grad_accum_steps
+            loss_accum += loss.detach()
+            loss.backward()
         # clip the global gradient norm at 1.0: one unlucky batch cannot shock the weights
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         lr = get_lr(step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
@@ -403,11 +417,11 @@ def main(argv=None):
         optimizer.step()
         synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
         dt = time.time() - t0
-        tokens_per_sec = train_loader.B * train_loader.T / dt
-        print(f"step {step:5d} | loss {loss.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
+        tokens_per_sec = train_loader.B * train_loader.T * grad_accum_steps / dt
+        print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
               f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}")
         with open(log_file, "a") as f:
-            f.write(f"{step} train {loss.item():.6f}\n")
+            f.write(f"{step} train {loss_accum.item():.6f}\n")
 
     # what has it learned? continue a prompt five times
     model = raw_model

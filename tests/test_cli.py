@@ -8,7 +8,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16", "--compile", "0"]
+SMALL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
+         "--total_batch_size", "32", "--compile", "0"]
 
 
 def run(args, cwd=ROOT, timeout=600):
@@ -53,9 +54,10 @@ def one_line_error(out, message):
     (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
     (["--data", "missing.txt"], "data file 'missing.txt' not found"),
     (["--n_embd", "30", "--n_head", "4"], "--n_embd 30 must be a multiple of --n_head 4"),
-    (["--seq_len", "2048"], "--seq_len 2048 is longer than the model's context of 1024"),
+    (["--seq_len", "2048", "--total_batch_size", "4096"], "--seq_len 2048 is longer than the model's context of 1024"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--warmup_steps", "-1"], "--warmup_steps must be at least 0"),
+    (["--total_batch_size", "100"], "--total_batch_size 100 is not a multiple of --batch_size x --seq_len = 32"),
     (["--init_from", "gpt3"], "unknown model 'gpt3'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cuda"], "sees no CUDA GPU"),
@@ -79,4 +81,4 @@ def test_each_step_prints_loss_lr_norm_time_and_throughput(tmp_path):
     for (step, loss, lr, norm, dt, tps), log_loss in zip(steps, logged):
         assert float(loss) == log_loss
         assert float(norm) > 0
-        assert abs(float(tps) - 2 * 16 / (float(dt) / 1000)) / float(tps) < 0.01  # B*T / dt
+        assert abs(float(tps) - 2 * 16 / (float(dt) / 1000)) / float(tps) < 0.01  # B*T*accum / dt

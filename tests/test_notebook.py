@@ -53,3 +53,9 @@ def test_notebook_warm_up_bigram_and_averaging(notebook):
     assert 2.4 < loss < 2.6  # a bigram on tiny Shakespeare: about 2.5 nats per character
     assert "loop == matmul: True" in out
     assert "loop == masked softmax: True" in out
+
+
+def test_notebook_gradient_accumulation_cell(notebook):
+    _, out = notebook
+    assert "accumulated / 4 == one pass: True" in out
+    assert "plain sum / one pass: 4.0" in out

@@ -74,7 +74,7 @@ def test_compile_falls_back_to_eager_without_a_c_compiler(monkeypatch, capsys):
 def test_training_step_clips_the_global_grad_norm_to_one(tmp_path):
     import re, subprocess, sys
     out = subprocess.run([sys.executable, "train_gpt2.py", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
-                          "--batch_size", "2", "--seq_len", "16", "--compile", "0", "--max_steps", "3",
+                          "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "32", "--compile", "0", "--max_steps", "3",
                           "--max_lr", "1e-3", "--warmup_steps", "1", "--log_dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -118,3 +118,19 @@ def test_configure_optimizers_groups_for_gpt2_124M(capsys):
     out = capsys.readouterr().out
     assert "decayed tensors: 50, with 124,354,560 parameters" in out
     assert "non-decayed tensors: 98, with 121,344 parameters" in out
+
+
+def test_accumulated_gradient_of_micro_batches_equals_the_one_batch_gradient():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=32))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 256, (2, 8, 16), generator=g)
+    _, loss = model(x, y)  # one pass over B = 8
+    loss.backward()
+    full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for micro in range(4):  # four passes of B = 2, each loss scaled by 1/4
+        _, loss = model(x[2 * micro:2 * micro + 2], y[2 * micro:2 * micro + 2])
+        (loss / 4).backward()
+    for a, b in zip(full, (p.grad for p in model.parameters())):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
