@@ -3,6 +3,7 @@
 Read it top to bottom: the model first, then the data, then the training.
 """
 import argparse
+import contextlib
 import math
 import os
 import shutil
@@ -12,8 +13,10 @@ from dataclasses import dataclass, field, fields
 
 import tiktoken
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
 # The model
@@ -209,24 +212,30 @@ def load_text_tokens(path):
 
 
 class DataLoaderLite:
-    """Batches of B rows of T tokens, walking a text file's tokens in order and wrapping at the end."""
+    """Batches of B rows of T tokens from a text file's tokens, in order, wrapping at the end.
 
-    def __init__(self, B, T, path):
+    With several processes, each takes its own chunk of every step: process r reads chunk
+    s * num_processes + r at step s, so together they walk the stream as one process would.
+    """
+
+    def __init__(self, B, T, path, process_rank=0, num_processes=1):
         self.B, self.T = B, T
+        self.process_rank, self.num_processes = process_rank, num_processes
         self.tokens = load_text_tokens(path)
-        if len(self.tokens) < B * T + 1:
-            raise ValueError(f"{path} has {len(self.tokens)} tokens, fewer than one batch of B*T+1 = {B * T + 1}")
+        if len(self.tokens) < B * T * num_processes + 1:
+            raise ValueError(f"{path} has {len(self.tokens)} tokens, fewer than one batch of "
+                             f"B*T*processes+1 = {B * T * num_processes + 1}")
         print(f"{path}: {len(self.tokens):,} tokens, 1 epoch = {len(self.tokens) // (B * T)} batches of {B}x{T}")
-        self.position = 0
+        self.position = B * T * process_rank
 
     def next_batch(self):
         B, T = self.B, self.T
         buf = self.tokens[self.position:self.position + B * T + 1]  # +1: the last input's target
         x = buf[:-1].view(B, T)  # inputs
         y = buf[1:].view(B, T)  # targets: each input's next token
-        self.position += B * T
-        if self.position + B * T + 1 > len(self.tokens):  # the next batch would run off the end
-            self.position = 0
+        self.position += B * T * self.num_processes  # skip the other processes' chunks
+        if self.position + B * T * self.num_processes + 1 > len(self.tokens):  # the next step would run off the end
+            self.position = B * T * self.process_rank
         return x, y
 
 
@@ -334,14 +343,15 @@ def parse_args(argv=None):
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
-def check_config(cfg):
+def check_config(cfg, world_size=1):
     """Catch bad settings before any work is done, with a message that says what to change."""
     for name in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len", "max_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.total_batch_size % (cfg.batch_size * cfg.seq_len):
+    tokens_per_step = cfg.batch_size * cfg.seq_len * world_size  # one micro-batch on every process
+    if cfg.total_batch_size % tokens_per_step:
         raise ValueError(f"--total_batch_size {cfg.total_batch_size} is not a multiple of --batch_size x "
-                         f"--seq_len = {cfg.batch_size * cfg.seq_len}: change one of them")
+                         f"--seq_len x processes = {cfg.batch_size} x {cfg.seq_len} x {world_size}: change one of them")
     if cfg.warmup_steps < 0:
         raise ValueError(f"--warmup_steps must be at least 0, got {cfg.warmup_steps}")
     if cfg.n_embd % cfg.n_head:
@@ -352,10 +362,18 @@ def check_config(cfg):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    # torchrun starts one process per device and tells each who it is; a plain run is a world of one
+    ddp = "RANK" in os.environ
+    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    master_process = rank == 0  # rank 0 alone prints, logs and writes files
+    if not master_process:
+        sys.stdout = open(os.devnull, "w")  # the other ranks keep quiet (errors still reach stderr)
     try:
-        check_config(cfg)
+        check_config(cfg, world_size)
         device = get_device(cfg.device)
-        torch.manual_seed(cfg.seed)
+        if ddp and device.startswith("cuda"):
+            device = f"cuda:{local_rank}"  # one GPU per process
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         if cfg.init_from == "scratch":
             # 50304 = 50257 padded up to a multiple of 128: GPU kernels work in power-of-two tiles, and
             # a ragged vocabulary costs more than the 47 extra rows (93 vs 96 ms a step, A100).
@@ -365,29 +383,47 @@ def main(argv=None):
             model = GPT.from_pretrained(cfg.init_from)
         if cfg.seq_len > model.config.block_size:
             raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
-        train_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, path=cfg.data)
+        train_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, path=cfg.data,
+                                      process_rank=rank, num_processes=world_size)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    if ddp:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    try:
+        train(cfg, model, train_loader, device, ddp, world_size, master_process)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def train(cfg, model, train_loader, device, ddp, world_size, master_process):
     device_type = device.split(":")[0]  # cuda, mps or cpu
-    print(f"using device: {device}")
+    print(f"using device: {device}" + (f", {world_size} processes" if ddp else ""))
     if device.startswith("cuda"):
         # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa, ~3x faster on A100/H100; the
         # weights and activations stay fp32 and training does not notice the lost precision
         torch.set_float32_matmul_precision("high")
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     # a 0.5M-token batch does not fit in memory at once: add up the gradients of several micro-batches
-    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len)
+    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * world_size)
     print(f"total batch {cfg.total_batch_size:,} tokens = {grad_accum_steps} micro-batches of "
-          f"{cfg.batch_size} x {cfg.seq_len}")
+          f"{cfg.batch_size} x {cfg.seq_len} on each of {world_size} processes")
     model.to(device)
     # compile fuses the model's elementwise ops into a few kernels and cuts Python overhead; the
     # compiled module shares raw_model's weights, and raw_model stays for sampling (other shapes)
     raw_model = model
     model = maybe_compile(model, cfg.compile, device_type)
+    if ddp:
+        # DDP averages the gradients of all processes during backward, bucket by bucket
+        model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
 
-    os.makedirs(cfg.log_dir, exist_ok=True)
     log_file = os.path.join(cfg.log_dir, "log.txt")
-    open(log_file, "w").close()  # a new run starts a new log
+    if master_process:
+        os.makedirs(cfg.log_dir, exist_ok=True)
+        open(log_file, "w").close()  # a new run starts a new log
 
     # GPT-3's AdamW: beta2 0.95 (not 0.999) lets the second moment follow the gradients' scale faster
     optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
@@ -399,15 +435,22 @@ def main(argv=None):
         for micro_step in range(grad_accum_steps):
             x, y = train_loader.next_batch()
             x, y = x.to(device), y.to(device)
-            # bf16 autocast: matmuls run in bfloat16 (fp32's range, 8 bits of mantissa), parameters and
-            # the loss stay fp32. autocast wants the device *type*: 'cuda', never 'cuda:3'
-            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits, loss = model(x, y)
-            # backward adds to .grad: dividing each micro-batch's mean loss by their number makes the
-            # sum the mean over the whole batch, as if it had been one forward pass
-            loss = loss / grad_accum_steps
-            loss_accum += loss.detach()
-            loss.backward()
+            # DDP would average gradients after every backward; only the last micro-step's is needed.
+            # no_sync() must wrap the forward too: DDP decides during the forward what backward does
+            last = micro_step == grad_accum_steps - 1
+            with model.no_sync() if ddp and not last else contextlib.nullcontext():
+                # bf16 autocast: matmuls run in bfloat16 (fp32's range, 8 bits of mantissa), parameters
+                # and the loss stay fp32. autocast wants the device *type*: 'cuda', never 'cuda:3'
+                with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    logits, loss = model(x, y)
+                # backward adds to .grad: dividing each micro-batch's mean loss by their number makes
+                # the sum the mean over the whole batch, as if it had been one forward pass
+                loss = loss / grad_accum_steps
+                loss_accum += loss.detach()
+                loss.backward()
+        if ddp:  # the loss to print is the mean over all processes (sum, then divide: gloo lacks AVG)
+            dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
+            loss_accum /= world_size
         # clip the global gradient norm at 1.0: one unlucky batch cannot shock the weights
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         lr = get_lr(step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
@@ -417,12 +460,15 @@ def main(argv=None):
         optimizer.step()
         synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
         dt = time.time() - t0
-        tokens_per_sec = train_loader.B * train_loader.T * grad_accum_steps / dt
+        tokens_per_sec = train_loader.B * train_loader.T * grad_accum_steps * world_size / dt
         print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
               f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}")
-        with open(log_file, "a") as f:
-            f.write(f"{step} train {loss_accum.item():.6f}\n")
+        if master_process:
+            with open(log_file, "a") as f:
+                f.write(f"{step} train {loss_accum.item():.6f}\n")
 
+    if not master_process:
+        return
     # what has it learned? continue a prompt five times
     model = raw_model
     model.eval()

@@ -57,7 +57,7 @@ def one_line_error(out, message):
     (["--seq_len", "2048", "--total_batch_size", "4096"], "--seq_len 2048 is longer than the model's context of 1024"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--warmup_steps", "-1"], "--warmup_steps must be at least 0"),
-    (["--total_batch_size", "100"], "--total_batch_size 100 is not a multiple of --batch_size x --seq_len = 32"),
+    (["--total_batch_size", "100"], "--total_batch_size 100 is not a multiple of --batch_size x --seq_len x processes = 2 x 16 x 1"),
     (["--init_from", "gpt3"], "unknown model 'gpt3'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cuda"], "sees no CUDA GPU"),

@@ -1,0 +1,38 @@
+"""DistributedDataParallel on the CPU: torchrun with the gloo backend."""
+import os
+import re
+import subprocess
+import sys
+
+from test_cli import read_log, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a tiny model, 2 sequences of 16 tokens per micro-batch, 64 tokens per optimisation step
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
+        "--total_batch_size", "64", "--max_steps", "5", "--warmup_steps", "2", "--max_lr", "1e-3",
+        "--compile", "0", "--bf16", "0", "--device", "cpu"]
+
+
+def torchrun(nproc, args, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "train_gpt2.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    out1 = run(["train_gpt2.py", *TINY, "--log_dir", str(one)])  # 2 micro-batches, 1 process
+    assert out1.returncode == 0, out1.stderr
+    assert "= 2 micro-batches of 2 x 16 on each of 1 processes" in out1.stdout
+    out2 = torchrun(2, [*TINY, "--log_dir", str(two)])  # 1 micro-batch on each of 2 processes
+    assert out2.returncode == 0, out2.stderr
+    assert "= 1 micro-batches of 2 x 16 on each of 2 processes" in out2.stdout
+    losses1 = [float(l) for _, _, l in read_log(one)]
+    losses2 = [float(l) for _, _, l in read_log(two)]
+    assert len(losses1) == len(losses2) == 5
+    for a, b in zip(losses1, losses2):
+        assert abs(a - b) < 1e-5, (losses1, losses2)
+    assert losses1[-1] < losses1[0]
+    assert os.listdir(two) == ["log.txt"]  # rank 0 alone writes
+    assert len(re.findall(r"^step +0 \|", out2.stdout, re.M)) == 1  # rank 0 alone prints
+    assert "destroy_process_group" not in out2.stderr  # the process group was torn down cleanly
