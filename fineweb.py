@@ -1,0 +1,112 @@
+"""FineWeb-Edu (sample-10BT) as GPT-2 tokens: 100M-token uint16 shards for train_gpt2.py.
+
+    python fineweb.py                      # download through `datasets`, write ./edu_fineweb10B/
+    python fineweb.py --streaming 1        # stream from the hub instead of caching ~30 GB first
+    python fineweb.py --data_files my.jsonl --local_dir my_shards --shard_size 1000000
+
+Every document is preceded by <|endoftext|> (50256), the separator GPT-2 was trained with, and
+the stream is cut into shards of --shard_size tokens (the last holds the remainder): a document
+that overflows a shard continues in the next. Shard 0 is the validation split, the rest train:
+edufineweb_val_000000.npy, edufineweb_train_000001.npy, ...
+
+Each shard is written under a temporary name and renamed when complete, so an interrupted run
+never leaves a truncated shard. A rerun tokenizes from the start again and rewrites the same
+shards byte for byte, after deleting any temporary file an interrupted run left behind.
+"""
+import argparse
+import glob
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import numpy as np
+import tiktoken
+from tqdm import tqdm
+
+EOT = 50256  # <|endoftext|>
+
+
+def tokenize(doc):
+    """One document -> uint16 tokens, <|endoftext|> first. Runs in the worker processes."""
+    enc = tiktoken.get_encoding("gpt2")  # cached per process after the first call
+    tokens = np.array([EOT] + enc.encode_ordinary(doc["text"]), dtype=np.int64)
+    assert (0 <= tokens).all() and (tokens < 2**16).all(), "GPT-2 ids must fit in uint16"
+    return tokens.astype(np.uint16)
+
+
+def write_shard(local_dir, index, tokens):
+    """Write a complete shard atomically: to a temporary file first, then rename."""
+    split = "val" if index == 0 else "train"
+    path = os.path.join(local_dir, f"edufineweb_{split}_{index:06d}.npy")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, tokens)
+    os.replace(tmp, path)  # atomic: the shard appears whole or not at all
+
+
+def load_documents(data_files, streaming):
+    import datasets  # imported here: a slow import that only this step needs
+    if data_files:
+        missing = [f for f in data_files if not os.path.isfile(f)]
+        if missing:
+            raise ValueError(f"data file {missing[0]!r} not found")
+        kind = "parquet" if data_files[0].endswith(".parquet") else "json"
+        ds = datasets.load_dataset(kind, data_files=data_files, split="train", streaming=streaming)
+    else:
+        ds = datasets.load_dataset("HuggingFaceFW/fineweb-edu", name="sample-10BT", split="train",
+                                   streaming=streaming)
+    if ds.column_names is not None and "text" not in ds.column_names:
+        raise ValueError(f"the documents have no 'text' column (columns: {', '.join(ds.column_names)})")
+    return ds
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Tokenize FineWeb-Edu sample-10BT into uint16 shards.")
+    p.add_argument("--data_files", nargs="+", help="local json/jsonl/parquet files with a 'text' column (no download)")
+    p.add_argument("--local_dir", default="edu_fineweb10B", help="where the shards go")
+    p.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard")
+    p.add_argument("--streaming", type=int, choices=(0, 1), default=0, help="stream from the hub (1) instead of caching it")
+    p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes")
+    args = p.parse_args(argv)
+    if args.shard_size < 1 or args.num_proc < 1:
+        sys.exit("error: --shard_size and --num_proc must be at least 1")
+    try:
+        docs = load_documents(args.data_files, bool(args.streaming))
+    except Exception as e:
+        sys.exit(f"error: cannot read the documents: {str(e).strip().splitlines()[0]}")
+    os.makedirs(args.local_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(args.local_dir, "*.tmp")):
+        os.remove(stale)  # left by an interrupted run: never a complete shard
+
+    t0, total, index = time.time(), 0, 0
+    buf = np.empty((args.shard_size,), dtype=np.uint16)  # the shard being filled
+    count = 0
+    bar = None
+    with mp.Pool(args.num_proc) as pool:
+        for tokens in pool.imap(tokenize, docs, chunksize=16):
+            total += len(tokens)
+            while len(tokens):  # a document may spill over into the next shard(s)
+                if bar is None:
+                    bar = tqdm(total=args.shard_size, unit="tokens", desc=f"shard {index}")
+                n = min(len(tokens), args.shard_size - count)
+                buf[count:count + n] = tokens[:n]
+                count += n
+                bar.update(n)
+                tokens = tokens[n:]
+                if count == args.shard_size:  # full: write it, start the next
+                    bar.close()
+                    bar = None
+                    write_shard(args.local_dir, index, buf)
+                    index, count = index + 1, 0
+    if count:  # the remainder
+        bar.close()
+        write_shard(args.local_dir, index, buf[:count])
+        index += 1
+    dt = time.time() - t0
+    print(f"{total:,} tokens in {index} shards in {args.local_dir}/: {dt:.1f} s, "
+          f"{total / dt:,.0f} tokens/s with {args.num_proc} processes")
+
+
+if __name__ == "__main__":  # the guard lets worker processes import this file where they are spawned
+    main()
