@@ -3,6 +3,7 @@
 Read it top to bottom: the model first, then the data, then the training.
 """
 import argparse
+import bisect
 import contextlib
 import math
 import os
@@ -11,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import tiktoken
 import torch
 import torch.distributed as dist
@@ -205,37 +207,94 @@ class GPT(nn.Module):
 
 
 def load_text_tokens(path):
-    """A text file as one long tensor of GPT-2 token ids."""
+    """A text file as one long array of GPT-2 token ids (uint16: every id is < 65536)."""
     with open(path, "r", encoding="utf-8") as f:
         text = f.read()
-    return torch.tensor(tiktoken.get_encoding("gpt2").encode(text), dtype=torch.long)
+    return np.array(tiktoken.get_encoding("gpt2").encode(text), dtype=np.uint16)
+
+
+def open_shard(path):
+    """A token shard written by fineweb.py, memory-mapped: a 1-D uint16 array, checked."""
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read shard {path}: {e}") from e
+    if tokens.ndim != 1 or tokens.dtype != np.uint16:
+        raise ValueError(f"shard {path} is not a 1-D uint16 token array (dtype {tokens.dtype}, "
+                         f"shape {tokens.shape}): remake it with fineweb.py")
+    return tokens
 
 
 class DataLoaderLite:
-    """Batches of B rows of T tokens from a text file's tokens, in order, wrapping at the end.
+    """Batches of B rows of T tokens from one split, read as a single stream that wraps around.
 
-    With several processes, each takes its own chunk of every step: process r reads chunk
-    s * num_processes + r at step s, so together they walk the stream as one process would.
+    data_root is a directory of fineweb.py shards (the split's shards, in order, are one
+    continuous stream: a batch may straddle two of them) or a text file (first 90% train,
+    last 10% val). Process r of N reads chunk s * N + r at step s, so N processes together
+    read exactly what one process would, and runs on 1 or 8 GPUs see the same data.
     """
 
-    def __init__(self, B, T, path, process_rank=0, num_processes=1):
+    def __init__(self, B, T, process_rank=0, num_processes=1, split="train", data_root="edu_fineweb10B"):
+        assert split in ("train", "val")
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
-        self.tokens = load_text_tokens(path)
-        if len(self.tokens) < B * T * num_processes + 1:
-            raise ValueError(f"{path} has {len(self.tokens)} tokens, fewer than one batch of "
+        if os.path.isfile(data_root):  # a text file, tokenized whole and split 90/10
+            tokens = load_text_tokens(data_root)
+            n = int(0.9 * len(tokens))
+            self.shards = [tokens[:n] if split == "train" else tokens[n:]]
+        elif os.path.isdir(data_root):
+            names = sorted(f for f in os.listdir(data_root) if f"_{split}_" in f and f.endswith(".npy"))
+            if not names:
+                raise ValueError(f"no {split} shards (*_{split}_*.npy) in {data_root}: "
+                                 "run `python fineweb.py` to make them")
+            self.shards = [os.path.join(data_root, name) for name in names]
+        else:
+            raise ValueError(f"data {data_root!r} not found: run `python fineweb.py` to make the FineWeb-Edu "
+                             "shards, or pass --data with a text file such as input.txt")
+        # lengths from the shard headers (memory-mapped, nothing read), checking every shard up front
+        self.lengths = [len(s) if isinstance(s, np.ndarray) else len(open_shard(s)) for s in self.shards]
+        self.starts = np.cumsum([0] + self.lengths[:-1]).tolist()  # where each shard begins in the stream
+        self.total = sum(self.lengths)
+        if self.total < B * T * num_processes + 1:
+            raise ValueError(f"{data_root} ({split}) has {self.total} tokens, fewer than one step of "
                              f"B*T*processes+1 = {B * T * num_processes + 1}")
-        print(f"{path}: {len(self.tokens):,} tokens, 1 epoch = {len(self.tokens) // (B * T)} batches of {B}x{T}")
-        self.position = B * T * process_rank
+        print(f"{data_root} ({split}): {self.total:,} tokens in {len(self.shards)} shard(s), "
+              f"1 epoch = {self.total // (B * T * num_processes)} steps of {B}x{T}x{num_processes}")
+        self.cache = {}  # shard index -> tokens; at most two shards in memory
+        self.reset()
+
+    def reset(self):
+        self.offset = 0  # where the current step's chunk 0 starts in the stream
+
+    def shard(self, i):
+        if isinstance(self.shards[i], np.ndarray):
+            return self.shards[i]
+        if i not in self.cache:
+            if len(self.cache) == 2:
+                self.cache.pop(next(iter(self.cache)))  # drop the older one
+            self.cache[i] = np.load(self.shards[i])
+        return self.cache[i]
+
+    def read(self, start, n):
+        """n tokens of the stream from position start, across shard ends and around the end."""
+        pieces, pos = [], start % self.total
+        while n:
+            i = bisect.bisect_right(self.starts, pos) - 1
+            offset = pos - self.starts[i]
+            piece = self.shard(i)[offset:offset + n]
+            pieces.append(piece)
+            n -= len(piece)
+            pos = (pos + len(piece)) % self.total
+        return np.concatenate(pieces)
 
     def next_batch(self):
         B, T = self.B, self.T
-        buf = self.tokens[self.position:self.position + B * T + 1]  # +1: the last input's target
+        start = self.offset + self.process_rank * B * T
+        # uint16 -> int64 through numpy: a torch view of uint16 as int16 would turn ids >= 32768 negative
+        buf = torch.from_numpy(self.read(start, B * T + 1).astype(np.int64))  # +1: the last input's target
         x = buf[:-1].view(B, T)  # inputs
         y = buf[1:].view(B, T)  # targets: each input's next token
-        self.position += B * T * self.num_processes  # skip the other processes' chunks
-        if self.position + B * T * self.num_processes + 1 > len(self.tokens):  # the next step would run off the end
-            self.position = B * T * self.process_rank
+        self.offset = (self.offset + B * T * self.num_processes) % self.total  # past every process's chunk
         return x, y
 
 
@@ -306,7 +365,7 @@ def flag(default, help):
 @dataclass
 class TrainConfig:
     """Every setting of a run. The defaults reproduce GPT-2 124M; each one is a flag of the same name."""
-    data: str = flag("input.txt", "a text file to train on")
+    data: str = flag("edu_fineweb10B", "a directory of fineweb.py shards, or a text file (90% train, 10% val)")
     init_from: str = flag("scratch", "scratch (random GPT-2 init), gpt2 ... gpt2-xl, or a Hugging Face GPT-2 directory")
     n_layer: int = flag(12, "transformer blocks (scratch only)")
     n_head: int = flag(12, "attention heads (scratch only)")
@@ -356,8 +415,6 @@ def check_config(cfg, world_size=1):
         raise ValueError(f"--warmup_steps must be at least 0, got {cfg.warmup_steps}")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
-    if not os.path.isfile(cfg.data):
-        raise ValueError(f"data file {cfg.data!r} not found: pass --data with a text file, e.g. --data input.txt")
 
 
 def main(argv=None):
@@ -383,8 +440,8 @@ def main(argv=None):
             model = GPT.from_pretrained(cfg.init_from)
         if cfg.seq_len > model.config.block_size:
             raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
-        train_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, path=cfg.data,
-                                      process_rank=rank, num_processes=world_size)
+        train_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=rank,
+                                      num_processes=world_size, split="train", data_root=cfg.data)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     if ddp:

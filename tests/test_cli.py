@@ -8,7 +8,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
+SMALL = ["--data", "input.txt", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
          "--total_batch_size", "32", "--compile", "0"]
 
 
@@ -52,7 +52,7 @@ def one_line_error(out, message):
 @pytest.mark.parametrize("args, message", [
     (["--max_steps", "ten"], "argument --max_steps: invalid int value: 'ten'"),
     (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
-    (["--data", "missing.txt"], "data file 'missing.txt' not found"),
+    (["--data", "missing.txt"], "data 'missing.txt' not found: run `python fineweb.py`"),
     (["--n_embd", "30", "--n_head", "4"], "--n_embd 30 must be a multiple of --n_head 4"),
     (["--seq_len", "2048", "--total_batch_size", "4096"], "--seq_len 2048 is longer than the model's context of 1024"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),

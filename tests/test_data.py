@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 import tiktoken
 import torch
@@ -12,7 +13,7 @@ INPUT = os.path.join(ROOT, "input.txt")
 
 def test_input_txt_tokenizes_with_gpt2():
     tokens = load_text_tokens(INPUT)
-    assert tokens.dtype == torch.long
+    assert tokens.dtype == np.uint16
     with open(INPUT, encoding="utf-8") as f:
         text = f.read()
     assert len(text) == 1115394  # the bytes are ASCII: characters == bytes
@@ -21,39 +22,103 @@ def test_input_txt_tokenizes_with_gpt2():
 
 
 def test_first_batch_targets_are_inputs_shifted_by_one():
-    tokens = load_text_tokens(INPUT)
+    tokens = torch.from_numpy(load_text_tokens(INPUT).astype(np.int64))
     B, T = 4, 32
-    x, y = DataLoaderLite(B, T, INPUT).next_batch()
-    assert x.shape == y.shape == (B, T)
+    x, y = DataLoaderLite(B, T, data_root=INPUT).next_batch()
+    assert x.shape == y.shape == (B, T) and x.dtype == torch.long
     assert torch.equal(x.reshape(-1), tokens[:B * T])
     assert torch.equal(y.reshape(-1), tokens[1:B * T + 1])
     assert torch.equal(y[:, :-1], x[:, 1:])  # within a row
     assert torch.equal(y[:-1, -1], x[1:, 0])  # across rows: the stream continues
 
 
-def test_loader_batches_are_consecutive_and_wrap(tmp_path, capsys):
-    path = tmp_path / "small.txt"
-    path.write_text(" a" * 100)  # " a" is one GPT-2 token: 100 tokens
-    tokens = load_text_tokens(str(path))
-    assert len(tokens) == 100
-    B, T = 3, 10  # 30 tokens a batch: batches start at 0, 30, 60; 90 + 31 > 100 wraps
-    loader = DataLoaderLite(B, T, str(path))
-    assert "1 epoch = 3 batches" in capsys.readouterr().out
-    seen = [loader.next_batch() for _ in range(4)]
-    for k, start in enumerate((0, 30, 60, 0)):
-        x, y = seen[k]
-        assert torch.equal(x.reshape(-1), tokens[start:start + 30])
-        assert torch.equal(y.reshape(-1), tokens[start + 1:start + 31])
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        DataLoaderLite(10, 10, str(path))
+def test_a_text_file_splits_90_train_10_val():
+    tokens = load_text_tokens(INPUT)
+    n = int(0.9 * len(tokens))
+    train = DataLoaderLite(2, 8, split="train", data_root=INPUT)
+    val = DataLoaderLite(2, 8, split="val", data_root=INPUT)
+    assert (train.total, val.total) == (n, len(tokens) - n)
+    x, _ = val.next_batch()
+    assert x.reshape(-1).tolist() == tokens[n:n + 16].tolist()
 
 
 def test_untrained_loss_on_real_text_is_about_ln_vocab():
     from train_gpt2 import GPT, GPTConfig
     torch.manual_seed(1337)
     model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=4, n_embd=64))
-    x, y = DataLoaderLite(4, 64, INPUT).next_batch()
+    x, y = DataLoaderLite(4, 64, data_root=INPUT).next_batch()
     with torch.no_grad():
         _, loss = model(x, y)
-    print(loss.item())
     assert 10.5 < loss.item() < 11.2  # -ln(1/50257) = 10.82
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    """Train shards of 50, 30 and 70 tokens (ids above 32767 too) and one val shard."""
+    rng = np.random.default_rng(0)
+    stream = rng.integers(0, 65535, size=150).astype(np.uint16)
+    np.save(tmp_path / "edufineweb_val_000000.npy", rng.integers(0, 65535, size=40).astype(np.uint16))
+    for i, (a, b) in enumerate(((0, 50), (50, 80), (80, 150)), start=1):
+        np.save(tmp_path / f"edufineweb_train_{i:06d}.npy", stream[a:b])
+    return tmp_path, stream.astype(np.int64)
+
+
+def chunks(stream, B, T, k):
+    """Chunk k of the stream read cyclically: B*T+1 tokens from k*B*T."""
+    idx = (k * B * T + np.arange(B * T + 1)) % len(stream)
+    return stream[idx]
+
+
+def test_shards_read_as_one_stream_across_shard_ends_and_around(shard_dir):
+    d, stream = shard_dir
+    B, T = 2, 7  # 14 tokens a chunk: 150 is no multiple, so chunks straddle shard ends and the wrap
+    loader = DataLoaderLite(B, T, split="train", data_root=str(d))
+    assert loader.total == 150
+    for k in range(40):  # almost 4 passes over the data
+        x, y = loader.next_batch()
+        buf = chunks(stream, B, T, k)
+        assert x.reshape(-1).tolist() == buf[:-1].tolist(), k
+        assert y.reshape(-1).tolist() == buf[1:].tolist(), k
+        assert len(loader.cache) <= 2  # never more than two shards in memory
+    assert max(stream) > 32767  # large ids survived the uint16 -> int64 conversion exactly
+
+
+def test_two_ranks_split_the_one_rank_stream_exactly(shard_dir):
+    d, _ = shard_dir
+    B, T = 3, 5
+    one = DataLoaderLite(B, T, 0, 1, "train", str(d))
+    ranks = [DataLoaderLite(B, T, r, 2, "train", str(d)) for r in (0, 1)]
+    for step in range(25):
+        expected = [one.next_batch()[0] for _ in range(2)]  # chunks 2s and 2s+1
+        got = [r.next_batch()[0] for r in ranks]
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), step
+        assert not torch.equal(got[0], got[1])
+
+
+def test_val_split_and_reset(shard_dir):
+    d, _ = shard_dir
+    val = DataLoaderLite(2, 4, split="val", data_root=str(d))
+    first = val.next_batch()[0]
+    val.next_batch()
+    val.reset()
+    assert torch.equal(val.next_batch()[0], first)
+    expected = np.load(d / "edufineweb_val_000000.npy")[:8].astype(np.int64)
+    assert first.reshape(-1).tolist() == expected.tolist()
+
+
+def test_missing_or_bad_data_is_a_clear_error(tmp_path, shard_dir):
+    with pytest.raises(ValueError, match=r"data '.*nowhere' not found: run `python fineweb.py`"):
+        DataLoaderLite(2, 4, data_root=str(tmp_path / "nowhere"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"no val shards \(\*_val_\*\.npy\) in .*empty: run `python fineweb.py`"):
+        DataLoaderLite(2, 4, split="val", data_root=str(empty))
+    d, _ = shard_dir
+    np.save(d / "edufineweb_train_000002.npy", np.zeros(30, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"shard .*edufineweb_train_000002\.npy is not a 1-D uint16 token array"):
+        DataLoaderLite(2, 4, data_root=str(d))
+    np.save(d / "edufineweb_train_000002.npy", np.zeros((3, 10), dtype=np.uint16))
+    with pytest.raises(ValueError, match=r"edufineweb_train_000002\.npy is not a 1-D uint16"):
+        DataLoaderLite(2, 4, data_root=str(d))
+    with pytest.raises(ValueError, match="fewer than one step"):
+        DataLoaderLite(1000, 100, data_root=INPUT, split="val")  # val holds 33,803 tokens

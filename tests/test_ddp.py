@@ -8,7 +8,7 @@ from test_cli import read_log, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny model, 2 sequences of 16 tokens per micro-batch, 64 tokens per optimisation step
-TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
+TINY = ["--data", "input.txt", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
         "--total_batch_size", "64", "--max_steps", "5", "--warmup_steps", "2", "--max_lr", "1e-3",
         "--compile", "0", "--bf16", "0", "--device", "cpu"]
 

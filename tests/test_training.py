@@ -11,7 +11,7 @@ INPUT = os.path.join(ROOT, "input.txt")
 def test_a_tiny_model_overfits_one_batch():
     torch.manual_seed(1337)
     model = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=2, n_head=4, n_embd=256))
-    x, y = DataLoaderLite(2, 16, INPUT).next_batch()
+    x, y = DataLoaderLite(2, 16, data_root=INPUT).next_batch()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     losses = []
     for _ in range(150):  # bounded: a model that cannot memorise 32 tokens is broken
@@ -29,7 +29,7 @@ def test_a_tiny_model_overfits_one_batch():
 def test_bf16_autocast_runs_matmuls_in_bf16_and_keeps_the_loss_close():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=4, n_embd=64))
-    x, y = DataLoaderLite(4, 32, INPUT).next_batch()
+    x, y = DataLoaderLite(4, 32, data_root=INPUT).next_batch()
     with torch.no_grad():
         _, loss32 = model(x, y)
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
@@ -73,7 +73,7 @@ def test_compile_falls_back_to_eager_without_a_c_compiler(monkeypatch, capsys):
 
 def test_training_step_clips_the_global_grad_norm_to_one(tmp_path):
     import re, subprocess, sys
-    out = subprocess.run([sys.executable, "train_gpt2.py", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--data", "input.txt", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
                           "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "32", "--compile", "0", "--max_steps", "3",
                           "--max_lr", "1e-3", "--warmup_steps", "1", "--log_dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
