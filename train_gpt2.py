@@ -299,6 +299,33 @@ class DataLoaderLite:
 
 
 # -----------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate_loss(model, val_loader, val_steps, device, use_bf16, ddp):
+    """Mean loss over the first val_steps chunks of the val split, the same on any number of processes.
+
+    val_loader's process r reads chunks r, r + N, r + 2N, ...: together the processes cover
+    chunks 0 .. val_steps-1 once each, so 1 GPU and 8 GPUs measure the same tokens.
+    """
+    model.eval()
+    val_loader.reset()
+    n_mine = len(range(val_loader.process_rank, val_steps, val_loader.num_processes))
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(n_mine):
+        x, y = val_loader.next_batch()
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+            _, loss = model(x, y)
+        loss_sum += loss.float()
+    if ddp:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)  # sum, then divide: gloo lacks AVG
+    model.train()
+    return loss_sum.item() / val_steps
+
+
+# -----------------------------------------------------------------------------
 # The optimisation schedule
 
 
@@ -378,6 +405,8 @@ class TrainConfig:
     max_lr: float = flag(6e-4, "peak learning rate, after warmup")
     min_lr: float = flag(6e-5, "final learning rate, 10% of the peak")
     weight_decay: float = flag(0.1, "AdamW weight decay on 2-D+ tensors (matmul weights, embeddings)")
+    eval_every: int = flag(250, "evaluate every this many steps, and at the last step")
+    val_steps: int = flag(20, "val batches per evaluation, from the start of the val split")
     seed: int = flag(1337, "seed for initialisation and training")
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     bf16: bool = flag(True, "bfloat16 autocast for the forward pass and loss (fast on GPUs; slow on most CPUs)")
@@ -404,7 +433,7 @@ def parse_args(argv=None):
 
 def check_config(cfg, world_size=1):
     """Catch bad settings before any work is done, with a message that says what to change."""
-    for name in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len", "max_steps"):
+    for name in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len", "max_steps", "eval_every", "val_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     tokens_per_step = cfg.batch_size * cfg.seq_len * world_size  # one micro-batch on every process
@@ -442,6 +471,8 @@ def main(argv=None):
             raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
         train_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=rank,
                                       num_processes=world_size, split="train", data_root=cfg.data)
+        val_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=rank,
+                                    num_processes=world_size, split="val", data_root=cfg.data)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     if ddp:
@@ -450,13 +481,13 @@ def main(argv=None):
         # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     try:
-        train(cfg, model, train_loader, device, ddp, world_size, master_process)
+        train(cfg, model, train_loader, val_loader, device, ddp, world_size, master_process)
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
-def train(cfg, model, train_loader, device, ddp, world_size, master_process):
+def train(cfg, model, train_loader, val_loader, device, ddp, world_size, master_process):
     device_type = device.split(":")[0]  # cuda, mps or cpu
     print(f"using device: {device}" + (f", {world_size} processes" if ddp else ""))
     if device.startswith("cuda"):
@@ -472,7 +503,7 @@ def train(cfg, model, train_loader, device, ddp, world_size, master_process):
     # compile fuses the model's elementwise ops into a few kernels and cuts Python overhead; the
     # compiled module shares raw_model's weights, and raw_model stays for sampling (other shapes)
     raw_model = model
-    model = maybe_compile(model, cfg.compile, device_type)
+    model = eval_model = maybe_compile(model, cfg.compile, device_type)  # eval_model: no DDP wrapper
     if ddp:
         # DDP averages the gradients of all processes during backward, bucket by bucket
         model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
@@ -486,6 +517,14 @@ def train(cfg, model, train_loader, device, ddp, world_size, master_process):
     optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
                                                device_type=device_type)
     for step in range(cfg.max_steps):
+        last_step = step == cfg.max_steps - 1
+        if step % cfg.eval_every == 0 or last_step:
+            val_loss = evaluate_loss(eval_model, val_loader, cfg.val_steps, device, cfg.bf16, ddp)
+            print(f"validation loss: {val_loss:.4f}")
+            if master_process:
+                with open(log_file, "a") as f:
+                    f.write(f"{step} val {val_loss:.4f}\n")
+
         t0 = time.time()
         optimizer.zero_grad()
         loss_accum = 0.0

@@ -77,7 +77,7 @@ def test_each_step_prints_loss_lr_norm_time_and_throughput(tmp_path):
     steps = re.findall(r"^step +(\d+) \| loss ([0-9.]+) \| lr ([0-9.e+-]+) \| norm ([0-9.]+) "
                        r"\| dt ([0-9.]+)ms \| tok/sec ([0-9.]+)$", out.stdout, re.M)
     assert [int(s[0]) for s in steps] == [0, 1, 2]
-    logged = [float(loss) for _, _, loss in read_log(tmp_path)]
+    logged = [float(loss) for _, kind, loss in read_log(tmp_path) if kind == "train"]
     for (step, loss, lr, norm, dt, tps), log_loss in zip(steps, logged):
         assert float(loss) == log_loss
         assert float(norm) > 0

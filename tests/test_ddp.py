@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny model, 2 sequences of 16 tokens per micro-batch, 64 tokens per optimisation step
 TINY = ["--data", "input.txt", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
         "--total_batch_size", "64", "--max_steps", "5", "--warmup_steps", "2", "--max_lr", "1e-3",
-        "--compile", "0", "--bf16", "0", "--device", "cpu"]
+        "--compile", "0", "--bf16", "0", "--device", "cpu", "--eval_every", "2", "--val_steps", "3"]
 
 
 def torchrun(nproc, args, timeout=600):
@@ -27,12 +27,20 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path):
     out2 = torchrun(2, [*TINY, "--log_dir", str(two)])  # 1 micro-batch on each of 2 processes
     assert out2.returncode == 0, out2.stderr
     assert "= 1 micro-batches of 2 x 16 on each of 2 processes" in out2.stdout
-    losses1 = [float(l) for _, _, l in read_log(one)]
-    losses2 = [float(l) for _, _, l in read_log(two)]
+    log1, log2 = read_log(one), read_log(two)
+    assert [(s, k) for s, k, _ in log1] == [(s, k) for s, k, _ in log2]
+    losses1 = [float(l) for _, k, l in log1 if k == "train"]
+    losses2 = [float(l) for _, k, l in log2 if k == "train"]
     assert len(losses1) == len(losses2) == 5
     for a, b in zip(losses1, losses2):
         assert abs(a - b) < 1e-5, (losses1, losses2)
     assert losses1[-1] < losses1[0]
+    # val at steps 0, 2 and 4 (the last); 3 val batches: rank 0 takes two, rank 1 one
+    val1 = [(s, float(l)) for s, k, l in log1 if k == "val"]
+    val2 = [(s, float(l)) for s, k, l in log2 if k == "val"]
+    assert [s for s, _ in val1] == ["0", "2", "4"]
+    for (_, a), (_, b) in zip(val1, val2):
+        assert abs(a - b) < 1e-5, (val1, val2)
     assert os.listdir(two) == ["log.txt"]  # rank 0 alone writes
     assert len(re.findall(r"^step +0 \|", out2.stdout, re.M)) == 1  # rank 0 alone prints
     assert "destroy_process_group" not in out2.stderr  # the process group was torn down cleanly
