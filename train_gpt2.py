@@ -202,6 +202,11 @@ class GPT(nn.Module):
         return model
 
 
+def load_model(name_or_path):
+    """A model to evaluate or sample from: a published name or a Hugging Face GPT-2 directory."""
+    return GPT.from_pretrained(name_or_path)
+
+
 # -----------------------------------------------------------------------------
 # The data
 

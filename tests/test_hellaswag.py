@@ -1,0 +1,55 @@
+import os
+import re
+import subprocess
+import sys
+
+import tiktoken
+import torch
+
+import hellaswag
+from train_gpt2 import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_20.jsonl")  # the first 20 val examples
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=256, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def test_render_example():
+    enc = tiktoken.get_encoding("gpt2")
+    ex = next(hellaswag.iterate_examples(EXAMPLES))
+    tokens, mask, label = hellaswag.render_example(ex, enc)
+    ctx = enc.encode(ex["ctx"])
+    assert label == ex["label"] == 3
+    assert tokens.shape == mask.shape and tokens.size(0) == 4
+    for i, ending in enumerate(ex["endings"]):
+        end = enc.encode(" " + ending)
+        assert tokens[i, :len(ctx) + len(end)].tolist() == ctx + end
+        assert mask[i].tolist() == [0] * len(ctx) + [1] * len(end) + [0] * (tokens.size(1) - len(ctx) - len(end))
+
+
+def test_batched_scoring_equals_one_example_at_a_time():
+    enc = tiktoken.get_encoding("gpt2")
+    model = tiny_model()
+    rendered = [hellaswag.render_example(ex, enc) for ex in hellaswag.iterate_examples(EXAMPLES)]
+    assert len(rendered) == 20
+    batched = hellaswag.score(model, rendered, "cpu")
+    single = [hellaswag.score(model, [r], "cpu") for r in rendered]
+    assert batched[0] == [s[0][0] for s in single]  # acc predictions
+    assert batched[1] == [s[1][0] for s in single]  # acc_norm predictions
+    examples = list(hellaswag.iterate_examples(EXAMPLES))
+    assert hellaswag.evaluate(model, examples, "cpu", batch_size=8) == hellaswag.evaluate(model, examples, "cpu", batch_size=1)
+
+
+def test_cli_scores_a_local_checkpoint_on_a_local_file(hf_checkpoint):
+    path = hf_checkpoint(vocab_size=50257, n_embd=16, n_positions=256)
+    out = subprocess.run([sys.executable, "hellaswag.py", "-m", path, "-d", "cpu", "--data_file", EXAMPLES,
+                          "--limit", "12"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    acc, acc_norm, n = re.search(r"acc ([0-9.]+) acc_norm ([0-9.]+) examples (\d+)$", out.stdout.strip()).groups()
+    model = GPT.from_pretrained(path).eval()
+    c, cn, total = hellaswag.evaluate(model, hellaswag.iterate_examples(EXAMPLES, 12), "cpu")
+    assert (int(n), float(acc), float(acc_norm)) == (12, round(c / 12, 4), round(cn / 12, 4))
