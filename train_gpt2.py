@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 import tiktoken
+import hellaswag
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -330,6 +331,38 @@ def evaluate_loss(model, val_loader, val_steps, device, use_bf16, ddp):
     return loss_sum.item() / val_steps
 
 
+def load_hellaswag(cfg, ddp, master_process):
+    """The HellaSwag val examples for evaluation in the loop, or None (switched off or unavailable)."""
+    if not cfg.hellaswag:
+        return None
+    path, reason = cfg.hellaswag_file, None
+    if not path:  # the cached val split; rank 0 downloads it if needed while the others wait
+        path = os.path.join(hellaswag.DATA_CACHE_DIR, "hellaswag_val.jsonl")
+        if master_process:
+            try:
+                hellaswag.download("val")
+            except Exception as e:  # offline, say
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if ddp:
+            dist.barrier()
+    if not os.path.isfile(path):
+        print(f"hellaswag: no data ({reason or path + ' not found'}): training goes on without it")
+        return None
+    return list(hellaswag.iterate_examples(path))
+
+
+@torch.no_grad()
+def evaluate_hellaswag(model, examples, device, use_bf16, rank, world_size, ddp):
+    """acc_norm over all examples: each rank scores every world_size-th one, then the counts add up."""
+    model.eval()
+    _, correct_norm, total = hellaswag.evaluate(model, examples[rank::world_size], device, use_bf16=use_bf16)
+    model.train()
+    counts = torch.tensor([correct_norm, total], dtype=torch.long, device=device)
+    if ddp:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return counts[0].item() / counts[1].item()
+
+
 # -----------------------------------------------------------------------------
 # The optimisation schedule
 
@@ -412,6 +445,8 @@ class TrainConfig:
     weight_decay: float = flag(0.1, "AdamW weight decay on 2-D+ tensors (matmul weights, embeddings)")
     eval_every: int = flag(250, "evaluate every this many steps, and at the last step")
     val_steps: int = flag(20, "val batches per evaluation, from the start of the val split")
+    hellaswag: bool = flag(True, "evaluate HellaSwag acc_norm every --eval_every steps")
+    hellaswag_file: str = flag("", "a local HellaSwag jsonl (default: the val split, downloaded once by hellaswag.py)")
     seed: int = flag(1337, "seed for initialisation and training")
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     bf16: bool = flag(True, "bfloat16 autocast for the forward pass and loss (fast on GPUs; slow on most CPUs)")
@@ -445,6 +480,8 @@ def check_config(cfg, world_size=1):
     if cfg.total_batch_size % tokens_per_step:
         raise ValueError(f"--total_batch_size {cfg.total_batch_size} is not a multiple of --batch_size x "
                          f"--seq_len x processes = {cfg.batch_size} x {cfg.seq_len} x {world_size}: change one of them")
+    if cfg.hellaswag and cfg.hellaswag_file and not os.path.isfile(cfg.hellaswag_file):
+        raise ValueError(f"--hellaswag_file {cfg.hellaswag_file!r} not found (or pass --hellaswag 0)")
     if cfg.warmup_steps < 0:
         raise ValueError(f"--warmup_steps must be at least 0, got {cfg.warmup_steps}")
     if cfg.n_embd % cfg.n_head:
@@ -486,13 +523,15 @@ def main(argv=None):
         # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     try:
-        train(cfg, model, train_loader, val_loader, device, ddp, world_size, master_process)
+        examples = load_hellaswag(cfg, ddp, master_process)
+        train(cfg, model, train_loader, val_loader, examples, device, ddp, rank, world_size)
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
-def train(cfg, model, train_loader, val_loader, device, ddp, world_size, master_process):
+def train(cfg, model, train_loader, val_loader, examples, device, ddp, rank, world_size):
+    master_process = rank == 0
     device_type = device.split(":")[0]  # cuda, mps or cpu
     print(f"using device: {device}" + (f", {world_size} processes" if ddp else ""))
     if device.startswith("cuda"):
@@ -529,6 +568,12 @@ def train(cfg, model, train_loader, val_loader, device, ddp, world_size, master_
             if master_process:
                 with open(log_file, "a") as f:
                     f.write(f"{step} val {val_loss:.4f}\n")
+            if examples is not None:  # scored with the eager model: its shapes vary from batch to batch
+                acc_norm = evaluate_hellaswag(raw_model, examples, device, cfg.bf16, rank, world_size, ddp)
+                print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(examples)} examples")
+                if master_process:
+                    with open(log_file, "a") as f:
+                        f.write(f"{step} hella {acc_norm:.4f}\n")
 
         t0 = time.time()
         optimizer.zero_grad()

@@ -8,7 +8,8 @@ from test_cli import read_log, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny model, 2 sequences of 16 tokens per micro-batch, 64 tokens per optimisation step
-TINY = ["--data", "input.txt", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
+HELLA = os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_20.jsonl")
+TINY = ["--data", "input.txt", "--hellaswag_file", HELLA, "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
         "--total_batch_size", "64", "--max_steps", "5", "--warmup_steps", "2", "--max_lr", "1e-3",
         "--compile", "0", "--bf16", "0", "--device", "cpu", "--eval_every", "2", "--val_steps", "3"]
 
@@ -41,6 +42,11 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path):
     assert [s for s, _ in val1] == ["0", "2", "4"]
     for (_, a), (_, b) in zip(val1, val2):
         assert abs(a - b) < 1e-5, (val1, val2)
+    # HellaSwag: 20 examples, 10 on each rank, counts summed: the same accuracy as one process
+    hella1 = [(s, l) for s, k, l in log1 if k == "hella"]
+    assert [s for s, _ in hella1] == ["0", "2", "4"]
+    assert hella1 == [(s, l) for s, k, l in log2 if k == "hella"]
+    assert all(float(l) * 20 == round(float(l) * 20) for _, l in hella1)  # a count out of 20
     assert os.listdir(two) == ["log.txt"]  # rank 0 alone writes
     assert len(re.findall(r"^step +0 \|", out2.stdout, re.M)) == 1  # rank 0 alone prints
     assert "destroy_process_group" not in out2.stderr  # the process group was torn down cleanly

@@ -53,3 +53,25 @@ def test_cli_scores_a_local_checkpoint_on_a_local_file(hf_checkpoint):
     model = GPT.from_pretrained(path).eval()
     c, cn, total = hellaswag.evaluate(model, hellaswag.iterate_examples(EXAMPLES, 12), "cpu")
     assert (int(n), float(acc), float(acc_norm)) == (12, round(c / 12, 4), round(cn / 12, 4))
+
+
+def test_offline_without_a_cache_the_run_says_so_once_and_goes_on(tmp_path):
+    env = dict(os.environ, HELLASWAG_CACHE=str(tmp_path / "cache"),
+               https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")  # nothing leaves this machine
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--data", "input.txt", "--n_layer", "1", "--n_head", "1",
+                          "--n_embd", "16", "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "32",
+                          "--max_steps", "3", "--eval_every", "1", "--val_steps", "1", "--compile", "0",
+                          "--log_dir", str(tmp_path / "log")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("hellaswag: no data (") == 1
+    assert "training goes on without it" in out.stdout
+    kinds = [line.split()[1] for line in (tmp_path / "log" / "log.txt").read_text().splitlines()]
+    assert kinds.count("train") == 3 and kinds.count("val") == 3 and "hella" not in kinds
+
+
+def test_a_missing_hellaswag_file_is_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--data", "input.txt", "--hellaswag_file", "nope.jsonl",
+                          "--log_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert out.stderr.strip() == "error: --hellaswag_file 'nope.jsonl' not found (or pass --hellaswag 0)"

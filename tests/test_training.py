@@ -73,7 +73,7 @@ def test_compile_falls_back_to_eager_without_a_c_compiler(monkeypatch, capsys):
 
 def test_training_step_clips_the_global_grad_norm_to_one(tmp_path):
     import re, subprocess, sys
-    out = subprocess.run([sys.executable, "train_gpt2.py", "--data", "input.txt", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--data", "input.txt", "--hellaswag", "0", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
                           "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "32", "--compile", "0", "--max_steps", "3",
                           "--max_lr", "1e-3", "--warmup_steps", "1", "--log_dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
