@@ -363,6 +363,18 @@ def evaluate_hellaswag(model, examples, device, use_bf16, rank, world_size, ddp)
     return counts[0].item() / counts[1].item()
 
 
+@torch.no_grad()
+def sample(model, device, num_samples=4, max_new_tokens=32, seed=42, prompt="Hello, I'm a language model,"):
+    """num_samples continuations of prompt (top-k 50), from a generator of their own."""
+    model.eval()
+    enc = tiktoken.get_encoding("gpt2")
+    x = torch.tensor(enc.encode(prompt), dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
+    g = torch.Generator(device=device).manual_seed(seed)  # never disturbs training's random stream
+    out = model.generate(x, max_new_tokens, top_k=50, generator=g)
+    model.train()
+    return [enc.decode(row.tolist()) for row in out]
+
+
 # -----------------------------------------------------------------------------
 # The optimisation schedule
 
@@ -445,6 +457,7 @@ class TrainConfig:
     weight_decay: float = flag(0.1, "AdamW weight decay on 2-D+ tensors (matmul weights, embeddings)")
     eval_every: int = flag(250, "evaluate every this many steps, and at the last step")
     val_steps: int = flag(20, "val batches per evaluation, from the start of the val split")
+    sample_every: int = flag(250, "print 4 samples every this many steps, and at the last step")
     hellaswag: bool = flag(True, "evaluate HellaSwag acc_norm every --eval_every steps")
     hellaswag_file: str = flag("", "a local HellaSwag jsonl (default: the val split, downloaded once by hellaswag.py)")
     seed: int = flag(1337, "seed for initialisation and training")
@@ -473,7 +486,7 @@ def parse_args(argv=None):
 
 def check_config(cfg, world_size=1):
     """Catch bad settings before any work is done, with a message that says what to change."""
-    for name in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len", "max_steps", "eval_every", "val_steps"):
+    for name in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len", "max_steps", "eval_every", "val_steps", "sample_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     tokens_per_step = cfg.batch_size * cfg.seq_len * world_size  # one micro-batch on every process
@@ -574,6 +587,10 @@ def train(cfg, model, train_loader, val_loader, examples, device, ddp, rank, wor
                 if master_process:
                     with open(log_file, "a") as f:
                         f.write(f"{step} hella {acc_norm:.4f}\n")
+        if (step > 0 and step % cfg.sample_every == 0) or last_step:
+            # the eager model again: each new token makes a new shape, which would recompile every time
+            for i, text in enumerate(sample(raw_model, device, seed=42 + rank)):
+                print(f"rank {rank} sample {i}: {text}")
 
         t0 = time.time()
         optimizer.zero_grad()
@@ -613,18 +630,6 @@ def train(cfg, model, train_loader, val_loader, examples, device, ddp, rank, wor
             with open(log_file, "a") as f:
                 f.write(f"{step} train {loss_accum.item():.6f}\n")
 
-    if not master_process:
-        return
-    # what has it learned? continue a prompt five times
-    model = raw_model
-    model.eval()
-    enc = tiktoken.get_encoding("gpt2")
-    prompt = torch.tensor(enc.encode("Hello, I'm a language model,"), dtype=torch.long, device=device)
-    x = prompt.unsqueeze(0).repeat(5, 1)  # 5 continuations of the same prompt, as one batch
-    g = torch.Generator(device=device).manual_seed(42)  # a generator of its own: sampling never shifts training's RNG
-    y = model.generate(x, max_new_tokens=30, generator=g)
-    for row in y:
-        print(">", enc.decode(row.tolist()))
 
 
 if __name__ == "__main__":

@@ -134,3 +134,22 @@ def test_accumulated_gradient_of_micro_batches_equals_the_one_batch_gradient():
         (loss / 4).backward()
     for a, b in zip(full, (p.grad for p in model.parameters())):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_compiled_run_with_hellaswag_and_sampling_in_the_loop(tmp_path, capsys):
+    import torch._dynamo
+    import train_gpt2
+    hella = os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_20.jsonl")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    train_gpt2.main(["--data", INPUT, "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2",
+                     "--seq_len", "16", "--total_batch_size", "32", "--max_steps", "4", "--eval_every", "1",
+                     "--val_steps", "2", "--sample_every", "1", "--hellaswag_file", hella, "--compile", "1",
+                     "--bf16", "0", "--device", "cpu", "--log_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    kinds = [line.split()[1] for line in (tmp_path / "log.txt").read_text().splitlines()]
+    assert (kinds.count("train"), kinds.count("val"), kinds.count("hella")) == (4, 4, 4)
+    assert out.count("rank 0 sample 3: Hello, I'm a language model,") == 3  # steps 1, 2, 3
+    # 4 HellaSwag passes of varied shapes and 3 rounds of 32-token sampling, yet only the
+    # training and validation graphs were compiled: eval runs on the eager model
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
