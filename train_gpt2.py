@@ -8,9 +8,10 @@ import contextlib
 import math
 import os
 import shutil
+import signal
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import tiktoken
@@ -435,6 +436,52 @@ def maybe_compile(model, enabled, device_type):
         return model
 
 
+# settings that change what is computed: a resumed run must use the checkpoint's
+RESUME_MUST_MATCH = ("data", "init_from", "n_layer", "n_head", "n_embd", "total_batch_size", "batch_size",
+                     "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "seed", "bf16")
+
+
+def save_checkpoint(path, model, optimizer, step, cfg, train_loader):
+    """Everything needed to continue exactly, as tensors and plain data (loads with weights_only=True)."""
+    checkpoint = {
+        "model": model.state_dict(),
+        "model_config": asdict(model.config),
+        "optimizer": optimizer.state_dict(),
+        "step": step,  # the next step to run
+        "train_loader": {"offset": train_loader.offset},
+        "rng": {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "config": asdict(cfg),
+    }
+    tmp = path + ".tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a truncated checkpoint
+
+
+def find_checkpoint(resume, log_dir):
+    if resume != "auto":
+        if not os.path.isfile(resume):
+            raise ValueError(f"checkpoint {resume!r} not found")
+        return resume
+    names = sorted(f for f in os.listdir(log_dir) if f.startswith("model_") and f.endswith(".pt")) \
+        if os.path.isdir(log_dir) else []
+    if not names:
+        raise ValueError(f"--resume auto: no checkpoint (model_*.pt) in {log_dir}")
+    return os.path.join(log_dir, names[-1])  # zero-padded step numbers sort in order
+
+
+def load_checkpoint(path, cfg):
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0]}") from e
+    for name in RESUME_MUST_MATCH:
+        if checkpoint["config"][name] != getattr(cfg, name):
+            raise ValueError(f"checkpoint {path} was made with --{name} {checkpoint['config'][name]}, not "
+                             f"{getattr(cfg, name)}: resume with the run's own settings")
+    return checkpoint
+
+
 def flag(default, help):
     return field(default=default, metadata={"help": help})
 
@@ -458,6 +505,8 @@ class TrainConfig:
     eval_every: int = flag(250, "evaluate every this many steps, and at the last step")
     val_steps: int = flag(20, "val batches per evaluation, from the start of the val split")
     sample_every: int = flag(250, "print 4 samples every this many steps, and at the last step")
+    checkpoint_every: int = flag(5000, "write log_dir/model_{step:05d}.pt every this many steps, and at the last")
+    resume: str = flag("", "continue a run exactly from a checkpoint: a path, or 'auto' (the newest in --log_dir)")
     hellaswag: bool = flag(True, "evaluate HellaSwag acc_norm every --eval_every steps")
     hellaswag_file: str = flag("", "a local HellaSwag jsonl (default: the val split, downloaded once by hellaswag.py)")
     seed: int = flag(1337, "seed for initialisation and training")
@@ -486,7 +535,8 @@ def parse_args(argv=None):
 
 def check_config(cfg, world_size=1):
     """Catch bad settings before any work is done, with a message that says what to change."""
-    for name in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len", "max_steps", "eval_every", "val_steps", "sample_every"):
+    for name in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len", "max_steps", "eval_every", "val_steps", "sample_every",
+                 "checkpoint_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     tokens_per_step = cfg.batch_size * cfg.seq_len * world_size  # one micro-batch on every process
@@ -528,6 +578,14 @@ def main(argv=None):
                                       num_processes=world_size, split="train", data_root=cfg.data)
         val_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=rank,
                                     num_processes=world_size, split="val", data_root=cfg.data)
+        checkpoint = None
+        if cfg.resume:
+            checkpoint = load_checkpoint(find_checkpoint(cfg.resume, cfg.log_dir), cfg)
+            model.load_state_dict(checkpoint["model"])
+            train_loader.offset = checkpoint["train_loader"]["offset"]
+        elif os.path.exists(os.path.join(cfg.log_dir, "log.txt")):
+            raise ValueError(f"{os.path.join(cfg.log_dir, 'log.txt')} exists: continue that run with --resume auto, "
+                             "or start this one in another --log_dir")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     if ddp:
@@ -537,13 +595,13 @@ def main(argv=None):
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     try:
         examples = load_hellaswag(cfg, ddp, master_process)
-        train(cfg, model, train_loader, val_loader, examples, device, ddp, rank, world_size)
+        train(cfg, model, train_loader, val_loader, examples, checkpoint, device, ddp, rank, world_size)
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
-def train(cfg, model, train_loader, val_loader, examples, device, ddp, rank, world_size):
+def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, ddp, rank, world_size):
     master_process = rank == 0
     device_type = device.split(":")[0]  # cuda, mps or cpu
     print(f"using device: {device}" + (f", {world_size} processes" if ddp else ""))
@@ -565,15 +623,29 @@ def train(cfg, model, train_loader, val_loader, examples, device, ddp, rank, wor
         # DDP averages the gradients of all processes during backward, bucket by bucket
         model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
 
-    log_file = os.path.join(cfg.log_dir, "log.txt")
+    log_file = os.path.join(cfg.log_dir, "log.txt")  # only ever appended to: a resumed run adds its lines
     if master_process:
         os.makedirs(cfg.log_dir, exist_ok=True)
-        open(log_file, "w").close()  # a new run starts a new log
 
     # GPT-3's AdamW: beta2 0.95 (not 0.999) lets the second moment follow the gradients' scale faster
     optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
                                                device_type=device_type)
-    for step in range(cfg.max_steps):
+    start_step = 0
+    if checkpoint is not None:  # the weights and the data position were restored before compiling
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        if device_type == "cuda" and checkpoint["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        start_step = checkpoint["step"]
+        print(f"resuming at step {start_step} from {cfg.resume}")
+
+    # a pre-empted machine gets SIGTERM, a person presses Ctrl-C: finish the step, checkpoint, exit
+    stop = {"requested": False}
+    def request_stop(signum, frame):
+        stop["requested"] = True
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    for step in range(start_step, cfg.max_steps):
         last_step = step == cfg.max_steps - 1
         if step % cfg.eval_every == 0 or last_step:
             val_loss = evaluate_loss(eval_model, val_loader, cfg.val_steps, device, cfg.bf16, ddp)
@@ -614,6 +686,9 @@ def train(cfg, model, train_loader, val_loader, examples, device, ddp, rank, wor
         if ddp:  # the loss to print is the mean over all processes (sum, then divide: gloo lacks AVG)
             dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
             loss_accum /= world_size
+        if not torch.isfinite(loss_accum):  # every rank sees the same reduced loss, so all stop together
+            sys.exit(f"error: the loss is {loss_accum.item()} at step {step}: stopping before the weights are "
+                     f"updated; the checkpoints already in {cfg.log_dir} are untouched (try a lower --max_lr)")
         # clip the global gradient norm at 1.0: one unlucky batch cannot shock the weights
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         lr = get_lr(step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
@@ -629,6 +704,20 @@ def train(cfg, model, train_loader, val_loader, examples, device, ddp, rank, wor
         if master_process:
             with open(log_file, "a") as f:
                 f.write(f"{step} train {loss_accum.item():.6f}\n")
+
+        stopping = torch.tensor(float(stop["requested"]), device=device)
+        if ddp:  # the signal may reach the ranks at different steps: stop when any of them got it
+            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
+        if (step + 1) % cfg.checkpoint_every == 0 or last_step or stopping.item():
+            path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
+            if master_process:
+                save_checkpoint(path, raw_model, optimizer, step + 1, cfg, train_loader)
+                print(f"saved {path}")
+            if stopping.item():
+                print(f"stopped at step {step}: continue with --resume auto --log_dir {cfg.log_dir}")
+                break
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 

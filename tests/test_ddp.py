@@ -47,6 +47,6 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path):
     assert [s for s, _ in hella1] == ["0", "2", "4"]
     assert hella1 == [(s, l) for s, k, l in log2 if k == "hella"]
     assert all(float(l) * 20 == round(float(l) * 20) for _, l in hella1)  # a count out of 20
-    assert os.listdir(two) == ["log.txt"]  # rank 0 alone writes
+    assert sorted(os.listdir(two)) == ["log.txt", "model_00004.pt"]  # rank 0 alone writes: one log, one checkpoint
     assert len(re.findall(r"^step +0 \|", out2.stdout, re.M)) == 1  # rank 0 alone prints
     assert "destroy_process_group" not in out2.stderr  # the process group was torn down cleanly

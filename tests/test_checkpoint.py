@@ -1,0 +1,88 @@
+"""Checkpoints, exact resume, pre-emption and a run that blows up."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from test_cli import ROOT, one_line_error, read_log, run
+
+TINY = ["--data", "input.txt", "--hellaswag", "0", "--n_layer", "1", "--n_head", "2", "--n_embd", "16",
+        "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "64", "--warmup_steps", "2",
+        "--max_lr", "1e-3", "--eval_every", "2", "--val_steps", "2", "--sample_every", "1000",
+        "--compile", "0", "--bf16", "0", "--device", "cpu"]
+
+
+def log_text(d):
+    return (d / "log.txt").read_text()
+
+
+def test_a_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    out = run(["train_gpt2.py", *TINY, "--max_steps", "6", "--checkpoint_every", "3", "--log_dir", str(a)])
+    assert out.returncode == 0, out.stderr
+    assert sorted(os.listdir(a)) == ["log.txt", "model_00002.pt", "model_00005.pt"]
+    # b: the same run stopped after step 2; its log so far, then a resume from step 2's checkpoint
+    b.mkdir()
+    before = [l for l in log_text(a).splitlines(keepends=True) if int(l.split()[0]) <= 2]
+    (b / "log.txt").write_text("".join(before))
+    out = run(["train_gpt2.py", *TINY, "--max_steps", "6", "--checkpoint_every", "3", "--log_dir", str(b),
+               "--resume", str(a / "model_00002.pt")])
+    assert out.returncode == 0, out.stderr
+    assert "resuming at step 3" in out.stdout
+    assert log_text(b) == log_text(a)  # bit for bit: train and val losses, same lines
+    ca = torch.load(a / "model_00005.pt", weights_only=True)
+    cb = torch.load(b / "model_00005.pt", weights_only=True)
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert ca["step"] == cb["step"] == 6 and ca["train_loader"] == cb["train_loader"]
+    assert ca["config"]["n_embd"] == 16 and ca["model_config"]["vocab_size"] == 50304
+
+
+def test_resume_with_other_settings_or_a_fresh_run_over_a_log_is_refused(tmp_path):
+    out = run(["train_gpt2.py", *TINY, "--max_steps", "2", "--log_dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr
+    log = log_text(tmp_path)
+    out = run(["train_gpt2.py", *TINY[:-6], "--n_embd", "32", "--device", "cpu", "--max_steps", "2",
+               "--compile", "0", "--bf16", "0", "--resume", "auto", "--log_dir", str(tmp_path)])
+    one_line_error(out, "was made with --n_embd 16, not 32: resume with the run's own settings")
+    out = run(["train_gpt2.py", *TINY, "--max_steps", "2", "--log_dir", str(tmp_path)])
+    one_line_error(out, "log.txt exists: continue that run with --resume auto, or start this one in another --log_dir")
+    out = run(["train_gpt2.py", *TINY, "--max_steps", "2", "--resume", "auto", "--log_dir", str(tmp_path / "empty")])
+    one_line_error(out, "--resume auto: no checkpoint (model_*.pt) in")
+    assert log_text(tmp_path) == log  # never truncated
+    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00001.pt"]
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes_exactly(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = ["train_gpt2.py", *TINY, "--max_steps", "30", "--log_dir"]
+    assert run(args + [str(whole)]).returncode == 0
+    proc = subprocess.Popen([sys.executable, *args, str(cut)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and "\n3 train" not in ("\n" + log_text(cut) if (cut / "log.txt").exists() else ""):
+        time.sleep(0.02)  # until step 3 is logged
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped at step" in stdout
+    saved = [f for f in os.listdir(cut) if f.endswith(".pt")]
+    assert len(saved) == 1 and not saved[0].startswith("model_00029")  # stopped early, checkpoint written
+    out = run(args + [str(cut), "--resume", "auto"])
+    assert out.returncode == 0, out.stderr
+    assert log_text(cut) == log_text(whole)
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = run(["train_gpt2.py", *TINY, "--max_steps", "20", "--max_lr", "1e30", "--warmup_steps", "0",
+               "--checkpoint_every", "1", "--log_dir", str(tmp_path)])
+    assert out.returncode != 0
+    assert "error: the loss is" in out.stderr and "the checkpoints already in" in out.stderr
+    saved = sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt"))
+    assert saved  # the steps before the blow-up were checkpointed
+    last = torch.load(tmp_path / saved[-1], weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
