@@ -205,7 +205,14 @@ class GPT(nn.Module):
 
 
 def load_model(name_or_path):
-    """A model to evaluate or sample from: a published name or a Hugging Face GPT-2 directory."""
+    """A model's weights: a published name, a Hugging Face GPT-2 directory, or a checkpoint of this project."""
+    if name_or_path.endswith(".pt"):
+        if not os.path.isfile(name_or_path):
+            raise ValueError(f"checkpoint {name_or_path!r} not found")
+        checkpoint = torch.load(name_or_path, map_location="cpu", weights_only=True)
+        model = GPT(GPTConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+        return model
     return GPT.from_pretrained(name_or_path)
 
 
@@ -490,7 +497,8 @@ def flag(default, help):
 class TrainConfig:
     """Every setting of a run. The defaults reproduce GPT-2 124M; each one is a flag of the same name."""
     data: str = flag("edu_fineweb10B", "a directory of fineweb.py shards, or a text file (90% train, 10% val)")
-    init_from: str = flag("scratch", "scratch (random GPT-2 init), gpt2 ... gpt2-xl, or a Hugging Face GPT-2 directory")
+    init_from: str = flag("scratch", "scratch (random GPT-2 init), or start from weights: gpt2 ... gpt2-xl, "
+                                     "a Hugging Face GPT-2 directory, or a .pt checkpoint of this project")
     n_layer: int = flag(12, "transformer blocks (scratch only)")
     n_head: int = flag(12, "attention heads (scratch only)")
     n_embd: int = flag(768, "channels (scratch only)")
@@ -570,8 +578,8 @@ def main(argv=None):
             # a ragged vocabulary costs more than the 47 extra rows (93 vs 96 ms a step, A100).
             # The padded rows never appear as targets: training drives their logits down.
             model = GPT(GPTConfig(vocab_size=50304, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
-        else:
-            model = GPT.from_pretrained(cfg.init_from)
+        else:  # fine-tuning: the weights only, with a fresh optimizer from step 0
+            model = load_model(cfg.init_from)
         if cfg.seq_len > model.config.block_size:
             raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
         train_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=rank,

@@ -1,0 +1,62 @@
+"""Export a checkpoint of this project as a Hugging Face GPT-2 directory.
+
+    python export_hf.py log/model_19072.pt my-gpt2
+    python -c "from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained('my-gpt2')"
+
+The result is a plain GPT-2: the vocabulary cut back to 50257 (the padded rows are not tokens),
+the four projection weights transposed back to Conv1D's (in, out) layout, lm_head tied to wte.
+It works with transformers' pipelines, with hellaswag.py, and on the hub.
+"""
+import argparse
+import os
+import shutil
+import sys
+
+import torch
+
+from train_gpt2 import GPT2_VOCAB_SIZE, load_model
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def export(model, out_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    c = model.config
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                                    vocab_size=GPT2_VOCAB_SIZE, bos_token_id=50256, eos_token_id=50256))
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.endswith(CONV1D):
+            v = v.t()
+        if k in ("transformer.wte.weight", "lm_head.weight"):
+            v = v[:GPT2_VOCAB_SIZE]  # drop the padding rows
+        sd[k] = v.contiguous()
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    if missing or unexpected:
+        raise ValueError(f"cannot map the checkpoint onto GPT-2: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(tmp)
+    os.replace(tmp, out_dir)  # all or nothing
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint", help="a .pt checkpoint written by train_gpt2.py")
+    p.add_argument("out_dir", help="the Hugging Face directory to create (must not exist)")
+    args = p.parse_args()
+    if os.path.exists(args.out_dir):
+        sys.exit(f"error: {args.out_dir} exists: choose a new directory")
+    try:
+        model = load_model(args.checkpoint)
+        if not args.checkpoint.endswith(".pt"):
+            raise ValueError(f"{args.checkpoint!r} is not a .pt checkpoint of this project")
+        export(model, args.out_dir)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.out_dir}: load it with GPT2LMHeadModel.from_pretrained({args.out_dir!r})")
+
+
+if __name__ == "__main__":
+    main()

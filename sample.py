@@ -1,0 +1,32 @@
+"""Sample from a model: a checkpoint of this project, a Hugging Face GPT-2 directory, or gpt2 ... gpt2-xl.
+
+    python sample.py -m log/model_19072.pt --prompt "The meaning of life is" --num_samples 4 --max_new_tokens 64
+"""
+import argparse
+import sys
+
+import torch
+
+from train_gpt2 import get_device, load_model, sample
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-m", "--model", required=True, help="a .pt checkpoint, a Hugging Face GPT-2 directory, or gpt2 ... gpt2-xl")
+    p.add_argument("--prompt", default="Hello, I'm a language model,")
+    p.add_argument("--num_samples", type=int, default=4)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("-d", "--device", default="auto")
+    args = p.parse_args()
+    try:
+        device = get_device(args.device)
+        model = load_model(args.model).to(device)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    for i, text in enumerate(sample(model, device, args.num_samples, args.max_new_tokens, args.seed, args.prompt)):
+        print(f"sample {i}: {text}")
+
+
+if __name__ == "__main__":
+    main()

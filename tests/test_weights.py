@@ -1,0 +1,71 @@
+"""Starting from weights, sampling from a checkpoint, exporting to Hugging Face."""
+import os
+import re
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from conftest import make_hf_checkpoint
+from test_cli import ROOT, read_log, run
+from train_gpt2 import DataLoaderLite, evaluate_loss, load_model
+
+TINY = ["--data", "input.txt", "--hellaswag", "0", "--batch_size", "2", "--seq_len", "16",
+        "--total_batch_size", "32", "--warmup_steps", "1", "--eval_every", "1000", "--val_steps", "3",
+        "--compile", "0", "--bf16", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    out = run(["train_gpt2.py", *TINY, "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--max_steps", "3",
+               "--log_dir", str(d)])
+    assert out.returncode == 0, out.stderr
+    return str(d / "model_00002.pt")
+
+
+def test_export_loads_in_transformers_with_the_same_logits(checkpoint, tmp_path):
+    out = run(["export_hf.py", checkpoint, str(tmp_path / "hf")])
+    assert out.returncode == 0, out.stderr
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ours = load_model(checkpoint).eval()
+    assert hf.config.vocab_size == 50257 and ours.config.vocab_size == 50304
+    idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf(idx).logits - ours(idx)[0][..., :50257]).abs().max().item()
+    assert diff < 1e-5
+    again = run(["export_hf.py", checkpoint, str(tmp_path / "hf")])
+    assert again.returncode != 0 and "exists: choose a new directory" in again.stderr
+
+
+def test_sample_command_continues_a_prompt_from_a_checkpoint(checkpoint):
+    out = run(["sample.py", "-m", checkpoint, "--prompt", "ROMEO:", "--num_samples", "3", "--max_new_tokens", "10",
+               "-d", "cpu"])
+    assert out.returncode == 0, out.stderr
+    assert [out.stdout.count(f"sample {i}: ROMEO:") for i in range(4)] == [1, 1, 1, 0]
+
+
+def test_hellaswag_scores_a_checkpoint(checkpoint):
+    out = run(["hellaswag.py", "-m", checkpoint, "-d", "cpu", "--data_file",
+               os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_20.jsonl"), "--limit", "4"])
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"acc [0-9.]+ acc_norm [0-9.]+ examples 4$", out.stdout.strip())
+
+
+def test_init_from_a_checkpoint_starts_from_its_weights(checkpoint, tmp_path):
+    out = run(["train_gpt2.py", *TINY, "--init_from", checkpoint, "--max_steps", "2", "--log_dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr
+    first_val = next(float(l) for s, k, l in read_log(tmp_path) if k == "val" and s == "0")
+    model = load_model(checkpoint)
+    val = DataLoaderLite(2, 16, split="val", data_root=os.path.join(ROOT, "input.txt"))
+    assert abs(first_val - evaluate_loss(model, val, 3, "cpu", False, False)) < 1e-4
+
+
+def test_fine_tune_a_hugging_face_checkpoint_on_input_txt(tmp_path):
+    path = make_hf_checkpoint(tmp_path / "hf", vocab_size=50257, n_embd=32, n_positions=64)
+    out = run(["train_gpt2.py", *TINY, "--init_from", path, "--max_steps", "15", "--max_lr", "3e-3",
+               "--log_dir", str(tmp_path / "log")])
+    assert out.returncode == 0, out.stderr
+    train = [float(l) for _, k, l in read_log(tmp_path / "log") if k == "train"]
+    assert train[-1] < train[0] - 0.3  # it learns
+    assert torch.load(tmp_path / "log" / "model_00014.pt", weights_only=True)["model_config"]["vocab_size"] == 50257
