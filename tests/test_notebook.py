@@ -31,8 +31,12 @@ def text_of(cell):
 @pytest.fixture(scope="module")
 def notebook(tmp_path_factory):
     """The notebook executed once against a tiny random checkpoint: (cells, all text output)."""
-    path = make_hf_checkpoint(tmp_path_factory.mktemp("nb") / "tiny", vocab_size=50257, n_embd=20, n_positions=48)
-    cells = run_notebook(NANOGPT_MODEL=path)
+    d = tmp_path_factory.mktemp("nb")
+    path = make_hf_checkpoint(d / "tiny", vocab_size=50257, n_embd=20, n_positions=48)
+    log = d / "log.txt"  # a small run's log, as train_gpt2.py writes it
+    log.write_text("0 val 10.9500\n0 hella 0.2450\n0 train 10.950000\n1 train 9.800000\n2 train 8.100000\n"
+                   "3 train 7.250000\n4 val 7.0100\n4 hella 0.2600\n4 train 6.900000\n")
+    cells = run_notebook(NANOGPT_MODEL=path, NANOGPT_LOG=str(log))
     return cells, "\n".join(text_of(c) for c in cells)
 
 
@@ -59,3 +63,12 @@ def test_notebook_gradient_accumulation_cell(notebook):
     _, out = notebook
     assert "accumulated / 4 == one pass: True" in out
     assert "plain sum / one pass: 4.0" in out
+
+
+def test_notebook_plots_a_log_against_the_baselines(notebook):
+    cells, out = notebook
+    assert "train: 5 points, last 6.9000 at step 4" in out
+    assert "val: 2 points, last 7.0100 at step 4" in out
+    assert "hella: 2 points, last 0.2600 at step 4" in out
+    plot_cell = next(c for c in cells if "HellaSwag acc_norm" in c.source and c.cell_type == "code")
+    assert any("image/png" in o.get("data", {}) for o in plot_cell.outputs)  # the figure was drawn
