@@ -535,7 +535,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train GPT-2 (124M by default), then sample from it.")
     for f in fields(TrainConfig):
         parser.add_argument(f"--{f.name}", type=on_off if f.type is bool else f.type,
-                            default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
+                            default=f.default, help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
     # argparse's errors are already clear; print them on one line, with where to look
     parser.error = lambda message: sys.exit(f"error: {message} (see --help)")
     return TrainConfig(**vars(parser.parse_args(argv)))

@@ -82,3 +82,10 @@ def test_each_step_prints_loss_lr_norm_time_and_throughput(tmp_path):
         assert float(loss) == log_loss
         assert float(norm) > 0
         assert abs(float(tps) - 2 * 16 / (float(dt) / 1000)) / float(tps) < 0.01  # B*T*accum / dt
+
+
+def test_help_lists_every_flag():
+    out = run(["train_gpt2.py", "--help"])
+    assert out.returncode == 0, out.stderr
+    for name in ("--data", "--batch_size", "--total_batch_size", "--resume", "--hellaswag", "--compile"):
+        assert name in out.stdout
