@@ -89,3 +89,16 @@ def test_help_lists_every_flag():
     assert out.returncode == 0, out.stderr
     for name in ("--data", "--batch_size", "--total_batch_size", "--resume", "--hellaswag", "--compile"):
         assert name in out.stdout
+
+
+def test_every_command_in_the_readme_names_real_scripts_and_flags():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    helps = {}
+    for script, args in re.findall(r"python (\w+\.py)([^`\n|#]*)", readme):
+        assert os.path.isfile(os.path.join(ROOT, script)), script
+        if script not in helps:
+            helps[script] = run([script, "--help"]).stdout
+        for name in re.findall(r"(--\w+)", args):
+            assert name in helps[script], f"{script} has no {name}"
+    assert {"train_gpt2.py", "fineweb.py", "bench.py", "sample.py", "export_hf.py"} <= set(helps)
