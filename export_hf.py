@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 
-import torch
 
 from train_gpt2 import GPT2_VOCAB_SIZE, load_model
 

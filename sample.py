@@ -5,7 +5,6 @@
 import argparse
 import sys
 
-import torch
 
 from train_gpt2 import get_device, load_model, sample
 

@@ -1,6 +1,5 @@
 """Checkpoints, exact resume, pre-emption and a run that blows up."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -8,7 +7,7 @@ import time
 
 import torch
 
-from test_cli import ROOT, one_line_error, read_log, run
+from test_cli import ROOT, one_line_error, run
 
 TINY = ["--data", "input.txt", "--hellaswag", "0", "--n_layer", "1", "--n_head", "2", "--n_embd", "16",
         "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "64", "--warmup_steps", "2",
