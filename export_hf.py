@@ -13,7 +13,7 @@ import shutil
 import sys
 
 
-from train_gpt2 import GPT2_VOCAB_SIZE, load_model
+from train_gpt2 import GPT2_VOCAB_SIZE, error_text, load_model
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -53,7 +53,7 @@ def main():
             raise ValueError(f"{args.checkpoint!r} is not a .pt checkpoint of this project")
         export(model, args.out_dir)
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {error_text(e)}")
     print(f"wrote {args.out_dir}: load it with GPT2LMHeadModel.from_pretrained({args.out_dir!r})")
 
 

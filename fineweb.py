@@ -24,6 +24,8 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
+from train_gpt2 import error_text
+
 EOT = 50256  # <|endoftext|>
 
 
@@ -74,7 +76,7 @@ def main(argv=None):
     try:
         docs = load_documents(args.data_files, bool(args.streaming))
     except Exception as e:
-        sys.exit(f"error: cannot read the documents: {str(e).strip().splitlines()[0]}")
+        sys.exit(f"error: cannot read the documents: {error_text(e)}")
     os.makedirs(args.local_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(args.local_dir, "*.tmp")):
         os.remove(stale)  # left by an interrupted run: never a complete shard

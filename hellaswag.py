@@ -116,7 +116,7 @@ def tally(model, batch, device, use_bf16):
 
 
 def main():
-    from train_gpt2 import get_device, load_model
+    from train_gpt2 import error_text, get_device, load_model
     p = argparse.ArgumentParser(description="Score a model on HellaSwag (completion style).")
     p.add_argument("-m", "--model", default="gpt2", help="gpt2 ... gpt2-xl, a Hugging Face GPT-2 directory, or a .pt checkpoint")
     p.add_argument("-d", "--device", default="auto")
@@ -132,7 +132,7 @@ def main():
         if not os.path.isfile(path):
             raise ValueError(f"data file {path!r} not found")
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {error_text(e)}")
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")
     examples = list(iterate_examples(path, args.limit))

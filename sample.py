@@ -6,7 +6,7 @@ import argparse
 import sys
 
 
-from train_gpt2 import get_device, load_model, sample
+from train_gpt2 import error_text, get_device, load_model, sample
 
 
 def main():
@@ -22,7 +22,7 @@ def main():
         device = get_device(args.device)
         model = load_model(args.model).to(device)
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {error_text(e)}")
     for i, text in enumerate(sample(model, device, args.num_samples, args.max_new_tokens, args.seed, args.prompt)):
         print(f"sample {i}: {text}")
 

@@ -177,8 +177,7 @@ class GPT(nn.Module):
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"cannot load a GPT-2 checkpoint from {name_or_path!r}: {reason}") from e
+            raise ValueError(f"cannot load a GPT-2 checkpoint from {name_or_path!r}: {error_text(e)}") from e
         c = hf.config  # the shape comes from the checkpoint, not from our defaults
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                            n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
@@ -350,7 +349,7 @@ def load_hellaswag(cfg, ddp, master_process):
             try:
                 hellaswag.download("val")
             except Exception as e:  # offline, say
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                reason = error_text(e)
         if ddp:
             dist.barrier()
     if not os.path.isfile(path):
@@ -402,6 +401,12 @@ def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
 # Running it
 
 
+def error_text(e):
+    """An exception as one line for an error message: its first line, or its type if it says nothing."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def get_device(requested="auto"):
     """The fastest device there is (cuda, then Apple's mps, then cpu), or the one asked for."""
     if requested == "auto":
@@ -439,7 +444,7 @@ def maybe_compile(model, enabled, device_type):
     try:
         return torch.compile(model)
     except Exception as e:  # e.g. a Python release torch.compile does not support yet
-        print(f"compile: unavailable ({str(e).strip().splitlines()[0]}): running eager; pass --compile 0")
+        print(f"compile: unavailable ({error_text(e)}): running eager; pass --compile 0")
         return model
 
 
@@ -481,7 +486,7 @@ def load_checkpoint(path, cfg):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0]}") from e
+        raise ValueError(f"cannot read checkpoint {path}: {error_text(e)}") from e
     for name in RESUME_MUST_MATCH:
         if checkpoint["config"][name] != getattr(cfg, name):
             raise ValueError(f"checkpoint {path} was made with --{name} {checkpoint['config'][name]}, not "
@@ -595,7 +600,7 @@ def main(argv=None):
             raise ValueError(f"{os.path.join(cfg.log_dir, 'log.txt')} exists: continue that run with --resume auto, "
                              "or start this one in another --log_dir")
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {error_text(e)}")
     if ddp:
         if device.startswith("cuda"):
             torch.cuda.set_device(device)

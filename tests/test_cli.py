@@ -102,3 +102,18 @@ def test_every_command_in_the_readme_names_real_scripts_and_flags():
         for name in re.findall(r"(--\w+)", args):
             assert name in helps[script], f"{script} has no {name}"
     assert {"train_gpt2.py", "fineweb.py", "bench.py", "sample.py", "export_hf.py"} <= set(helps)
+
+
+def test_an_exception_becomes_one_line_even_when_it_says_nothing(monkeypatch, capsys):
+    import torch
+    import train_gpt2
+    assert train_gpt2.error_text(ValueError("first\nsecond")) == "first"
+    assert train_gpt2.error_text(RuntimeError()) == "RuntimeError"  # str(e) is '': no IndexError
+    assert train_gpt2.error_text(OSError("  \n")) == "OSError"
+
+    def broken_compile(model):
+        raise RuntimeError()
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = torch.nn.Linear(2, 2)
+    assert train_gpt2.maybe_compile(model, True, "cuda") is model
+    assert "compile: unavailable (RuntimeError): running eager" in capsys.readouterr().out
