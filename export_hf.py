@@ -48,9 +48,9 @@ def main():
     if os.path.exists(args.out_dir):
         sys.exit(f"error: {args.out_dir} exists: choose a new directory")
     try:
-        model = load_model(args.checkpoint)
         if not args.checkpoint.endswith(".pt"):
             raise ValueError(f"{args.checkpoint!r} is not a .pt checkpoint of this project")
+        model = load_model(args.checkpoint)
         export(model, args.out_dir)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {error_text(e)}")

@@ -203,14 +203,50 @@ class GPT(nn.Module):
         return model
 
 
+def read_checkpoint(path, keys=("model", "model_config")):
+    """A checkpoint of this project, read safely, or a ValueError that says what is wrong with the file.
+
+    weights_only=True unpickles tensors and plain data only: a file that needs more could run
+    code when loaded, so it is refused, never retried with weights_only=False.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} not found")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): use another checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch's own message would suggest weights_only=False: never that
+        raise ValueError(f"cannot read checkpoint {path}: it is truncated, or not a checkpoint of this project "
+                         "(only tensors and plain data are loaded: anything else could run code)") from None
+    missing = [k for k in keys if k not in checkpoint] if isinstance(checkpoint, dict) else list(keys)
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of this project: it has no {', '.join(missing)}")
+    return checkpoint
+
+
+def load_weights(model, state_dict, path):
+    """Copy a checkpoint's weights into model, or say which tensor does not fit."""
+    expected = model.state_dict()
+    if not isinstance(state_dict, dict) or set(state_dict) != set(expected):
+        raise ValueError(f"checkpoint {path} does not hold this model's weights (other tensor names): "
+                         "it was made for another model")
+    for k, v in expected.items():
+        if not isinstance(state_dict[k], torch.Tensor) or state_dict[k].shape != v.shape:
+            shape = tuple(getattr(state_dict[k], "shape", ()))
+            raise ValueError(f"checkpoint {path} does not fit the model: {k} has shape {shape}, "
+                             f"the model's is {tuple(v.shape)}")
+    model.load_state_dict(state_dict)
+
+
 def load_model(name_or_path):
     """A model's weights: a published name, a Hugging Face GPT-2 directory, or a checkpoint of this project."""
     if name_or_path.endswith(".pt"):
-        if not os.path.isfile(name_or_path):
-            raise ValueError(f"checkpoint {name_or_path!r} not found")
-        checkpoint = torch.load(name_or_path, map_location="cpu", weights_only=True)
-        model = GPT(GPTConfig(**checkpoint["model_config"]))
-        model.load_state_dict(checkpoint["model"])
+        checkpoint = read_checkpoint(name_or_path)
+        try:
+            model = GPT(GPTConfig(**checkpoint["model_config"]))
+        except (TypeError, AssertionError) as e:
+            raise ValueError(f"checkpoint {name_or_path} has an unusable model_config ({error_text(e)})") from None
+        load_weights(model, checkpoint["model"], name_or_path)
         return model
     return GPT.from_pretrained(name_or_path)
 
@@ -483,13 +519,12 @@ def find_checkpoint(resume, log_dir):
 
 
 def load_checkpoint(path, cfg):
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {error_text(e)}") from e
+    """A checkpoint to resume from: complete, and made with the settings of this run."""
+    checkpoint = read_checkpoint(path, keys=("model", "model_config", "optimizer", "step", "train_loader",
+                                             "rng", "config"))
     for name in RESUME_MUST_MATCH:
-        if checkpoint["config"][name] != getattr(cfg, name):
-            raise ValueError(f"checkpoint {path} was made with --{name} {checkpoint['config'][name]}, not "
+        if checkpoint["config"].get(name) != getattr(cfg, name):
+            raise ValueError(f"checkpoint {path} was made with --{name} {checkpoint['config'].get(name)}, not "
                              f"{getattr(cfg, name)}: resume with the run's own settings")
     return checkpoint
 
@@ -593,8 +628,9 @@ def main(argv=None):
                                     num_processes=world_size, split="val", data_root=cfg.data)
         checkpoint = None
         if cfg.resume:
-            checkpoint = load_checkpoint(find_checkpoint(cfg.resume, cfg.log_dir), cfg)
-            model.load_state_dict(checkpoint["model"])
+            resume_path = find_checkpoint(cfg.resume, cfg.log_dir)
+            checkpoint = load_checkpoint(resume_path, cfg)
+            load_weights(model, checkpoint["model"], resume_path)
             train_loader.offset = checkpoint["train_loader"]["offset"]
         elif os.path.exists(os.path.join(cfg.log_dir, "log.txt")):
             raise ValueError(f"{os.path.join(cfg.log_dir, 'log.txt')} exists: continue that run with --resume auto, "

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 
 import torch
 
@@ -85,3 +86,72 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     last = torch.load(tmp_path / saved[-1], weights_only=True)
     assert all(torch.isfinite(v).all() for v in last["model"].values())
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def tiny_checkpoint(path):
+    """A real checkpoint of a tiny model, as the trainer writes it."""
+    from types import SimpleNamespace
+    from train_gpt2 import GPT, GPTConfig, TrainConfig, save_checkpoint
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
+    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
+    save_checkpoint(str(path), model, optimizer, 1, TrainConfig(n_layer=1, n_head=2, n_embd=16),
+                    SimpleNamespace(offset=0))
+    return path
+
+
+def bad_checkpoints(d):
+    """Files a user may point any entry point at, each with what the one-line error must say."""
+    good = tiny_checkpoint(d / "good.pt").read_bytes()
+    (d / "empty.pt").write_bytes(b"")
+    (d / "truncated.pt").write_bytes(good[:len(good) // 2])
+    (d / "text.pt").write_text("not a checkpoint\n")
+    torch.save({"model": {"w": torch.zeros(2)}, "model_config": {"n_layer": 1}, "note": Fraction(1, 3)}, d / "code.pt")
+    torch.save({"weights": torch.zeros(2)}, d / "nokeys.pt")
+    other = torch.load(d / "good.pt", weights_only=True)
+    other["model"]["transformer.wpe.weight"] = torch.zeros(8, 16)  # another context length than model_config says
+    torch.save(other, d / "shape.pt")
+    return {
+        "missing.pt": "checkpoint '{d}/missing.pt' not found",
+        "empty.pt": "checkpoint {d}/empty.pt is empty (0 bytes)",
+        "truncated.pt": "cannot read checkpoint {d}/truncated.pt: it is truncated, or not a checkpoint of this",
+        "text.pt": "cannot read checkpoint {d}/text.pt: it is truncated, or not a checkpoint of this project",
+        "code.pt": "cannot read checkpoint {d}/code.pt: it is truncated, or not a checkpoint of this project",
+        "nokeys.pt": "{d}/nokeys.pt is not a checkpoint of this project: it has no model, model_config",
+        "shape.pt": "transformer.wpe.weight has shape (8, 16), the model's is (16, 16)",
+    }
+
+
+def test_one_reader_turns_every_bad_checkpoint_into_a_clear_error(tmp_path):
+    import pytest
+    from train_gpt2 import load_model
+    for name, message in bad_checkpoints(tmp_path).items():
+        with pytest.raises(ValueError) as e:
+            load_model(str(tmp_path / name))
+        assert message.format(d=tmp_path) in str(e.value), name
+        assert "weights_only" not in str(e.value) and "\n" not in str(e.value), name
+    assert load_model(str(tmp_path / "good.pt")).config.n_embd == 16
+
+
+def test_every_entry_point_that_reads_a_checkpoint_refuses_a_bad_one_in_one_line(tmp_path):
+    messages = bad_checkpoints(tmp_path)
+    hella = os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_20.jsonl")
+    log = tmp_path / "log"
+    cases = [
+        (["train_gpt2.py", *TINY, "--log_dir", str(log), "--resume", str(tmp_path / "truncated.pt")], "truncated.pt"),
+        (["train_gpt2.py", *TINY, "--log_dir", str(log), "--init_from", str(tmp_path / "code.pt")], "code.pt"),
+        (["sample.py", "-m", str(tmp_path / "empty.pt"), "-d", "cpu"], "empty.pt"),
+        (["export_hf.py", str(tmp_path / "shape.pt"), str(tmp_path / "hf")], "shape.pt"),
+        (["hellaswag.py", "-m", str(tmp_path / "text.pt"), "-d", "cpu", "--data_file", hella], "text.pt"),
+    ]
+    for args, name in cases:
+        one_line_error(run(args), messages[name].format(d=tmp_path))
+    assert not log.exists() and not (tmp_path / "hf").exists()
+
+
+def test_resume_needs_a_whole_training_checkpoint(tmp_path):
+    good = torch.load(tiny_checkpoint(tmp_path / "good.pt"), weights_only=True)
+    torch.save({"model": good["model"], "model_config": good["model_config"]}, tmp_path / "weights.pt")
+    out = run(["train_gpt2.py", *TINY, "--n_layer", "1", "--n_embd", "16", "--log_dir", str(tmp_path / "log"),
+               "--resume", str(tmp_path / "weights.pt")])
+    one_line_error(out, "weights.pt is not a checkpoint of this project: it has no optimizer, step, train_loader")
