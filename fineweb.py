@@ -10,11 +10,15 @@ that overflows a shard continues in the next. Shard 0 is the validation split, t
 edufineweb_val_000000.npy, edufineweb_train_000001.npy, ...
 
 Each shard is written under a temporary name and renamed when complete, so an interrupted run
-never leaves a truncated shard. A rerun tokenizes from the start again and rewrites the same
-shards byte for byte, after deleting any temporary file an interrupted run left behind.
+never leaves a truncated shard. fineweb.json records the run: its settings when it starts, and
+every shard when it ends (only then does it say complete), so a set cut short is never taken for
+a whole one. A rerun of an interrupted run deletes its shards and starts over; a rerun of a
+finished one has nothing to do; shards made from other data or another --shard_size are never
+mixed with new ones: the run refuses and touches nothing.
 """
 import argparse
 import glob
+import json
 import multiprocessing as mp
 import os
 import sys
@@ -24,7 +28,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from train_gpt2 import error_text
+from train_gpt2 import MANIFEST, error_text
 
 EOT = 50256  # <|endoftext|>
 
@@ -45,6 +49,42 @@ def write_shard(local_dir, index, tokens):
     with open(tmp, "wb") as f:
         np.save(f, tokens)
     os.replace(tmp, path)  # atomic: the shard appears whole or not at all
+    return {"name": os.path.basename(path), "tokens": len(tokens)}
+
+
+def write_manifest(local_dir, settings, shards=None):
+    """fineweb.json: the run's settings, and once it is complete, each shard's name and length."""
+    manifest = {"settings": settings, "complete": shards is not None, "shards": shards or []}
+    path = os.path.join(local_dir, MANIFEST)
+    with open(path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def prepare_local_dir(local_dir, settings):
+    """True if local_dir is ready for this run's shards, False if it already holds them all; else an error."""
+    shards = glob.glob(os.path.join(local_dir, "edufineweb_*.npy"))
+    path = os.path.join(local_dir, MANIFEST)
+    if not os.path.exists(path):
+        if shards:
+            raise ValueError(f"{local_dir} holds shards but no {MANIFEST} (made by another tool?): "
+                             "choose another --local_dir, or delete them")
+        return True
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} ({e}): delete {local_dir} to remake its shards") from None
+    if not manifest.get("complete"):  # an interrupted run: its shards are a partial set
+        for stale in shards + glob.glob(os.path.join(local_dir, "*.tmp")):
+            os.remove(stale)
+        print(f"{local_dir}: an interrupted run's {len(shards)} shards deleted, starting over")
+        return True
+    if manifest.get("settings") != settings:
+        raise ValueError(f"{local_dir} holds a complete shard set made with other settings "
+                         f"({manifest.get('settings')}): choose another --local_dir, or delete it to remake it")
+    print(f"{local_dir} already holds these {len(manifest['shards'])} shards: nothing to do")
+    return False
 
 
 def load_documents(data_files, streaming):
@@ -77,14 +117,21 @@ def main(argv=None):
         docs = load_documents(args.data_files, bool(args.streaming))
     except Exception as e:
         sys.exit(f"error: cannot read the documents: {error_text(e)}")
+    settings = {"data": [os.path.abspath(f) for f in args.data_files] if args.data_files
+                else "HuggingFaceFW/fineweb-edu sample-10BT", "shard_size": args.shard_size}
+    try:
+        if not prepare_local_dir(args.local_dir, settings):
+            return
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {error_text(e)}")
     os.makedirs(args.local_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(args.local_dir, "*.tmp")):
-        os.remove(stale)  # left by an interrupted run: never a complete shard
+    write_manifest(args.local_dir, settings)  # not complete until the end
 
     t0, total, index = time.time(), 0, 0
     buf = np.empty((args.shard_size,), dtype=np.uint16)  # the shard being filled
     count = 0
     bar = None
+    written = []  # (name, tokens) of each shard, for the manifest
     with mp.Pool(args.num_proc) as pool:
         for tokens in pool.imap(tokenize, docs, chunksize=16):
             total += len(tokens)
@@ -99,12 +146,13 @@ def main(argv=None):
                 if count == args.shard_size:  # full: write it, start the next
                     bar.close()
                     bar = None
-                    write_shard(args.local_dir, index, buf)
+                    written.append(write_shard(args.local_dir, index, buf))
                     index, count = index + 1, 0
     if count:  # the remainder
         bar.close()
-        write_shard(args.local_dir, index, buf[:count])
+        written.append(write_shard(args.local_dir, index, buf[:count]))
         index += 1
+    write_manifest(args.local_dir, settings, written)
     dt = time.time() - t0
     print(f"{total:,} tokens in {index} shards in {args.local_dir}/: {dt:.1f} s, "
           f"{total / dt:,.0f} tokens/s with {args.num_proc} processes")

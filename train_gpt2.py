@@ -5,6 +5,7 @@ Read it top to bottom: the model first, then the data, then the training.
 import argparse
 import bisect
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -262,6 +263,33 @@ def load_text_tokens(path):
     return np.array(tiktoken.get_encoding("gpt2").encode(text), dtype=np.uint16)
 
 
+# fineweb.py's record of a shard set: written when it starts, marked complete when it ends
+MANIFEST = "fineweb.json"
+
+
+def shard_paths(data_root, split):
+    """The split's shards in data_root, in order, checked against the manifest where fineweb.py wrote one."""
+    names = sorted(f for f in os.listdir(data_root) if f"_{split}_" in f and f.endswith(".npy"))
+    path = os.path.join(data_root, MANIFEST)
+    if os.path.exists(path):  # else shards from another tool (the lecture's fineweb.py, say): taken as they are
+        try:
+            with open(path) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {path} ({e}): remake the shards with fineweb.py") from None
+        if not manifest.get("complete"):
+            raise ValueError(f"the shards in {data_root} are incomplete ({MANIFEST} says fineweb.py did not "
+                             "finish): rerun fineweb.py the same way to remake them")
+        listed = sorted(s["name"] for s in manifest["shards"] if f"_{split}_" in s["name"])
+        if names != listed:
+            extra, lost = sorted(set(names) - set(listed)), sorted(set(listed) - set(names))
+            problem = f"{extra[0]} is not in {MANIFEST} (left by another run?)" if extra else f"{lost[0]} is missing"
+            raise ValueError(f"{data_root} is not the shard set fineweb.py made: {problem}: remake it with fineweb.py")
+    if not names:
+        raise ValueError(f"no {split} shards (*_{split}_*.npy) in {data_root}: run `python fineweb.py` to make them")
+    return [os.path.join(data_root, name) for name in names]
+
+
 def open_shard(path):
     """A token shard written by fineweb.py, memory-mapped: a 1-D uint16 array, checked."""
     try:
@@ -292,11 +320,7 @@ class DataLoaderLite:
             n = int(0.9 * len(tokens))
             self.shards = [tokens[:n] if split == "train" else tokens[n:]]
         elif os.path.isdir(data_root):
-            names = sorted(f for f in os.listdir(data_root) if f"_{split}_" in f and f.endswith(".npy"))
-            if not names:
-                raise ValueError(f"no {split} shards (*_{split}_*.npy) in {data_root}: "
-                                 "run `python fineweb.py` to make them")
-            self.shards = [os.path.join(data_root, name) for name in names]
+            self.shards = shard_paths(data_root, split)
         else:
             raise ValueError(f"data {data_root!r} not found: run `python fineweb.py` to make the FineWeb-Edu "
                              "shards, or pass --data with a text file such as input.txt")

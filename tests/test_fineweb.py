@@ -7,7 +7,10 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import tiktoken
+
+from train_gpt2 import DataLoaderLite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "tests", "fixtures", "fineweb_edu_40.jsonl")  # 40 real FineWeb-Edu documents
@@ -27,7 +30,8 @@ def expected_stream(path):
 
 
 def shards_of(d):
-    return sorted(os.listdir(d), key=lambda n: int(n.split("_")[-1].split(".")[0]))
+    """Every file in d, shards in index order (val 000000 first), fineweb.json last."""
+    return sorted(os.listdir(d), key=lambda n: (n == "fineweb.json", n.split("_")[-1]))
 
 
 def test_shards_hold_every_document_in_order(tmp_path):
@@ -39,12 +43,15 @@ def test_shards_hold_every_document_in_order(tmp_path):
     assert n == 23573
     names = shards_of(tmp_path)
     k = -(-n // 5000)  # ceil
-    assert names == ["edufineweb_val_000000.npy"] + [f"edufineweb_train_{i:06d}.npy" for i in range(1, k)]
-    arrays = [np.load(tmp_path / name) for name in names]
+    assert names[:-1] == ["edufineweb_val_000000.npy"] + [f"edufineweb_train_{i:06d}.npy" for i in range(1, k)]
+    arrays = [np.load(tmp_path / name) for name in names[:-1]]
     assert all(a.dtype == np.uint16 and a.ndim == 1 for a in arrays)
     assert [len(a) for a in arrays] == [5000] * (k - 1) + [n - 5000 * (k - 1)]
     assert np.array_equal(np.concatenate(arrays).astype(np.int64), stream)
     assert f"{n:,} tokens in {k} shards" in out.stdout
+    manifest = json.loads((tmp_path / "fineweb.json").read_text())
+    assert manifest["complete"] and manifest["settings"] == {"data": [DOCS], "shard_size": 5000}
+    assert manifest["shards"] == [{"name": name, "tokens": len(a)} for name, a in zip(names[:-1], arrays)]
 
 
 def test_a_killed_run_leaves_no_partial_shard_and_a_rerun_rebuilds_the_same(tmp_path):
@@ -63,12 +70,16 @@ def test_a_killed_run_leaves_no_partial_shard_and_a_rerun_rebuilds_the_same(tmp_
     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the pool's workers too
     proc.wait()
     written = shards_of(killed)
-    assert 0 < len([n for n in written if n.endswith(".npy")]) < len(shards_of(clean))  # killed mid-run
+    assert 0 < len([n for n in written if n.endswith(".npy")]) < len(shards_of(clean)) - 1  # killed mid-run
+    assert not json.loads((killed / "fineweb.json").read_text())["complete"]
+    with pytest.raises(ValueError, match=r"the shards in .*killed are incomplete \(fineweb.json says fineweb.py did not finish\)"):
+        DataLoaderLite(2, 8, data_root=str(killed))
     for name in written:
         if name.endswith(".npy"):  # every shard present is whole
             assert np.array_equal(np.load(killed / name), np.load(clean / name)), name
-    out = subprocess.run(fineweb(*args, "--local_dir", str(killed)), cwd=ROOT, capture_output=True, timeout=300)
+    out = subprocess.run(fineweb(*args, "--local_dir", str(killed)), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0
+    assert "an interrupted run's" in out.stdout and "shards deleted, starting over" in out.stdout
     assert shards_of(killed) == shards_of(clean)  # no temporary file left either
     for name in shards_of(clean):
         assert (killed / name).read_bytes() == (clean / name).read_bytes()
@@ -80,3 +91,26 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip() == "error: cannot read the documents: data file 'nope.jsonl' not found"
     assert not (tmp_path / "d").exists()
+
+
+def test_a_rerun_never_mixes_two_shard_sets(tmp_path):
+    d = tmp_path / "shards"
+    args = ["--data_files", DOCS, "--local_dir", str(d)]
+    assert subprocess.run(fineweb(*args, "--shard_size", "5000"), cwd=ROOT, capture_output=True, timeout=300).returncode == 0
+    before = {n: (d / n).read_bytes() for n in os.listdir(d)}
+    # the same again: nothing to do; another --shard_size: refused, every file as it was
+    out = subprocess.run(fineweb(*args, "--shard_size", "5000"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "already holds these 5 shards: nothing to do" in out.stdout
+    out = subprocess.run(fineweb(*args, "--shard_size", "3000"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().startswith(f"error: {d} holds a complete shard set made with other settings")
+    assert {n: (d / n).read_bytes() for n in os.listdir(d)} == before
+    # a shard the manifest does not list is another run's: the loader refuses the mix
+    np.save(d / "edufineweb_train_000009.npy", np.zeros(100, dtype=np.uint16))
+    with pytest.raises(ValueError, match=r"edufineweb_train_000009.npy is not in fineweb.json \(left by another run\?\)"):
+        DataLoaderLite(2, 8, data_root=str(d))
+    # shards without a manifest came from elsewhere: fineweb.py will not write beside them
+    os.remove(d / "fineweb.json")
+    out = subprocess.run(fineweb(*args, "--shard_size", "5000"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.stderr.strip().startswith(f"error: {d} holds shards but no fineweb.json (made by another tool?)")
+    assert DataLoaderLite(2, 8, data_root=str(d)).total == 23573 - 5000 + 100  # taken as they are
