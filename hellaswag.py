@@ -42,12 +42,42 @@ def download(split="val", cache_dir=DATA_CACHE_DIR):
     return path
 
 
+def example_problem(example):
+    """What makes a parsed line something other than a HellaSwag example, or None if it is one."""
+    if not isinstance(example, dict):
+        return "not a JSON object"
+    if not isinstance(example.get("ctx"), str):
+        return "no 'ctx' text"
+    endings = example.get("endings")
+    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+        return f"'endings' must be a list of 4 texts, got {len(endings) if isinstance(endings, list) else endings!r}"
+    label = example.get("label")
+    if type(label) is not int or not 0 <= label <= 3:
+        return f"'label' must be 0, 1, 2 or 3, got {label!r}"
+    return None
+
+
 def iterate_examples(path, limit=None):
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if limit is not None and i >= limit:
-                return
-            yield json.loads(line)
+    """The examples of a HellaSwag jsonl file, each checked (a ctx, 4 endings, a label 0..3), or a ValueError."""
+    count = 0
+    with open(path, encoding="utf-8") as f:
+        try:
+            for lineno, line in enumerate(f, start=1):
+                if limit is not None and count >= limit:
+                    return
+                try:
+                    example = json.loads(line)
+                except ValueError:
+                    example = None  # reported below with the line number
+                problem = "a blank line" if not line.strip() else example_problem(example)
+                if problem:
+                    raise ValueError(f"{path} line {lineno}: {problem}: each line must be one HellaSwag example")
+                count += 1
+                yield example
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not UTF-8 text: it must be a HellaSwag jsonl file") from None
+    if count == 0:
+        raise ValueError(f"{path} holds no HellaSwag examples")
 
 
 def render_example(example, enc):
@@ -122,20 +152,22 @@ def main():
     p.add_argument("-d", "--device", default="auto")
     p.add_argument("--data_file", help="a local HellaSwag jsonl (no download)")
     p.add_argument("--split", default="val", choices=("train", "val"))
-    p.add_argument("--limit", type=int, help="score only the first N examples")
+    p.add_argument("--limit", type=int, help="score only the first N examples (at least 1)")
     p.add_argument("--batch_size", type=int, default=16, help="examples per forward pass")
     args = p.parse_args()
     try:
         device = get_device(args.device)
-        model = load_model(args.model).to(device).eval()
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {args.limit}")
         path = args.data_file or download(args.split)
         if not os.path.isfile(path):
             raise ValueError(f"data file {path!r} not found")
+        examples = list(iterate_examples(path, args.limit))
+        model = load_model(args.model).to(device).eval()
     except (ValueError, OSError) as e:
         sys.exit(f"error: {error_text(e)}")
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")
-    examples = list(iterate_examples(path, args.limit))
     c, cn, n = evaluate(model, tqdm(examples, desc="hellaswag"), device, args.batch_size,
                         use_bf16=device.startswith("cuda"))
     print(f"hellaswag {os.path.basename(path)}: acc {c / n:.4f} acc_norm {cn / n:.4f} examples {n}")

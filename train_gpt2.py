@@ -667,7 +667,10 @@ def main(argv=None):
         # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     try:
-        examples = load_hellaswag(cfg, ddp, master_process)
+        try:
+            examples = load_hellaswag(cfg, ddp, master_process)
+        except (ValueError, OSError) as e:
+            sys.exit(f"error: --hellaswag_file: {error_text(e)}")
         train(cfg, model, train_loader, val_loader, examples, checkpoint, device, ddp, rank, world_size)
     finally:
         if ddp:

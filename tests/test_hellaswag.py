@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import tiktoken
 import torch
 
@@ -75,3 +76,42 @@ def test_a_missing_hellaswag_file_is_a_clear_error(tmp_path):
                           "--log_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert out.stderr.strip() == "error: --hellaswag_file 'nope.jsonl' not found (or pass --hellaswag 0)"
+
+
+GOOD = '{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 1}'
+
+
+@pytest.mark.parametrize("lines, problem", [
+    ([GOOD, '{"ctx": "A man", "endings": ["a", "b", "c"], "label": 0}'], "line 2: 'endings' must be a list of 4 texts, got 3"),
+    ([GOOD, '{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 4}'], "line 2: 'label' must be 0, 1, 2 or 3, got 4"),
+    ([GOOD, '{"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": "1"}'], "line 2: 'label' must be 0, 1, 2 or 3, got '1'"),
+    (['{"endings": ["a", "b", "c", "d"], "label": 1}'], "line 1: no 'ctx' text"),
+    ([GOOD, "", GOOD], "line 2: a blank line"),
+    ([GOOD, '{"ctx": "A man", "endings": ['], "line 2: not a JSON object"),
+    (["[1, 2]"], "line 1: not a JSON object"),
+    ([], "holds no HellaSwag examples"),
+])
+def test_rows_that_are_not_hellaswag_examples_are_refused_with_their_line(tmp_path, lines, problem):
+    path = tmp_path / "h.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(ValueError) as e:
+        list(hellaswag.iterate_examples(str(path)))
+    assert str(e.value).startswith(f"{path}") and problem in str(e.value)
+
+
+def test_a_bad_hellaswag_file_is_a_one_line_error_in_the_scorer_and_in_training(tmp_path):
+    from test_cli import one_line_error
+    bad = tmp_path / "three_endings.jsonl"
+    bad.write_text(GOOD + "\n" + GOOD.replace('"c", ', "") + "\n")
+    out = subprocess.run([sys.executable, "hellaswag.py", "-m", "nowhere.pt", "--data_file", EXAMPLES, "--limit", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    one_line_error(out, "--limit must be at least 1, got 0")
+    out = subprocess.run([sys.executable, "hellaswag.py", "-m", "nowhere.pt", "--data_file", str(bad)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    one_line_error(out, f"{bad} line 2: 'endings' must be a list of 4 texts, got 3")
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--data", "input.txt", "--hellaswag_file", str(bad),
+                          "--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--batch_size", "2", "--seq_len", "16",
+                          "--total_batch_size", "32", "--max_steps", "1", "--compile", "0", "--log_dir", str(tmp_path / "log")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    one_line_error(out, f"--hellaswag_file: {bad} line 2: 'endings' must be a list of 4 texts, got 3")
+    assert not (tmp_path / "log" / "log.txt").exists()
