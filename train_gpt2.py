@@ -535,11 +535,12 @@ def find_checkpoint(resume, log_dir):
         if not os.path.isfile(resume):
             raise ValueError(f"checkpoint {resume!r} not found")
         return resume
-    names = sorted(f for f in os.listdir(log_dir) if f.startswith("model_") and f.endswith(".pt")) \
-        if os.path.isdir(log_dir) else []
-    if not names:
+    # by step number, not by name: past step 99,999 the names outgrow their zero padding
+    steps = {int(f[6:-3]): f for f in os.listdir(log_dir) if f.startswith("model_") and f.endswith(".pt")
+             and f[6:-3].isdigit()} if os.path.isdir(log_dir) else {}
+    if not steps:
         raise ValueError(f"--resume auto: no checkpoint (model_*.pt) in {log_dir}")
-    return os.path.join(log_dir, names[-1])  # zero-padded step numbers sort in order
+    return os.path.join(log_dir, steps[max(steps)])
 
 
 def load_checkpoint(path, cfg):

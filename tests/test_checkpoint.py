@@ -155,3 +155,10 @@ def test_resume_needs_a_whole_training_checkpoint(tmp_path):
     out = run(["train_gpt2.py", *TINY, "--n_layer", "1", "--n_embd", "16", "--log_dir", str(tmp_path / "log"),
                "--resume", str(tmp_path / "weights.pt")])
     one_line_error(out, "weights.pt is not a checkpoint of this project: it has no optimizer, step, train_loader")
+
+
+def test_resume_auto_picks_the_newest_checkpoint_by_step_number(tmp_path):
+    from train_gpt2 import find_checkpoint
+    for name in ("model_09999.pt", "model_99999.pt", "model_100000.pt", "model_20000.pt", "model_x.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert find_checkpoint("auto", str(tmp_path)) == str(tmp_path / "model_100000.pt")  # by name: model_99999.pt
