@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -508,6 +509,46 @@ def maybe_compile(model, enabled, device_type):
         return model
 
 
+@contextlib.contextmanager
+def claim_log_dir(log_dir):
+    """Hold log_dir for this run: made if need be, writable, and locked so that a second run is refused.
+
+    flock() locks belong to the process: the OS releases them when it ends, however it ends, so
+    a run killed with kill -9 never leaves the directory locked.
+    """
+    import fcntl  # Unix only, like the rest of the multi-process tooling
+    created = not os.path.exists(log_dir)
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise ValueError(f"--log_dir {log_dir} is a file: pass a directory")
+    path = os.path.join(log_dir, "run.lock")
+    while True:
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ValueError(f"--log_dir {log_dir} cannot be written ({e.strerror}): pass a writable directory") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(f"--log_dir {log_dir} is in use by another run ({holder}): wait for it to end, "
+                             "or use another --log_dir") from None
+        if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+            break  # else the previous holder removed the file as we opened it: lock the new one
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    try:
+        yield
+    finally:
+        os.remove(path)  # while still locked, so no other run can hold this file meanwhile
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(log_dir)  # made for a run that never wrote anything: leave no trace
+
+
 # settings that change what is computed: a resumed run must use the checkpoint's
 RESUME_MUST_MATCH = ("data", "init_from", "n_layer", "n_head", "n_embd", "total_batch_size", "batch_size",
                      "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "seed", "bf16")
@@ -632,11 +673,14 @@ def main(argv=None):
     master_process = rank == 0  # rank 0 alone prints, logs and writes files
     if not master_process:
         sys.stdout = open(os.devnull, "w")  # the other ranks keep quiet (errors still reach stderr)
+    claim = contextlib.ExitStack()  # holds the log_dir for the whole run (rank 0)
     try:
         check_config(cfg, world_size)
         device = get_device(cfg.device)
         if ddp and device.startswith("cuda"):
             device = f"cuda:{local_rank}"  # one GPU per process
+        if master_process:  # before any work: a log_dir that cannot be used fails now, not after an hour
+            claim.enter_context(claim_log_dir(cfg.log_dir))
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         if cfg.init_from == "scratch":
             # 50304 = 50257 padded up to a multiple of 128: GPU kernels work in power-of-two tiles, and
@@ -661,21 +705,23 @@ def main(argv=None):
             raise ValueError(f"{os.path.join(cfg.log_dir, 'log.txt')} exists: continue that run with --resume auto, "
                              "or start this one in another --log_dir")
     except (ValueError, OSError) as e:
+        claim.close()
         sys.exit(f"error: {error_text(e)}")
-    if ddp:
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-        # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    try:
-        try:
-            examples = load_hellaswag(cfg, ddp, master_process)
-        except (ValueError, OSError) as e:
-            sys.exit(f"error: --hellaswag_file: {error_text(e)}")
-        train(cfg, model, train_loader, val_loader, examples, checkpoint, device, ddp, rank, world_size)
-    finally:
+    with claim:
         if ddp:
-            dist.destroy_process_group()
+            if device.startswith("cuda"):
+                torch.cuda.set_device(device)
+            # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
+            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        try:
+            try:
+                examples = load_hellaswag(cfg, ddp, master_process)
+            except (ValueError, OSError) as e:
+                sys.exit(f"error: --hellaswag_file: {error_text(e)}")
+            train(cfg, model, train_loader, val_loader, examples, checkpoint, device, ddp, rank, world_size)
+        finally:
+            if ddp:
+                dist.destroy_process_group()
 
 
 def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, ddp, rank, world_size):
@@ -701,8 +747,6 @@ def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, dd
         model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
 
     log_file = os.path.join(cfg.log_dir, "log.txt")  # only ever appended to: a resumed run adds its lines
-    if master_process:
-        os.makedirs(cfg.log_dir, exist_ok=True)
 
     # GPT-3's AdamW: beta2 0.95 (not 0.999) lets the second moment follow the gradients' scale faster
     optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,

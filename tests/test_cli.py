@@ -117,3 +117,50 @@ def test_an_exception_becomes_one_line_even_when_it_says_nothing(monkeypatch, ca
     model = torch.nn.Linear(2, 2)
     assert train_gpt2.maybe_compile(model, True, "cuda") is model
     assert "compile: unavailable (RuntimeError): running eager" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where, message", [
+    ("file", "--log_dir {d}/file is a file: pass a directory"),
+    ("file/sub", "--log_dir {d}/file/sub cannot be written (Not a directory): pass a writable directory"),
+])
+def test_an_unusable_log_dir_is_refused_before_any_work(tmp_path, where, message):
+    (tmp_path / "file").write_text("mine\n")
+    out = run(["train_gpt2.py", *SMALL, "--log_dir", str(tmp_path / where)])
+    one_line_error(out, message.format(d=tmp_path))
+    assert "input.txt (train)" not in out.stdout  # refused before tokenizing
+    assert (tmp_path / "file").read_text() == "mine\n" and os.listdir(tmp_path) == ["file"]
+
+
+def test_a_read_only_log_dir_is_refused(tmp_path, monkeypatch):
+    import train_gpt2
+    real_open = os.open
+    def read_only(path, *args):
+        if str(path).startswith(str(tmp_path)):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args)
+    monkeypatch.setattr(train_gpt2.os, "open", read_only)
+    with pytest.raises(ValueError, match=r"--log_dir .* cannot be written \(Permission denied\): pass a writable"):
+        with train_gpt2.claim_log_dir(str(tmp_path)):
+            pass
+
+
+def test_a_second_run_in_the_same_log_dir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+    import signal, time
+    first = subprocess.Popen([sys.executable, "train_gpt2.py", *SMALL, "--max_steps", "100000", "--log_dir", str(tmp_path)],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "log.txt").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        lines = (tmp_path / "log.txt").read_text()
+        second = run(["train_gpt2.py", *SMALL, "--max_steps", "5", "--log_dir", str(tmp_path)])
+        one_line_error(second, f"--log_dir {tmp_path} is in use by another run (pid {first.pid} on ")
+        assert "wait for it to end, or use another --log_dir" in second.stderr
+        assert (tmp_path / "log.txt").read_text().startswith(lines)  # the first run's log goes on, untouched
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (tmp_path / "run.lock").exists()  # kill -9 leaves the file, but the OS released the lock
+    third = run(["train_gpt2.py", *SMALL, "--max_steps", "5", "--log_dir", str(tmp_path)])
+    one_line_error(third, "log.txt exists: continue that run with --resume auto")  # past the lock
+    assert not (tmp_path / "run.lock").exists()
