@@ -11,11 +11,12 @@ import argparse
 import platform
 import resource
 import statistics
+import sys
 import time
 
 import torch
 
-from train_gpt2 import GPT, GPTConfig, get_device, maybe_compile, on_off, synchronize
+from train_gpt2 import GPT, GPTConfig, error_text, get_device, maybe_compile, on_off, synchronize
 
 # dense bf16 tensor-core peaks from the datasheets, TFLOP/s (name as torch reports it)
 DATASHEET_BF16_TFLOPS = {"A100": 312, "H100 PCIe": 756, "H100": 989, "H200": 989, "L4": 121,
@@ -75,7 +76,17 @@ def main():
     p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first: compilation, allocator warm-up")
     args = p.parse_args()
-    device = get_device(args.device)
+    try:
+        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "batch_size", "seq_len", "steps"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+        if args.warmup < 0:
+            raise ValueError(f"--warmup must be at least 0, got {args.warmup}")
+        if args.n_embd % args.n_head:
+            raise ValueError(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head}")
+        device = get_device(args.device)
+    except ValueError as e:
+        sys.exit(f"error: {error_text(e)}")
     device_type = device.split(":")[0]
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")

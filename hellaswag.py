@@ -159,6 +159,8 @@ def main():
         device = get_device(args.device)
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {args.limit}")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
         path = args.data_file or download(args.split)
         if not os.path.isfile(path):
             raise ValueError(f"data file {path!r} not found")

@@ -19,6 +19,9 @@ def main():
     p.add_argument("-d", "--device", default="auto")
     args = p.parse_args()
     try:
+        if args.num_samples < 1 or args.max_new_tokens < 0:
+            raise ValueError("--num_samples must be at least 1 and --max_new_tokens at least 0, got "
+                             f"{args.num_samples} and {args.max_new_tokens}")
         device = get_device(args.device)
         model = load_model(args.model).to(device)
     except (ValueError, OSError) as e:

@@ -653,14 +653,25 @@ def check_config(cfg, world_size=1):
                  "checkpoint_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.hellaswag and cfg.hellaswag_file and not os.path.isfile(cfg.hellaswag_file):
+        raise ValueError(f"--hellaswag_file {cfg.hellaswag_file!r} not found (or pass --hellaswag 0)")
+    if cfg.total_batch_size < 1:
+        raise ValueError(f"--total_batch_size must be at least 1, got {cfg.total_batch_size}")
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"--warmup_steps must be at least 0, got {cfg.warmup_steps}")
+    if cfg.warmup_steps > cfg.max_steps:
+        raise ValueError(f"--warmup_steps {cfg.warmup_steps} is longer than the run (--max_steps {cfg.max_steps}): "
+                         "pass a smaller --warmup_steps")
+    if not cfg.max_lr > 0:  # written so that nan fails too
+        raise ValueError(f"--max_lr must be above 0, got {cfg.max_lr}")
+    if not 0 <= cfg.min_lr <= cfg.max_lr:
+        raise ValueError(f"--min_lr must be from 0 to --max_lr {cfg.max_lr}, got {cfg.min_lr}")
+    if not cfg.weight_decay >= 0:
+        raise ValueError(f"--weight_decay must be at least 0, got {cfg.weight_decay}")
     tokens_per_step = cfg.batch_size * cfg.seq_len * world_size  # one micro-batch on every process
     if cfg.total_batch_size % tokens_per_step:
         raise ValueError(f"--total_batch_size {cfg.total_batch_size} is not a multiple of --batch_size x "
                          f"--seq_len x processes = {cfg.batch_size} x {cfg.seq_len} x {world_size}: change one of them")
-    if cfg.hellaswag and cfg.hellaswag_file and not os.path.isfile(cfg.hellaswag_file):
-        raise ValueError(f"--hellaswag_file {cfg.hellaswag_file!r} not found (or pass --hellaswag 0)")
-    if cfg.warmup_steps < 0:
-        raise ValueError(f"--warmup_steps must be at least 0, got {cfg.warmup_steps}")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
 

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--data", "input.txt", "--hellaswag", "0", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
-         "--total_batch_size", "32", "--compile", "0"]
+         "--total_batch_size", "32", "--compile", "0", "--warmup_steps", "1"]
 
 
 def run(args, cwd=ROOT, timeout=600):
@@ -164,3 +164,33 @@ def test_a_second_run_in_the_same_log_dir_is_refused_and_a_killed_run_leaves_no_
     third = run(["train_gpt2.py", *SMALL, "--max_steps", "5", "--log_dir", str(tmp_path)])
     one_line_error(third, "log.txt exists: continue that run with --resume auto")  # past the lock
     assert not (tmp_path / "run.lock").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max_steps", "10", "--warmup_steps", "11"], "--warmup_steps 11 is longer than the run (--max_steps 10)"),
+    (["--weight_decay", "-0.1"], "--weight_decay must be at least 0, got -0.1"),
+    (["--max_lr", "0"], "--max_lr must be above 0, got 0.0"),
+    (["--max_lr=-1e-3"], "--max_lr must be above 0, got -0.001"),
+    (["--max_lr", "nan"], "--max_lr must be above 0, got nan"),
+    (["--min_lr", "1e-3", "--max_lr", "6e-4"], "--min_lr must be from 0 to --max_lr 0.0006, got 0.001"),
+    (["--total_batch_size", "0"], "--total_batch_size must be at least 1, got 0"),
+    (["--total_batch_size", "-524288"], "--total_batch_size must be at least 1, got -524288"),
+])
+def test_settings_that_make_no_sense_are_refused(args, message):
+    from train_gpt2 import check_config, parse_args
+    with pytest.raises(ValueError) as e:
+        check_config(parse_args(args))
+    assert str(e.value).startswith(message)
+    check_config(parse_args([]))  # the defaults are sound
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample.py", "-m", "x.pt", "--num_samples", "0"], "--num_samples must be at least 1 and --max_new_tokens at least 0"),
+    (["sample.py", "-m", "x.pt", "--max_new_tokens", "-5"], "--num_samples must be at least 1 and --max_new_tokens at least 0, got 4 and -5"),
+    (["hellaswag.py", "-m", "x.pt", "--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["bench.py", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["bench.py", "--n_embd", "30", "--n_head", "4"], "--n_embd 30 must be a multiple of --n_head 4"),
+    (["bench.py", "--device", "tpu"], "unknown device 'tpu'"),
+])
+def test_the_small_scripts_refuse_nonsense_in_one_line(args, message):
+    one_line_error(run(args), message)

@@ -61,7 +61,7 @@ def test_offline_without_a_cache_the_run_says_so_once_and_goes_on(tmp_path):
                https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")  # nothing leaves this machine
     out = subprocess.run([sys.executable, "train_gpt2.py", "--data", "input.txt", "--n_layer", "1", "--n_head", "1",
                           "--n_embd", "16", "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "32",
-                          "--max_steps", "3", "--eval_every", "1", "--val_steps", "1", "--compile", "0",
+                          "--max_steps", "3", "--warmup_steps", "1", "--eval_every", "1", "--val_steps", "1", "--compile", "0",
                           "--log_dir", str(tmp_path / "log")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
@@ -111,7 +111,7 @@ def test_a_bad_hellaswag_file_is_a_one_line_error_in_the_scorer_and_in_training(
     one_line_error(out, f"{bad} line 2: 'endings' must be a list of 4 texts, got 3")
     out = subprocess.run([sys.executable, "train_gpt2.py", "--data", "input.txt", "--hellaswag_file", str(bad),
                           "--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--batch_size", "2", "--seq_len", "16",
-                          "--total_batch_size", "32", "--max_steps", "1", "--compile", "0", "--log_dir", str(tmp_path / "log")],
+                          "--total_batch_size", "32", "--max_steps", "1", "--warmup_steps", "1", "--compile", "0", "--log_dir", str(tmp_path / "log")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     one_line_error(out, f"--hellaswag_file: {bad} line 2: 'endings' must be a list of 4 texts, got 3")
     assert not (tmp_path / "log" / "log.txt").exists()

@@ -143,7 +143,7 @@ def test_compiled_run_with_hellaswag_and_sampling_in_the_loop(tmp_path, capsys):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     train_gpt2.main(["--data", INPUT, "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2",
-                     "--seq_len", "16", "--total_batch_size", "32", "--max_steps", "4", "--eval_every", "1",
+                     "--seq_len", "16", "--total_batch_size", "32", "--max_steps", "4", "--warmup_steps", "1", "--eval_every", "1",
                      "--val_steps", "2", "--sample_every", "1", "--hellaswag_file", hella, "--compile", "1",
                      "--bf16", "0", "--device", "cpu", "--log_dir", str(tmp_path)])
     out = capsys.readouterr().out
