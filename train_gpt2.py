@@ -572,6 +572,7 @@ def save_checkpoint(path, model, optimizer, step, cfg, train_loader):
 
 
 def find_checkpoint(resume, log_dir):
+    """The checkpoint --resume names: a path, or for 'auto' the newest in log_dir (None if there is none)."""
     if resume != "auto":
         if not os.path.isfile(resume):
             raise ValueError(f"checkpoint {resume!r} not found")
@@ -579,9 +580,31 @@ def find_checkpoint(resume, log_dir):
     # by step number, not by name: past step 99,999 the names outgrow their zero padding
     steps = {int(f[6:-3]): f for f in os.listdir(log_dir) if f.startswith("model_") and f.endswith(".pt")
              and f[6:-3].isdigit()} if os.path.isdir(log_dir) else {}
-    if not steps:
-        raise ValueError(f"--resume auto: no checkpoint (model_*.pt) in {log_dir}")
-    return os.path.join(log_dir, steps[max(steps)])
+    return os.path.join(log_dir, steps[max(steps)]) if steps else None
+
+
+def start_log(log_file, start_step):
+    """Make log.txt agree with a run that starts at start_step: lines of steps it will run again go.
+
+    A run killed after logging a step but before its checkpoint would log that step twice on
+    resume. The whole earlier log is kept beside it (log.txt.1, .2, ...) before anything is dropped.
+    """
+    if not os.path.exists(log_file):
+        return
+    with open(log_file) as f:
+        lines = f.readlines()
+    keep = [l for l in lines if not l.split()[:1] or not l.split()[0].isdigit() or int(l.split()[0]) < start_step]
+    if len(keep) == len(lines):
+        return
+    n = 1
+    while os.path.exists(f"{log_file}.{n}"):
+        n += 1
+    os.replace(log_file, f"{log_file}.{n}")
+    with open(log_file + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(log_file + ".tmp", log_file)
+    print(f"{log_file}: {len(lines) - len(keep)} lines of step {start_step} on set aside (this run logs them "
+          f"again); the earlier log is kept whole as {log_file}.{n}")
 
 
 def load_checkpoint(path, cfg):
@@ -707,14 +730,18 @@ def main(argv=None):
         val_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=rank,
                                     num_processes=world_size, split="val", data_root=cfg.data)
         checkpoint = None
-        if cfg.resume:
-            resume_path = find_checkpoint(cfg.resume, cfg.log_dir)
+        resume_path = find_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume else None
+        if resume_path:
             checkpoint = load_checkpoint(resume_path, cfg)
             load_weights(model, checkpoint["model"], resume_path)
             train_loader.offset = checkpoint["train_loader"]["offset"]
+        elif cfg.resume:  # killed before its first checkpoint: there is nothing to continue
+            print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
         elif os.path.exists(os.path.join(cfg.log_dir, "log.txt")):
             raise ValueError(f"{os.path.join(cfg.log_dir, 'log.txt')} exists: continue that run with --resume auto, "
                              "or start this one in another --log_dir")
+        if master_process:
+            start_log(os.path.join(cfg.log_dir, "log.txt"), checkpoint["step"] if checkpoint else 0)
     except (ValueError, OSError) as e:
         claim.close()
         sys.exit(f"error: {error_text(e)}")

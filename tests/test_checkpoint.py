@@ -50,8 +50,6 @@ def test_resume_with_other_settings_or_a_fresh_run_over_a_log_is_refused(tmp_pat
     one_line_error(out, "was made with --n_embd 16, not 32: resume with the run's own settings")
     out = run(["train_gpt2.py", *TINY, "--max_steps", "2", "--log_dir", str(tmp_path)])
     one_line_error(out, "log.txt exists: continue that run with --resume auto, or start this one in another --log_dir")
-    out = run(["train_gpt2.py", *TINY, "--max_steps", "2", "--resume", "auto", "--log_dir", str(tmp_path / "empty")])
-    one_line_error(out, "--resume auto: no checkpoint (model_*.pt) in")
     assert log_text(tmp_path) == log  # never truncated
     assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00001.pt"]
 
@@ -162,3 +160,26 @@ def test_resume_auto_picks_the_newest_checkpoint_by_step_number(tmp_path):
     for name in ("model_09999.pt", "model_99999.pt", "model_100000.pt", "model_20000.pt", "model_x.pt"):
         (tmp_path / name).write_bytes(b"")
     assert find_checkpoint("auto", str(tmp_path)) == str(tmp_path / "model_100000.pt")  # by name: model_99999.pt
+
+
+def test_resume_auto_before_the_first_checkpoint_starts_over_and_keeps_the_old_log(tmp_path):
+    (tmp_path / "log.txt").write_text("0 val 10.9000\n0 train 10.900000\n1 train 10.800000\n")  # killed at step 1
+    out = run(["train_gpt2.py", *TINY, "--max_steps", "2", "--resume", "auto", "--log_dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr
+    assert f"--resume auto: no checkpoint in {tmp_path} yet: starting from step 0" in out.stdout
+    assert "3 lines of step 0 on set aside" in out.stdout and "kept whole as" in out.stdout
+    assert (tmp_path / "log.txt.1").read_text() == "0 val 10.9000\n0 train 10.900000\n1 train 10.800000\n"
+    assert [l.split()[:2] for l in log_text(tmp_path).splitlines()] == [["0", "val"], ["0", "train"], ["1", "val"], ["1", "train"]]
+
+
+def test_a_resume_after_a_kill_between_log_and_checkpoint_logs_each_step_once(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["train_gpt2.py", *TINY, "--max_steps", "6", "--checkpoint_every", "3"]
+    assert run(args + ["--log_dir", str(a)]).returncode == 0
+    b.mkdir()
+    (b / "log.txt").write_text(log_text(a))  # killed after logging step 5, before its checkpoint
+    (b / "model_00002.pt").write_bytes((a / "model_00002.pt").read_bytes())
+    out = run(args + ["--log_dir", str(b), "--resume", "auto"])
+    assert out.returncode == 0, out.stderr
+    assert log_text(b) == log_text(a)  # steps 3-5 once each, not twice
+    assert (b / "log.txt.1").read_text() == log_text(a)
