@@ -5,6 +5,7 @@ Read it top to bottom: the model first, then the data, then the training.
 import argparse
 import bisect
 import contextlib
+import glob
 import json
 import math
 import os
@@ -486,6 +487,14 @@ def get_device(requested="auto"):
     return requested
 
 
+def any_rank(flag, device, ddp):
+    """True on every process if flag is true on any of them: how the ranks agree to stop or fail together."""
+    t = torch.tensor(float(flag), device=device)
+    if ddp:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def synchronize(device):
     """Wait for the accelerator to finish its queued work (a no-op on the CPU)."""
     if device.startswith("cuda"):
@@ -539,6 +548,8 @@ def claim_log_dir(log_dir):
         os.close(fd)
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    for stale in glob.glob(os.path.join(log_dir, "*.tmp")):
+        os.remove(stale)  # half-written by a run that died writing it: never a whole file
     try:
         yield
     finally:
@@ -567,8 +578,13 @@ def save_checkpoint(path, model, optimizer, step, cfg, train_loader):
         "config": asdict(cfg),
     }
     tmp = path + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a truncated checkpoint
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)  # atomic: a crash mid-write never leaves a truncated checkpoint
+    except BaseException:  # a full disk, say: never leave 1.5 GB of half a checkpoint behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def find_checkpoint(resume, log_dir):
@@ -797,6 +813,7 @@ def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, dd
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
         start_step = checkpoint["step"]
         print(f"resuming at step {start_step} from {cfg.resume}")
+    last_saved = None  # named when the disk fills up: the checkpoint to go back to
 
     # a pre-empted machine gets SIGTERM, a person presses Ctrl-C: finish the step, checkpoint, exit
     stop = {"requested": False}
@@ -864,15 +881,24 @@ def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, dd
             with open(log_file, "a") as f:
                 f.write(f"{step} train {loss_accum.item():.6f}\n")
 
-        stopping = torch.tensor(float(stop["requested"]), device=device)
-        if ddp:  # the signal may reach the ranks at different steps: stop when any of them got it
-            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
-        if (step + 1) % cfg.checkpoint_every == 0 or last_step or stopping.item():
+        # the signal may reach the ranks at different steps: stop when any of them got it
+        stopping = any_rank(stop["requested"], device, ddp)
+        if (step + 1) % cfg.checkpoint_every == 0 or last_step or stopping:
             path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
+            error = None
             if master_process:
-                save_checkpoint(path, raw_model, optimizer, step + 1, cfg, train_loader)
-                print(f"saved {path}")
-            if stopping.item():
+                try:
+                    save_checkpoint(path, raw_model, optimizer, step + 1, cfg, train_loader)
+                    print(f"saved {path}")
+                    last_saved = path
+                except (OSError, RuntimeError) as e:  # a full disk, say: the temporary file is already gone
+                    error = (f"cannot write checkpoint {path} ({error_text(e)}): free some space; " +
+                             (f"the last good checkpoint is {last_saved}" if last_saved else
+                              f"this run wrote none yet, and those already in {cfg.log_dir} are untouched"))
+            # every rank waits here for rank 0's write, so none tears the process group down while it writes
+            if any_rank(error is not None, device, ddp):
+                sys.exit(f"error: {error}" if error else 1)
+            if stopping:
                 print(f"stopped at step {step}: continue with --resume auto --log_dir {cfg.log_dir}")
                 break
     for sig, handler in previous.items():

@@ -183,3 +183,24 @@ def test_a_resume_after_a_kill_between_log_and_checkpoint_logs_each_step_once(tm
     assert out.returncode == 0, out.stderr
     assert log_text(b) == log_text(a)  # steps 3-5 once each, not twice
     assert (b / "log.txt.1").read_text() == log_text(a)
+
+
+def test_a_full_disk_while_checkpointing_leaves_no_partial_file_and_names_the_last_good_one(tmp_path, monkeypatch):
+    import pytest
+    import train_gpt2
+    (tmp_path / "model_00007.pt.tmp").write_bytes(b"x" * 100)  # half-written by a run that died writing it
+    real_save, saves = torch.save, []
+    def save_until_the_disk_fills(obj, f):
+        saves.append(f)
+        if len(saves) == 1:
+            return real_save(obj, f)
+        with open(f, "wb") as out:
+            out.write(b"x" * 1000)  # part of it made it to disk
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train_gpt2.torch, "save", save_until_the_disk_fills)
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.main([*TINY, "--max_steps", "6", "--checkpoint_every", "2", "--log_dir", str(tmp_path)])
+    assert e.value.code == (f"error: cannot write checkpoint {tmp_path}/model_00003.pt ([Errno 28] No space left on "
+                            f"device): free some space; the last good checkpoint is {tmp_path}/model_00001.pt")
+    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00001.pt"]  # no .tmp: neither the old nor the new
+    assert torch.load(tmp_path / "model_00001.pt", weights_only=True)["step"] == 2
