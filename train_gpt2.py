@@ -421,12 +421,25 @@ def load_hellaswag(cfg, ddp, master_process):
 
 
 @torch.no_grad()
-def evaluate_hellaswag(model, examples, device, use_bf16, rank, world_size, ddp):
-    """acc_norm over all examples: each rank scores every world_size-th one, then the counts add up."""
+def evaluate_hellaswag(model, examples, device, use_bf16, rank, world_size, ddp, should_stop=lambda: False):
+    """acc_norm over all examples: each rank scores every world_size-th one, then the counts add up.
+
+    The examples go in rounds of 64 per rank, and between rounds the ranks ask each other whether
+    to stop: a pre-empted run (torchrun kills ~30 s after SIGTERM) never waits for a whole pass.
+    Returns None when it stopped early.
+    """
     model.eval()
-    _, correct_norm, total = hellaswag.evaluate(model, examples[rank::world_size], device, use_bf16=use_bf16)
+    counts = torch.zeros(2, dtype=torch.long, device=device)  # correct (acc_norm), total
+    per_round = 64 * world_size  # a multiple of world_size: rank r still scores examples r, r + N, ...
+    for start in range(0, len(examples), per_round):
+        if any_rank(should_stop(), device, ddp):
+            model.train()
+            return None
+        mine = examples[start:start + per_round][rank::world_size]
+        if mine:
+            _, correct_norm, total = hellaswag.evaluate(model, mine, device, use_bf16=use_bf16)
+            counts += torch.tensor([correct_norm, total], device=device)
     model.train()
-    counts = torch.tensor([correct_norm, total], dtype=torch.long, device=device)
     if ddp:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     return counts[0].item() / counts[1].item()
@@ -715,6 +728,11 @@ def check_config(cfg, world_size=1):
         raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
 
 
+# the exit code of a run that stopped because it was asked to (SIGTERM, Ctrl-C) after writing its
+# checkpoint: not 0, so a script can tell it from a finished run; 75 is EX_TEMPFAIL, "try again later"
+STOPPED = 75
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     # torchrun starts one process per device and tells each who it is; a plain run is a world of one
@@ -772,10 +790,12 @@ def main(argv=None):
                 examples = load_hellaswag(cfg, ddp, master_process)
             except (ValueError, OSError) as e:
                 sys.exit(f"error: --hellaswag_file: {error_text(e)}")
-            train(cfg, model, train_loader, val_loader, examples, checkpoint, device, ddp, rank, world_size)
+            stopped = train(cfg, model, train_loader, val_loader, examples, checkpoint, device, ddp, rank, world_size)
         finally:
             if ddp:
                 dist.destroy_process_group()
+    if stopped:
+        sys.exit(STOPPED)
 
 
 def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, ddp, rank, world_size):
@@ -818,93 +838,109 @@ def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, dd
     # a pre-empted machine gets SIGTERM, a person presses Ctrl-C: finish the step, checkpoint, exit
     stop = {"requested": False}
     def request_stop(signum, frame):
+        if stop["requested"]:  # asked twice: the user will not wait for the checkpoint
+            raise KeyboardInterrupt
         stop["requested"] = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+              "(Ctrl-C again to stop at once, without one)")
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    for step in range(start_step, cfg.max_steps):
-        last_step = step == cfg.max_steps - 1
-        if step % cfg.eval_every == 0 or last_step:
-            val_loss = evaluate_loss(eval_model, val_loader, cfg.val_steps, device, cfg.bf16, ddp)
-            print(f"validation loss: {val_loss:.4f}")
-            if master_process:
-                with open(log_file, "a") as f:
-                    f.write(f"{step} val {val_loss:.4f}\n")
-            if examples is not None:  # scored with the eager model: its shapes vary from batch to batch
-                acc_norm = evaluate_hellaswag(raw_model, examples, device, cfg.bf16, rank, world_size, ddp)
-                print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(examples)} examples")
+    stopping = False
+    try:
+        for step in range(start_step, cfg.max_steps):
+            last_step = step == cfg.max_steps - 1
+            if step % cfg.eval_every == 0 or last_step:
+                val_loss = evaluate_loss(eval_model, val_loader, cfg.val_steps, device, cfg.bf16, ddp)
+                print(f"validation loss: {val_loss:.4f}")
                 if master_process:
                     with open(log_file, "a") as f:
-                        f.write(f"{step} hella {acc_norm:.4f}\n")
-        if (step > 0 and step % cfg.sample_every == 0) or last_step:
-            # the eager model again: each new token makes a new shape, which would recompile every time
-            for i, text in enumerate(sample(raw_model, device, seed=42 + rank)):
-                print(f"rank {rank} sample {i}: {text}")
+                        f.write(f"{step} val {val_loss:.4f}\n")
+                if examples is not None:  # scored with the eager model: its shapes vary from batch to batch
+                    acc_norm = evaluate_hellaswag(raw_model, examples, device, cfg.bf16, rank, world_size, ddp,
+                                                  should_stop=lambda: stop["requested"])
+                    if acc_norm is None:
+                        print("HellaSwag: cut short, a stop was requested")
+                    else:
+                        print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(examples)} examples")
+                    if master_process and acc_norm is not None:
+                        with open(log_file, "a") as f:
+                            f.write(f"{step} hella {acc_norm:.4f}\n")
+            if (step > 0 and step % cfg.sample_every == 0) or last_step:
+                # the eager model again: each new token makes a new shape, which would recompile every time
+                for i, text in enumerate(sample(raw_model, device, seed=42 + rank)):
+                    print(f"rank {rank} sample {i}: {text}")
 
-        t0 = time.time()
-        optimizer.zero_grad()
-        loss_accum = 0.0
-        for micro_step in range(grad_accum_steps):
-            x, y = train_loader.next_batch()
-            x, y = x.to(device), y.to(device)
-            # DDP would average gradients after every backward; only the last micro-step's is needed.
-            # no_sync() must wrap the forward too: DDP decides during the forward what backward does
-            last = micro_step == grad_accum_steps - 1
-            with model.no_sync() if ddp and not last else contextlib.nullcontext():
-                # bf16 autocast: matmuls run in bfloat16 (fp32's range, 8 bits of mantissa), parameters
-                # and the loss stay fp32. autocast wants the device *type*: 'cuda', never 'cuda:3'
-                with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    logits, loss = model(x, y)
-                # backward adds to .grad: dividing each micro-batch's mean loss by their number makes
-                # the sum the mean over the whole batch, as if it had been one forward pass
-                loss = loss / grad_accum_steps
-                loss_accum += loss.detach()
-                loss.backward()
-        if ddp:  # the loss to print is the mean over all processes (sum, then divide: gloo lacks AVG)
-            dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
-            loss_accum /= world_size
-        if not torch.isfinite(loss_accum):  # every rank sees the same reduced loss, so all stop together
-            sys.exit(f"error: the loss is {loss_accum.item()} at step {step}: stopping before the weights are "
-                     f"updated; the checkpoints already in {cfg.log_dir} are untouched (try a lower --max_lr)")
-        # clip the global gradient norm at 1.0: one unlucky batch cannot shock the weights
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        lr = get_lr(step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-                    max_lr=cfg.max_lr, min_lr=cfg.min_lr)
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
-        optimizer.step()
-        synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
-        dt = time.time() - t0
-        tokens_per_sec = train_loader.B * train_loader.T * grad_accum_steps * world_size / dt
-        print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
-              f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}")
-        if master_process:
-            with open(log_file, "a") as f:
-                f.write(f"{step} train {loss_accum.item():.6f}\n")
-
-        # the signal may reach the ranks at different steps: stop when any of them got it
-        stopping = any_rank(stop["requested"], device, ddp)
-        if (step + 1) % cfg.checkpoint_every == 0 or last_step or stopping:
-            path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
-            error = None
+            t0 = time.time()
+            optimizer.zero_grad()
+            loss_accum = 0.0
+            for micro_step in range(grad_accum_steps):
+                x, y = train_loader.next_batch()
+                x, y = x.to(device), y.to(device)
+                # DDP would average gradients after every backward; only the last micro-step's is needed.
+                # no_sync() must wrap the forward too: DDP decides during the forward what backward does
+                last = micro_step == grad_accum_steps - 1
+                with model.no_sync() if ddp and not last else contextlib.nullcontext():
+                    # bf16 autocast: matmuls run in bfloat16 (fp32's range, 8 bits of mantissa), parameters
+                    # and the loss stay fp32. autocast wants the device *type*: 'cuda', never 'cuda:3'
+                    with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        logits, loss = model(x, y)
+                    # backward adds to .grad: dividing each micro-batch's mean loss by their number makes
+                    # the sum the mean over the whole batch, as if it had been one forward pass
+                    loss = loss / grad_accum_steps
+                    loss_accum += loss.detach()
+                    loss.backward()
+            if ddp:  # the loss to print is the mean over all processes (sum, then divide: gloo lacks AVG)
+                dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
+                loss_accum /= world_size
+            if not torch.isfinite(loss_accum):  # every rank sees the same reduced loss, so all stop together
+                sys.exit(f"error: the loss is {loss_accum.item()} at step {step}: stopping before the weights are "
+                         f"updated; the checkpoints already in {cfg.log_dir} are untouched (try a lower --max_lr)")
+            # clip the global gradient norm at 1.0: one unlucky batch cannot shock the weights
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            lr = get_lr(step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                        max_lr=cfg.max_lr, min_lr=cfg.min_lr)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+            optimizer.step()
+            synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
+            dt = time.time() - t0
+            tokens_per_sec = train_loader.B * train_loader.T * grad_accum_steps * world_size / dt
+            print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
+                  f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}")
             if master_process:
-                try:
-                    save_checkpoint(path, raw_model, optimizer, step + 1, cfg, train_loader)
-                    print(f"saved {path}")
-                    last_saved = path
-                except (OSError, RuntimeError) as e:  # a full disk, say: the temporary file is already gone
-                    error = (f"cannot write checkpoint {path} ({error_text(e)}): free some space; " +
-                             (f"the last good checkpoint is {last_saved}" if last_saved else
-                              f"this run wrote none yet, and those already in {cfg.log_dir} are untouched"))
-            # every rank waits here for rank 0's write, so none tears the process group down while it writes
-            if any_rank(error is not None, device, ddp):
-                sys.exit(f"error: {error}" if error else 1)
-            if stopping:
-                print(f"stopped at step {step}: continue with --resume auto --log_dir {cfg.log_dir}")
-                break
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
+                with open(log_file, "a") as f:
+                    f.write(f"{step} train {loss_accum.item():.6f}\n")
+
+            # the signal may reach the ranks at different steps: stop when any of them got it
+            stopping = any_rank(stop["requested"], device, ddp)
+            if (step + 1) % cfg.checkpoint_every == 0 or last_step or stopping:
+                path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
+                error = None
+                if master_process:
+                    try:
+                        save_checkpoint(path, raw_model, optimizer, step + 1, cfg, train_loader)
+                        print(f"saved {path}")
+                        last_saved = path
+                    except (OSError, RuntimeError) as e:  # a full disk, say: the temporary file is already gone
+                        error = (f"cannot write checkpoint {path} ({error_text(e)}): free some space; " +
+                                 (f"the last good checkpoint is {last_saved}" if last_saved else
+                                  f"this run wrote none yet, and those already in {cfg.log_dir} are untouched"))
+                # every rank waits here for rank 0's write, so none tears the process group down while it writes
+                if any_rank(error is not None, device, ddp):
+                    sys.exit(f"error: {error}" if error else 1)
+                if stopping:
+                    print(f"stopped at step {step}: continue with --resume auto --log_dir {cfg.log_dir}")
+                    break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return stopping
 
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C before training began, or a second one: stop now, quietly
+        print("interrupted: stopped at once, without a checkpoint", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports it

@@ -65,7 +65,7 @@ def test_sigterm_writes_a_checkpoint_that_resumes_exactly(tmp_path):
         time.sleep(0.02)  # until step 3 is logged
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == 75, stderr  # stopped on request: not 0, which means finished
     assert "stopped at step" in stdout
     saved = [f for f in os.listdir(cut) if f.endswith(".pt")]
     assert len(saved) == 1 and not saved[0].startswith("model_00029")  # stopped early, checkpoint written
@@ -204,3 +204,39 @@ def test_a_full_disk_while_checkpointing_leaves_no_partial_file_and_names_the_la
                             f"device): free some space; the last good checkpoint is {tmp_path}/model_00001.pt")
     assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00001.pt"]  # no .tmp: neither the old nor the new
     assert torch.load(tmp_path / "model_00001.pt", weights_only=True)["step"] == 2
+
+
+def start_and_signal_during_hellaswag(tmp_path, signals):
+    """A run whose first HellaSwag pass takes about half a minute, sent signals as it starts scoring."""
+    hella = tmp_path / "hella.jsonl"
+    with open(os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_20.jsonl")) as f:
+        hella.write_text(f.read() * 100)  # 2,000 examples
+    log = tmp_path / "log"
+    args = [*TINY, "--n_layer", "2", "--n_embd", "64", "--hellaswag", "1", "--hellaswag_file", str(hella),
+            "--max_steps", "5", "--log_dir", str(log)]
+    proc = subprocess.Popen([sys.executable, "train_gpt2.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((log / "log.txt").exists() and "0 val" in log_text(log)):
+        time.sleep(0.02)  # the val loss is logged: HellaSwag comes next
+    t0 = time.time()
+    for sig in signals:
+        time.sleep(0.3)
+        proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stdout, stderr, time.time() - t0, log
+
+
+def test_a_stop_during_hellaswag_does_not_wait_for_the_whole_pass(tmp_path):
+    code, stdout, stderr, dt, log = start_and_signal_during_hellaswag(tmp_path, [signal.SIGTERM])
+    assert code == 75, stderr
+    assert "HellaSwag: cut short, a stop was requested" in stdout and "hella" not in log_text(log)
+    assert "stopped at step 0" in stdout and os.listdir(log) == ["log.txt", "model_00000.pt"]
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
+    code, stdout, stderr, dt, log = start_and_signal_during_hellaswag(tmp_path, [signal.SIGINT, signal.SIGINT])
+    assert code == 130
+    assert stderr.strip() == "interrupted: stopped at once, without a checkpoint"
+    assert "SIGINT: stopping after this step, with a checkpoint (Ctrl-C again to stop at once" in stdout
+    assert os.listdir(log) == ["log.txt"]  # no checkpoint, no lock file left behind
