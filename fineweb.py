@@ -49,7 +49,7 @@ def write_shard(local_dir, index, tokens):
     with open(tmp, "wb") as f:
         np.save(f, tokens)
     os.replace(tmp, path)  # atomic: the shard appears whole or not at all
-    return {"name": os.path.basename(path), "tokens": len(tokens)}
+    return {"name": os.path.basename(path), "tokens": len(tokens), "max_id": int(tokens.max())}
 
 
 def write_manifest(local_dir, settings, shards=None):

@@ -146,7 +146,7 @@ def tally(model, batch, device, use_bf16):
 
 
 def main():
-    from train_gpt2 import error_text, get_device, load_model
+    from train_gpt2 import GPT2_VOCAB_SIZE, check_vocab, error_text, get_device, load_model
     p = argparse.ArgumentParser(description="Score a model on HellaSwag (completion style).")
     p.add_argument("-m", "--model", default="gpt2", help="gpt2 ... gpt2-xl, a Hugging Face GPT-2 directory, or a .pt checkpoint")
     p.add_argument("-d", "--device", default="auto")
@@ -166,6 +166,7 @@ def main():
             raise ValueError(f"data file {path!r} not found")
         examples = list(iterate_examples(path, args.limit))
         model = load_model(args.model).to(device).eval()
+        check_vocab(model, GPT2_VOCAB_SIZE - 1, "GPT-2 text (HellaSwag)")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {error_text(e)}")
     if device.startswith("cuda"):

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 
-from train_gpt2 import error_text, get_device, load_model, sample
+from train_gpt2 import GPT2_VOCAB_SIZE, check_vocab, error_text, get_device, load_model, sample
 
 
 def main():
@@ -24,6 +24,7 @@ def main():
                              f"{args.num_samples} and {args.max_new_tokens}")
         device = get_device(args.device)
         model = load_model(args.model).to(device)
+        check_vocab(model, GPT2_VOCAB_SIZE - 1, "GPT-2 text (--prompt)")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {error_text(e)}")
     for i, text in enumerate(sample(model, device, args.num_samples, args.max_new_tokens, args.seed, args.prompt)):

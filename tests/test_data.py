@@ -135,3 +135,18 @@ def test_val_loss_is_the_mean_over_the_first_val_steps_chunks(shard_dir):
     expected = sum(model(*val.next_batch())[1].item() for _ in range(3)) / 3
     assert abs(loss - expected) < 1e-6
     assert abs(evaluate_loss(model, val, 3, "cpu", False, False) - loss) < 1e-7  # from the start each time
+
+
+def test_token_ids_beyond_the_models_vocabulary_are_refused_before_training(shard_dir, tmp_path, hf_checkpoint):
+    import subprocess, sys
+    from test_cli import one_line_error
+    d, stream = shard_dir
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--data", str(d), "--hellaswag", "0", "--n_layer", "1",
+                          "--n_head", "1", "--n_embd", "8", "--batch_size", "1", "--seq_len", "4", "--total_batch_size", "4",
+                          "--compile", "0", "--log_dir", str(tmp_path / "log")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    one_line_error(out, f"{d} (train) holds token id {stream.max()}, but the model's vocabulary has 50304 ids")
+    assert not (tmp_path / "log").exists()
+    assert DataLoaderLite(2, 4, split="val", data_root=str(d)).max_id == int(np.load(d / "edufineweb_val_000000.npy").max())
+    small = hf_checkpoint(vocab_size=128)  # a model that cannot read GPT-2's tokens
+    out = subprocess.run([sys.executable, "sample.py", "-m", small, "-d", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    one_line_error(out, "GPT-2 text (--prompt) holds token id 50256, but the model's vocabulary has 128 ids")

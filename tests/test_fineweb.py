@@ -51,7 +51,7 @@ def test_shards_hold_every_document_in_order(tmp_path):
     assert f"{n:,} tokens in {k} shards" in out.stdout
     manifest = json.loads((tmp_path / "fineweb.json").read_text())
     assert manifest["complete"] and manifest["settings"] == {"data": [DOCS], "shard_size": 5000}
-    assert manifest["shards"] == [{"name": name, "tokens": len(a)} for name, a in zip(names[:-1], arrays)]
+    assert manifest["shards"] == [{"name": name, "tokens": len(a), "max_id": int(a.max())} for name, a in zip(names[:-1], arrays)]
 
 
 def test_a_killed_run_leaves_no_partial_shard_and_a_rerun_rebuilds_the_same(tmp_path):
