@@ -21,6 +21,7 @@ import glob
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 
@@ -33,10 +34,10 @@ from train_gpt2 import MANIFEST, error_text
 EOT = 50256  # <|endoftext|>
 
 
-def tokenize(doc):
+def tokenize(text):
     """One document -> uint16 tokens, <|endoftext|> first. Runs in the worker processes."""
     enc = tiktoken.get_encoding("gpt2")  # cached per process after the first call
-    tokens = np.array([EOT] + enc.encode_ordinary(doc["text"]), dtype=np.int64)
+    tokens = np.array([EOT] + enc.encode_ordinary(text), dtype=np.int64)
     assert (0 <= tokens).all() and (tokens < 2**16).all(), "GPT-2 ids must fit in uint16"
     return tokens.astype(np.uint16)
 
@@ -87,12 +88,31 @@ def prepare_local_dir(local_dir, settings):
     return False
 
 
+def read_jsonl(paths):
+    """The text of each line of local jsonl files, checked, so an error can name the file and line."""
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                try:
+                    doc = json.loads(line)
+                except ValueError:
+                    doc = None
+                if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                    raise ValueError(f"{path} line {lineno}: expected a JSON object with a \"text\" string, got "
+                                     f"{line.strip()[:60]!r}")
+                yield doc["text"]
+
+
 def load_documents(data_files, streaming):
-    import datasets  # imported here: a slow import that only this step needs
+    """The text of every document: local jsonl read here, other files and the hub through `datasets`."""
     if data_files:
         missing = [f for f in data_files if not os.path.isfile(f)]
         if missing:
             raise ValueError(f"data file {missing[0]!r} not found")
+        if all(f.endswith(".jsonl") for f in data_files):
+            return read_jsonl(data_files)
+    import datasets  # imported here: a slow import that only this step needs
+    if data_files:
         kind = "parquet" if data_files[0].endswith(".parquet") else "json"
         ds = datasets.load_dataset(kind, data_files=data_files, split="train", streaming=streaming)
     else:
@@ -100,7 +120,43 @@ def load_documents(data_files, streaming):
                                    streaming=streaming)
     if ds.column_names is not None and "text" not in ds.column_names:
         raise ValueError(f"the documents have no 'text' column (columns: {', '.join(ds.column_names)})")
-    return ds
+    return (checked_text(doc, i) for i, doc in enumerate(ds))
+
+
+def checked_text(doc, i):
+    if not isinstance(doc.get("text"), str):
+        raise ValueError(f"document {i} has no text (its 'text' is {doc.get('text')!r})")
+    return doc["text"]
+
+
+def write_shards(texts, local_dir, shard_size, num_proc):
+    """Tokenize texts into shards of shard_size tokens; returns each shard's record and the token count."""
+    total, index, count = 0, 0, 0
+    buf = np.empty((shard_size,), dtype=np.uint16)  # the shard being filled
+    bar = None
+    written = []  # each shard's name, length and largest id, for the manifest
+    # the workers ignore Ctrl-C: the parent alone handles it, and stops them (a pool whose
+    # workers each got the SIGINT could hang)
+    with mp.Pool(num_proc, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+        for tokens in pool.imap(tokenize, texts, chunksize=16):
+            total += len(tokens)
+            while len(tokens):  # a document may spill over into the next shard(s)
+                if bar is None:
+                    bar = tqdm(total=shard_size, unit="tokens", desc=f"shard {index}")
+                n = min(len(tokens), shard_size - count)
+                buf[count:count + n] = tokens[:n]
+                count += n
+                bar.update(n)
+                tokens = tokens[n:]
+                if count == shard_size:  # full: write it, start the next
+                    bar.close()
+                    bar = None
+                    written.append(write_shard(local_dir, index, buf))
+                    index, count = index + 1, 0
+    if count:  # the remainder
+        bar.close()
+        written.append(write_shard(local_dir, index, buf[:count]))
+    return written, total
 
 
 def main(argv=None):
@@ -124,39 +180,33 @@ def main(argv=None):
             return
     except (ValueError, OSError) as e:
         sys.exit(f"error: {error_text(e)}")
+    created = not os.path.exists(args.local_dir)
     os.makedirs(args.local_dir, exist_ok=True)
     write_manifest(args.local_dir, settings)  # not complete until the end
-
-    t0, total, index = time.time(), 0, 0
-    buf = np.empty((args.shard_size,), dtype=np.uint16)  # the shard being filled
-    count = 0
-    bar = None
-    written = []  # (name, tokens) of each shard, for the manifest
-    with mp.Pool(args.num_proc) as pool:
-        for tokens in pool.imap(tokenize, docs, chunksize=16):
-            total += len(tokens)
-            while len(tokens):  # a document may spill over into the next shard(s)
-                if bar is None:
-                    bar = tqdm(total=args.shard_size, unit="tokens", desc=f"shard {index}")
-                n = min(len(tokens), args.shard_size - count)
-                buf[count:count + n] = tokens[:n]
-                count += n
-                bar.update(n)
-                tokens = tokens[n:]
-                if count == args.shard_size:  # full: write it, start the next
-                    bar.close()
-                    bar = None
-                    written.append(write_shard(args.local_dir, index, buf))
-                    index, count = index + 1, 0
-    if count:  # the remainder
-        bar.close()
-        written.append(write_shard(args.local_dir, index, buf[:count]))
-        index += 1
+    t0 = time.time()
+    try:
+        written, total = write_shards(docs, args.local_dir, args.shard_size, args.num_proc)
+        if not written:
+            raise ValueError("the documents hold no text: there is nothing to tokenize")
+    except (ValueError, OSError, KeyboardInterrupt) as e:
+        # a bad document or a Ctrl-C: leave nothing of this run behind, not even a partial set
+        for path in glob.glob(os.path.join(args.local_dir, "edufineweb_*")) + [os.path.join(args.local_dir, MANIFEST)]:
+            os.remove(path)
+        if created:
+            os.rmdir(args.local_dir)
+        if isinstance(e, KeyboardInterrupt):
+            print("interrupted: stopped, and this run's shards removed", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(f"error: {error_text(e)}")
     write_manifest(args.local_dir, settings, written)
     dt = time.time() - t0
-    print(f"{total:,} tokens in {index} shards in {args.local_dir}/: {dt:.1f} s, "
+    print(f"{total:,} tokens in {len(written)} shards in {args.local_dir}/: {dt:.1f} s, "
           f"{total / dt:,.0f} tokens/s with {args.num_proc} processes")
 
 
 if __name__ == "__main__":  # the guard lets worker processes import this file where they are spawned
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # before tokenizing began (loading the data set, say): nothing written yet
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

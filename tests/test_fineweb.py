@@ -114,3 +114,37 @@ def test_a_rerun_never_mixes_two_shard_sets(tmp_path):
     out = subprocess.run(fineweb(*args, "--shard_size", "5000"), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.stderr.strip().startswith(f"error: {d} holds shards but no fineweb.json (made by another tool?)")
     assert DataLoaderLite(2, 8, data_root=str(d)).total == 23573 - 5000 + 100  # taken as they are
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("", "error: the documents hold no text: there is nothing to tokenize"),
+    ('{"text": "a"}\n{"text": null}\n', "line 2: expected a JSON object with a \"text\" string, got '{\"text\": null}'"),
+    ('{"text": "a"}\n{"text": "b"}\n{"text": "c\n', "line 3: expected a JSON object with a \"text\" string, got '{\"text\": \"c'"),
+    ('{"text": "a"}\n\n', "line 2: expected a JSON object with a \"text\" string, got ''"),
+])
+def test_bad_documents_are_an_error_naming_the_line_and_leave_nothing(tmp_path, content, problem):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(content)
+    out = subprocess.run(fineweb("--data_files", str(docs), "--local_dir", str(tmp_path / "d"), "--shard_size", "1000"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]  # after the progress bar, if any
+    assert last.startswith("error: ") and problem in last and (problem.startswith("error") or str(docs) in last), last
+    assert not (tmp_path / "d").exists()
+
+
+def test_ctrl_c_stops_the_pool_without_a_traceback_and_leaves_nothing(tmp_path):
+    big = tmp_path / "docs.jsonl"
+    with open(DOCS) as f:
+        big.write_text(f.read() * 100)  # ~2.4M tokens
+    d = tmp_path / "d"
+    proc = subprocess.Popen(fineweb("--data_files", str(big), "--local_dir", str(d), "--shard_size", "20000"),
+                            cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(glob.glob(str(d / "*.npy"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the parent and every worker
+    _, stderr = proc.communicate(timeout=60)  # a hung pool would time out here
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted: stopped, and this run's shards removed"
+    assert not d.exists()
