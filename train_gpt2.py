@@ -270,8 +270,15 @@ def load_model(name_or_path):
 
 def load_text_tokens(path):
     """A text file as one long array of GPT-2 token ids (uint16: every id is < 65536)."""
-    with open(path, "r", encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                         "pass a text file, or a directory of fineweb.py shards") from None
+    if "\0" in text or not text.strip():
+        raise ValueError(f"data {path} is {'binary (it holds NUL bytes)' if text.strip() else 'empty'}: "
+                         "pass a text file, or a directory of fineweb.py shards")
     return np.array(tiktoken.get_encoding("gpt2").encode(text), dtype=np.uint16)
 
 

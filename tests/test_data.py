@@ -150,3 +150,18 @@ def test_token_ids_beyond_the_models_vocabulary_are_refused_before_training(shar
     small = hf_checkpoint(vocab_size=128)  # a model that cannot read GPT-2's tokens
     out = subprocess.run([sys.executable, "sample.py", "-m", small, "-d", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     one_line_error(out, "GPT-2 text (--prompt) holds token id 50256, but the model's vocabulary has 128 ids")
+
+
+def test_a_data_file_that_is_not_text_is_named_in_one_line(tmp_path):
+    import subprocess, sys
+    from test_cli import one_line_error
+    np.save(tmp_path / "tokens.npy", np.arange(10, dtype=np.uint16))  # a shard passed as a file
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--data", str(tmp_path / "tokens.npy"), "--compile", "0",
+                          "--log_dir", str(tmp_path / "log")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    one_line_error(out, f"data {tmp_path}/tokens.npy is not UTF-8 text (byte 0x93 at offset 0): pass a text file, or a directory")
+    (tmp_path / "nul.txt").write_bytes(b"abc\x00def")
+    with pytest.raises(ValueError, match=r"nul.txt is binary \(it holds NUL bytes\)"):
+        load_text_tokens(str(tmp_path / "nul.txt"))
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match=r"empty.txt is empty: pass a text file"):
+        load_text_tokens(str(tmp_path / "empty.txt"))
