@@ -474,11 +474,13 @@ def sample(model, device, num_samples=4, max_new_tokens=32, seed=42, prompt="Hel
     """num_samples continuations of prompt (top-k 50), from a generator of their own."""
     model.eval()
     enc = tiktoken.get_encoding("gpt2")
-    x = torch.tensor(enc.encode(prompt), dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
+    # no prompt: start where every training document starts, after <|endoftext|> (not printed)
+    tokens = enc.encode(prompt) if prompt else [enc.eot_token]
+    x = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
     g = torch.Generator(device=device).manual_seed(seed)  # never disturbs training's random stream
     out = model.generate(x, max_new_tokens, top_k=50, generator=g)
     model.train()
-    return [enc.decode(row.tolist()) for row in out]
+    return [enc.decode(row[0 if prompt else 1:].tolist()) for row in out]
 
 
 # -----------------------------------------------------------------------------

@@ -68,3 +68,15 @@ def test_generate_never_returns_padded_vocabulary_ids():
     assert out.max().item() < 50257
     for row in out:
         assert isinstance(tiktoken.get_encoding("gpt2").decode(row.tolist()), str)
+
+
+def test_an_empty_prompt_samples_from_endoftext():
+    import tiktoken
+    from train_gpt2 import GPTConfig, sample
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16))
+    texts = sample(model, "cpu", num_samples=3, max_new_tokens=6, seed=5, prompt="")
+    out = model.generate(torch.tensor([[50256]] * 3), 6, generator=torch.Generator().manual_seed(5))
+    enc = tiktoken.get_encoding("gpt2")
+    assert texts == [enc.decode(row[1:].tolist()) for row in out]  # <|endoftext|> itself not printed
+    assert len(set(texts)) > 1
