@@ -819,6 +819,9 @@ def main(argv=None):
             except (ValueError, OSError) as e:
                 sys.exit(f"error: --hellaswag_file: {error_text(e)}")
             stopped = train(cfg, model, train_loader, val_loader, examples, checkpoint, device, ddp, rank, world_size)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            # compiling happens at the first forward, not at torch.compile(): a missing compiler shows up here
+            sys.exit(f"error: torch.compile failed ({error_text(e)}): pass --compile 0 to train without it")
         finally:
             if ddp:
                 dist.destroy_process_group()

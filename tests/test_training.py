@@ -153,3 +153,22 @@ def test_compiled_run_with_hellaswag_and_sampling_in_the_loop(tmp_path, capsys):
     # 4 HellaSwag passes of varied shapes and 3 rounds of 32-token sampling, yet only the
     # training and validation graphs were compiled: eval runs on the eager model
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+
+
+def test_a_compile_failure_at_the_first_step_is_one_line_that_says_compile_0(tmp_path, monkeypatch):
+    import pytest
+    import torch._dynamo
+    import torch._inductor.config
+    import train_gpt2
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # compile for real, not from a cache
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))  # as if no compiler worked
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.main(["--data", INPUT, "--n_layer", "1", "--n_head", "2", "--n_embd", "24", "--batch_size", "2",
+                         "--seq_len", "8", "--total_batch_size", "16", "--max_steps", "2", "--warmup_steps", "1",
+                         "--hellaswag", "0", "--compile", "1", "--bf16", "0", "--device", "cpu", "--log_dir", str(tmp_path)])
+    torch._dynamo.reset()
+    message = str(e.value.code)
+    assert message.startswith("error: torch.compile failed (") and "No working C++ compiler" in message
+    assert message.endswith("): pass --compile 0 to train without it") and "\n" not in message
+    assert os.listdir(tmp_path) == []  # nothing logged: it failed before the first step's val loss
