@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from train_gpt2 import GPT, GPTConfig, error_text, get_device, maybe_compile, on_off, synchronize
+from train_gpt2 import GPT, GPTConfig, error_text, get_device, maybe_compile, on_off, run_script, synchronize
 
 # dense bf16 tensor-core peaks from the datasheets, TFLOP/s (name as torch reports it)
 DATASHEET_BF16_TFLOPS = {"A100": 312, "H100 PCIe": 756, "H100": 989, "H200": 989, "L4": 121,
@@ -136,4 +136,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

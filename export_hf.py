@@ -13,7 +13,7 @@ import shutil
 import sys
 
 
-from train_gpt2 import GPT2_VOCAB_SIZE, error_text, load_model
+from train_gpt2 import GPT2_VOCAB_SIZE, error_text, load_model, run_script
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -58,4 +58,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

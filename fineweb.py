@@ -29,7 +29,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from train_gpt2 import MANIFEST, error_text
+from train_gpt2 import MANIFEST, error_text, run_script
 
 EOT = 50256  # <|endoftext|>
 
@@ -205,8 +205,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":  # the guard lets worker processes import this file where they are spawned
-    try:
-        main()
-    except KeyboardInterrupt:  # before tokenizing began (loading the data set, say): nothing written yet
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_script(main)  # a Ctrl-C while tokenizing is handled in main; before that nothing was written

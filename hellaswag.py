@@ -177,4 +177,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from train_gpt2 import run_script
+    run_script(main)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 
-from train_gpt2 import GPT2_VOCAB_SIZE, check_vocab, error_text, get_device, load_model, sample
+from train_gpt2 import GPT2_VOCAB_SIZE, check_vocab, error_text, get_device, load_model, run_script, sample
 
 
 def main():
@@ -32,4 +32,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

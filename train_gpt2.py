@@ -508,6 +508,15 @@ def error_text(e):
     return lines[0] if lines else type(e).__name__
 
 
+def run_script(main, interrupted="interrupted"):
+    """Run a script's main(): a Ctrl-C ends it with one line and exit code 130, never a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports it
+
+
 def get_device(requested="auto"):
     """The fastest device there is (cuda, then Apple's mps, then cpu), or the one asked for."""
     if requested == "auto":
@@ -970,8 +979,5 @@ def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, dd
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C before training began, or a second one: stop now, quietly
-        print("interrupted: stopped at once, without a checkpoint", file=sys.stderr)
-        sys.exit(130)  # 128 + SIGINT, as a shell reports it
+    # Ctrl-C before training began, or a second one: stop now, quietly
+    run_script(main, "interrupted: stopped at once, without a checkpoint")

@@ -194,3 +194,32 @@ def test_settings_that_make_no_sense_are_refused(args, message):
 ])
 def test_the_small_scripts_refuse_nonsense_in_one_line(args, message):
     one_line_error(run(args), message)
+
+
+def test_ctrl_c_during_startup_ends_in_one_line_not_a_traceback(tmp_path):
+    import signal
+    big = tmp_path / "big.txt"
+    with open(os.path.join(ROOT, "input.txt")) as f:
+        big.write_text(f.read() * 8)  # tokenizing the val split again takes seconds
+    proc = subprocess.Popen([sys.executable, "train_gpt2.py", *SMALL, "--data", str(big), "--log_dir", str(tmp_path / "log")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "(train):" in line:  # the train split is tokenized; the val split is being tokenized now
+            proc.send_signal(signal.SIGINT)
+            break
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert stderr.strip() == "interrupted: stopped at once, without a checkpoint"
+    assert not (tmp_path / "log").exists()
+
+
+def test_every_script_ends_a_ctrl_c_with_one_line_and_code_130(capsys):
+    from train_gpt2 import run_script
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        run_script(interrupted)
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+    for script in ("fineweb.py", "hellaswag.py", "sample.py", "export_hf.py", "bench.py", "train_gpt2.py"):
+        with open(os.path.join(ROOT, script)) as f:
+            assert "    run_script(main" in f.read().split('if __name__ == "__main__":')[1], script
