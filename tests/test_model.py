@@ -156,3 +156,13 @@ def test_state_dict_holds_no_attention_mask():
     model = GPT(GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=4, n_embd=32))
     assert not [k for k in model.state_dict() if k.endswith((".attn.bias", ".attn.masked_bias"))]
     assert not list(model.buffers())
+
+
+def test_forward_takes_slices_of_one_tensor_as_inputs_and_targets():
+    from train_gpt2 import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    idx = torch.randint(0, 64, (3, 17))
+    logits, loss = model(idx[:, :-1], idx[:, 1:])  # neither slice is contiguous
+    expected_logits, expected = model(idx[:, :-1].contiguous(), idx[:, 1:].contiguous())
+    assert torch.equal(logits, expected_logits) and torch.equal(loss, expected)
