@@ -240,3 +240,49 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
     assert stderr.strip() == "interrupted: stopped at once, without a checkpoint"
     assert "SIGINT: stopping after this step, with a checkpoint (Ctrl-C again to stop at once" in stdout
     assert os.listdir(log) == ["log.txt"]  # no checkpoint, no lock file left behind
+
+
+def test_restoring_keeps_the_devices_fused_setting_and_restores_no_cuda_generators(tmp_path, monkeypatch):
+    from train_gpt2 import GPT, GPTConfig, restore_training_state
+    checkpoint = torch.load(tiny_checkpoint(tmp_path / "c.pt"), weights_only=True)
+    assert list(checkpoint["rng"]) == ["cpu"]  # no CUDA states are saved
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group["fused"] = True  # as if saved where CUDA's fused kernel ran
+    checkpoint["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8  # saved where 8 GPUs were visible
+    def one_gpu_here(states):
+        raise RuntimeError(f"{len(states)} CUDA generator states for 1 GPU")
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", one_gpu_here)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
+    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
+    assert restore_training_state(checkpoint, optimizer, "cpu") == 1
+    assert [g["fused"] for g in optimizer.param_groups] == [False, False]  # the CPU's choice, not the file's
+    assert checkpoint == {}  # consumed: nothing keeps the 1.5 GB dict alive
+    model2 = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
+    optimizer = model2.configure_optimizers(0.1, 1e-3, "cpu")
+    checkpoint = torch.load(tmp_path / "c.pt", weights_only=True)
+    restore_training_state(checkpoint, optimizer, "cuda")  # a CPU checkpoint resumed on CUDA: fused comes back
+    assert [g["fused"] for g in optimizer.param_groups] == [True, True]
+
+
+def test_no_logits_or_checkpoint_weights_outlive_their_use(tmp_path, monkeypatch):
+    import weakref
+    import train_gpt2
+    args = [*TINY, "--max_steps", "4", "--checkpoint_every", "2"]
+    train_gpt2.main([*args, "--log_dir", str(tmp_path / "a")])
+    loaded, logits, alive = [], [], []
+    real_load, real_forward = torch.load, train_gpt2.GPT.forward
+    def load_and_watch(*a, **kw):
+        checkpoint = real_load(*a, **kw)
+        loaded.extend(weakref.ref(t) for t in checkpoint["model"].values())
+        return checkpoint
+    def forward_and_watch(self, idx, targets=None):
+        if targets is not None:  # training and validation: what is still alive as a new forward starts
+            alive.append((sum(r() is not None for r in loaded), sum(r() is not None for r in logits)))
+        out = real_forward(self, idx, targets)
+        logits.append(weakref.ref(out[0]))
+        return out
+    monkeypatch.setattr(train_gpt2.torch, "load", load_and_watch)
+    monkeypatch.setattr(train_gpt2.GPT, "forward", forward_and_watch)
+    train_gpt2.main([*args, "--log_dir", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "model_00001.pt")])
+    assert len(loaded) == 17 and len(alive) == 2 * 2 + 2 * 2  # steps 2 and 3: 2 micro-steps and 2 val batches each
+    assert alive == [(0, 0)] * len(alive)  # the checkpoint's weights freed, no earlier logits kept
