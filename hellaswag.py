@@ -146,7 +146,7 @@ def tally(model, batch, device, use_bf16):
 
 
 def main():
-    from train_gpt2 import GPT2_VOCAB_SIZE, check_vocab, error_text, get_device, load_model
+    from train_gpt2 import GPT2_VOCAB_SIZE, bf16_fast, check_vocab, error_text, get_device, load_model
     p = argparse.ArgumentParser(description="Score a model on HellaSwag (completion style).")
     p.add_argument("-m", "--model", default="gpt2", help="gpt2 ... gpt2-xl, a Hugging Face GPT-2 directory, or a .pt checkpoint")
     p.add_argument("-d", "--device", default="auto")
@@ -172,7 +172,7 @@ def main():
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")
     c, cn, n = evaluate(model, tqdm(examples, desc="hellaswag"), device, args.batch_size,
-                        use_bf16=device.startswith("cuda"))
+                        use_bf16=bf16_fast(device))
     print(f"hellaswag {os.path.basename(path)}: acc {c / n:.4f} acc_norm {cn / n:.4f} examples {n}")
 
 

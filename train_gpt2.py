@@ -729,7 +729,8 @@ class TrainConfig:
     hellaswag_file: str = flag("", "a local HellaSwag jsonl (default: the val split, downloaded once by hellaswag.py)")
     seed: int = flag(1337, "seed for initialisation and training")
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    bf16: bool = flag(True, "bfloat16 autocast for the forward pass and loss (fast on GPUs; slow on most CPUs)")
+    bf16: str = flag("auto", "bfloat16 autocast for the forward pass and loss: 1, 0, or auto (on for CUDA GPUs "
+                             "that support it; off elsewhere: most CPUs and older Macs run it slower or not at all)")
     compile: bool = flag(True, "torch.compile the model (slow to start, faster steps)")
     log_dir: str = flag("log", "where log.txt is written")
 
@@ -741,10 +742,20 @@ def on_off(text):
     return text == "1"
 
 
+def auto_on_off(text):
+    """--bf16 takes auto, 1 or 0; main() decides what auto means on the device at hand."""
+    return text if text == "auto" else on_off(text)
+
+
+def bf16_fast(device):
+    """Whether bf16 autocast pays off here: on CUDA GPUs with bf16 (Ampere and later) only."""
+    return device.startswith("cuda") and torch.cuda.is_bf16_supported()
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train GPT-2 (124M by default), then sample from it.")
     for f in fields(TrainConfig):
-        parser.add_argument(f"--{f.name}", type=on_off if f.type is bool else f.type,
+        parser.add_argument(f"--{f.name}", type=on_off if f.type is bool else auto_on_off if f.name == "bf16" else f.type,
                             default=f.default, help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
     # argparse's errors are already clear; print them on one line, with where to look
     parser.error = lambda message: sys.exit(f"error: {message} (see --help)")
@@ -797,6 +808,8 @@ def main(argv=None):
     try:
         check_config(cfg, world_size)
         device = get_device(cfg.device)
+        if cfg.bf16 == "auto":  # decided once, here: the checkpoint records what the run really did
+            cfg.bf16 = bf16_fast(device)
         if ddp and device.startswith("cuda"):
             device = f"cuda:{local_rank}"  # one GPU per process
         if master_process:  # before any work: a log_dir that cannot be used fails now, not after an hour

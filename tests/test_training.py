@@ -172,3 +172,15 @@ def test_a_compile_failure_at_the_first_step_is_one_line_that_says_compile_0(tmp
     assert message.startswith("error: torch.compile failed (") and "No working C++ compiler" in message
     assert message.endswith("): pass --compile 0 to train without it") and "\n" not in message
     assert os.listdir(tmp_path) == []  # nothing logged: it failed before the first step's val loss
+
+
+def test_bf16_defaults_to_auto_which_is_off_on_the_cpu(tmp_path):
+    import train_gpt2
+    assert train_gpt2.parse_args([]).bf16 == "auto"
+    assert (train_gpt2.parse_args(["--bf16", "1"]).bf16, train_gpt2.parse_args(["--bf16", "0"]).bf16) == (True, False)
+    assert train_gpt2.bf16_fast("cpu") is False and train_gpt2.bf16_fast("mps") is False
+    train_gpt2.main(["--data", INPUT, "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--batch_size", "2", "--seq_len", "8",
+                     "--total_batch_size", "16", "--max_steps", "1", "--warmup_steps", "1", "--hellaswag", "0",
+                     "--compile", "0", "--device", "cpu", "--log_dir", str(tmp_path)])
+    saved = torch.load(tmp_path / "model_00000.pt", weights_only=True)["config"]
+    assert saved["bf16"] is False  # the checkpoint records what auto meant here, so a resume compares like with like
