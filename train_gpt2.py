@@ -425,24 +425,40 @@ def evaluate_loss(model, val_loader, val_steps, device, use_bf16, ddp):
     return loss_sum.item() / val_steps
 
 
-def load_hellaswag(cfg, ddp, master_process):
-    """The HellaSwag val examples for evaluation in the loop, or None (switched off or unavailable)."""
+def load_hellaswag(cfg, ddp, local_rank, device):
+    """The HellaSwag val examples for evaluation in the loop, or None (switched off or unavailable).
+
+    Every rank gets the same answer: if one lacks the data (a node that could not download it),
+    none scores HellaSwag, since the others would wait for it in the all-reduce forever.
+    """
     if not cfg.hellaswag:
         return None
     path, reason = cfg.hellaswag_file, None
-    if not path:  # the cached val split; rank 0 downloads it if needed while the others wait
+    if not path:  # the cached val split; each node's local rank 0 downloads it (nodes may not share disks)
         path = os.path.join(hellaswag.DATA_CACHE_DIR, "hellaswag_val.jsonl")
-        if master_process:
+        if local_rank == 0:
             try:
                 hellaswag.download("val")
             except Exception as e:  # offline, say
                 reason = error_text(e)
         if ddp:
             dist.barrier()
-    if not os.path.isfile(path):
-        print(f"hellaswag: no data ({reason or path + ' not found'}): training goes on without it")
+    examples, error = None, None
+    if os.path.isfile(path):
+        try:
+            examples = list(hellaswag.iterate_examples(path))
+        except (ValueError, OSError) as e:
+            error = error_text(e)
+    if any_rank(error is not None, device, ddp):  # a bad file on one node stops every rank
+        raise ValueError(error or "another process cannot read its HellaSwag file")
+    n = torch.tensor(len(examples) if examples else -1, device=device)
+    if ddp:  # the largest count; then does any rank hold another one (or none)?
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    if any_rank(examples is None or len(examples) != n.item(), device, ddp):
+        print(f"hellaswag: no data ({reason or path + ' not found'}" + (" on some node" if ddp else "") +
+              "): training goes on without it")
         return None
-    return list(hellaswag.iterate_examples(path))
+    return examples
 
 
 @torch.no_grad()
@@ -804,67 +820,74 @@ def main(argv=None):
     master_process = rank == 0  # rank 0 alone prints, logs and writes files
     if not master_process:
         sys.stdout = open(os.devnull, "w")  # the other ranks keep quiet (errors still reach stderr)
-    claim = contextlib.ExitStack()  # holds the log_dir for the whole run (rank 0)
-    try:
+    try:  # the same settings on every rank: if these fail, they fail on all of them alike
         check_config(cfg, world_size)
         device = get_device(cfg.device)
         if cfg.bf16 == "auto":  # decided once, here: the checkpoint records what the run really did
             cfg.bf16 = bf16_fast(device)
-        if ddp and device.startswith("cuda"):
-            device = f"cuda:{local_rank}"  # one GPU per process
-        if master_process:  # before any work: a log_dir that cannot be used fails now, not after an hour
-            claim.enter_context(claim_log_dir(cfg.log_dir))
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        if cfg.init_from == "scratch":
-            # 50304 = 50257 padded up to a multiple of 128: GPU kernels work in power-of-two tiles, and
-            # a ragged vocabulary costs more than the 47 extra rows (93 vs 96 ms a step, A100).
-            # The padded rows never appear as targets: training drives their logits down.
-            model = GPT(GPTConfig(vocab_size=50304, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
-        else:  # fine-tuning: the weights only, with a fresh optimizer from step 0
-            model = load_model(cfg.init_from)
-        if cfg.seq_len > model.config.block_size:
-            raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
-        train_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=rank,
-                                      num_processes=world_size, split="train", data_root=cfg.data)
-        val_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=rank,
-                                    num_processes=world_size, split="val", data_root=cfg.data)
-        for loader in (train_loader, val_loader):
-            check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
-        checkpoint = None
-        resume_path = find_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume else None
-        if resume_path:
-            checkpoint = load_checkpoint(resume_path, cfg)
-            load_weights(model, checkpoint["model"], resume_path)
-            train_loader.offset = checkpoint["train_loader"]["offset"]
-            del checkpoint["model"]  # copied into the model: free it now
-        elif cfg.resume:  # killed before its first checkpoint: there is nothing to continue
-            print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
-        elif os.path.exists(os.path.join(cfg.log_dir, "log.txt")):
-            raise ValueError(f"{os.path.join(cfg.log_dir, 'log.txt')} exists: continue that run with --resume auto, "
-                             "or start this one in another --log_dir")
-        if master_process:
-            start_log(os.path.join(cfg.log_dir, "log.txt"), checkpoint["step"] if checkpoint else 0)
-    except (ValueError, OSError) as e:
-        claim.close()
+    except ValueError as e:
         sys.exit(f"error: {error_text(e)}")
-    with claim:
-        if ddp:
-            if device.startswith("cuda"):
-                torch.cuda.set_device(device)
-            # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
-            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if ddp:
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"  # one GPU per process
+            torch.cuda.set_device(device)
+        # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    claim = contextlib.ExitStack()  # holds the log_dir for the whole run (rank 0)
+    try:
+        # from here a step may fail on one rank only (a checkpoint one node cannot read, say): the
+        # ranks agree after each stage, so all stop with the error instead of waiting for each other
+        error = None
         try:
+            if master_process:  # before any work: a log_dir that cannot be used fails now, not after an hour
+                claim.enter_context(claim_log_dir(cfg.log_dir))
+            torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+            if cfg.init_from == "scratch":
+                # 50304 = 50257 padded up to a multiple of 128: GPU kernels work in power-of-two tiles, and
+                # a ragged vocabulary costs more than the 47 extra rows (93 vs 96 ms a step, A100).
+                # The padded rows never appear as targets: training drives their logits down.
+                model = GPT(GPTConfig(vocab_size=50304, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+            else:  # fine-tuning: the weights only, with a fresh optimizer from step 0
+                model = load_model(cfg.init_from)
+            if cfg.seq_len > model.config.block_size:
+                raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
+            train_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=rank,
+                                          num_processes=world_size, split="train", data_root=cfg.data)
+            val_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=rank,
+                                        num_processes=world_size, split="val", data_root=cfg.data)
+            for loader in (train_loader, val_loader):
+                check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
+            checkpoint = None
+            resume_path = find_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume else None
+            if resume_path:
+                checkpoint = load_checkpoint(resume_path, cfg)
+                load_weights(model, checkpoint["model"], resume_path)
+                train_loader.offset = checkpoint["train_loader"]["offset"]
+                del checkpoint["model"]  # copied into the model: free it now
+            elif cfg.resume:  # killed before its first checkpoint: there is nothing to continue
+                print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
+            elif os.path.exists(os.path.join(cfg.log_dir, "log.txt")):
+                raise ValueError(f"{os.path.join(cfg.log_dir, 'log.txt')} exists: continue that run with --resume auto, "
+                                 "or start this one in another --log_dir")
+            if master_process:
+                start_log(os.path.join(cfg.log_dir, "log.txt"), checkpoint["step"] if checkpoint else 0)
+        except (ValueError, OSError) as e:
+            error = error_text(e)
+        if any_rank(error is not None, device, ddp):
+            claim.close()
+            sys.exit(f"error: {error}" if error else 1)  # the rank that failed says why
+        with claim:
             try:
-                examples = load_hellaswag(cfg, ddp, master_process)
-            except (ValueError, OSError) as e:
+                examples = load_hellaswag(cfg, ddp, local_rank, device)
+            except ValueError as e:
                 sys.exit(f"error: --hellaswag_file: {error_text(e)}")
             stopped = train(cfg, model, train_loader, val_loader, examples, checkpoint, device, ddp, rank, world_size)
-        except torch._dynamo.exc.TorchDynamoException as e:
-            # compiling happens at the first forward, not at torch.compile(): a missing compiler shows up here
-            sys.exit(f"error: torch.compile failed ({error_text(e)}): pass --compile 0 to train without it")
-        finally:
-            if ddp:
-                dist.destroy_process_group()
+    except torch._dynamo.exc.TorchDynamoException as e:
+        # compiling happens at the first forward, not at torch.compile(): a missing compiler shows up here
+        sys.exit(f"error: torch.compile failed ({error_text(e)}): pass --compile 0 to train without it")
+    finally:
+        if ddp:
+            dist.destroy_process_group()
     if stopped:
         sys.exit(STOPPED)
 

@@ -50,3 +50,48 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path):
     assert sorted(os.listdir(two)) == ["log.txt", "model_00004.pt"]  # rank 0 alone writes: one log, one checkpoint
     assert len(re.findall(r"^step +0 \|", out2.stdout, re.M)) == 1  # rank 0 alone prints
     assert "destroy_process_group" not in out2.stderr  # the process group was torn down cleanly
+
+
+def two_nodes(args, cwds, envs, timeout=180):
+    """Two torchrun 'nodes' of one process each on this machine (static rendezvous on 127.0.0.1)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={i}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               os.path.join(ROOT, "train_gpt2.py"), *args],
+                              cwd=cwds[i], env=dict(os.environ, **envs[i]), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outputs = [p.communicate(timeout=timeout) for p in procs]  # a hang fails here
+    return [(p.returncode, *o) for p, o in zip(procs, outputs)]
+
+
+def test_nodes_agree_on_hellaswag_when_one_cannot_download_it(tmp_path):
+    cache0, cache1 = tmp_path / "cache0", tmp_path / "cache1"
+    cache0.mkdir()
+    (cache0 / "hellaswag_val.jsonl").write_text(open(HELLA).read())  # node 0 has it cached; node 1 is offline
+    offline = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    args = [a if a != "input.txt" else os.path.join(ROOT, "input.txt") for a in TINY if a not in ("--hellaswag_file", HELLA)]
+    out = two_nodes([*args, "--log_dir", str(tmp_path / "log")], [ROOT, ROOT],
+                    [dict(offline, HELLASWAG_CACHE=str(cache0)), dict(offline, HELLASWAG_CACHE=str(cache1))])
+    (code0, out0, err0), (code1, _, err1) = out
+    assert (code0, code1) == (0, 0), err0 + err1
+    assert "hellaswag: no data (" in out0 and "on some node): training goes on without it" in out0
+    kinds = [k for _, k, _ in read_log(tmp_path / "log")]
+    assert kinds.count("train") == 5 and "hella" not in kinds
+
+
+def test_a_checkpoint_one_node_cannot_read_stops_every_node_with_the_error(tmp_path):
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node0.mkdir(), node1.mkdir()
+    args = [a if a != "input.txt" else os.path.join(ROOT, "input.txt") for a in TINY]
+    assert run(["train_gpt2.py", *args, "--log_dir", str(tmp_path / "first")]).returncode == 0
+    good = (tmp_path / "first" / "model_00004.pt").read_bytes()
+    (node0 / "ckpt.pt").write_bytes(good)
+    (node1 / "ckpt.pt").write_bytes(good[:1000])  # node 1 sees a damaged copy
+    out = two_nodes([*args, "--log_dir", str(tmp_path / "log"), "--resume", "ckpt.pt"], [node0, node1], [{}, {}])
+    (code0, _, err0), (code1, _, err1) = out
+    assert code0 != 0 and code1 != 0
+    assert "error: cannot read checkpoint ckpt.pt: it is truncated" in err1
+    assert 'train_gpt2.py", line' not in err0 + err1  # no traceback from the trainer on either node
