@@ -26,5 +26,11 @@ def test_readme_documents_the_benchmark_with_its_machine():
         readme = f.read()
     perf = readme[readme.index("## Performance"):]
     assert "python bench.py" in perf
-    rows = [l for l in perf.splitlines() if l.startswith("| 2026-")]
-    assert rows and all(re.search(r"Xeon|H100|H200|A100|GPU|CPU|same", r) for r in rows)
+    rows = [[c.strip() for c in l.strip("|").split("|")] for l in perf.splitlines() if re.match(r"\| 20\d\d-", l)]
+    assert rows
+    for date, machine, command, step, tok_s, mfu, memory in rows:  # exactly the table's 7 columns
+        assert re.fullmatch(r"20\d\d-\d\d-\d\d", date)
+        assert machine == "same" or re.search(r"torch \d+\.\d+", machine)  # the machine and its torch
+        assert command == "same" or command.startswith("`--") or command.startswith("same with `--")
+        assert re.fullmatch(r"[\d,.]+ ms", step) and re.fullmatch(r"[\d,]+", tok_s)
+        assert re.match(r"[\d.]+% of", mfu) and re.search(r"[\d.]+ GiB", memory)

@@ -66,8 +66,8 @@ def test_generate_never_returns_padded_vocabulary_ids():
     assert logits[0, -1].argmax().item() >= 50257  # unmasked, they would win
     out = model.generate(torch.tensor([[15496, 11]] * 8), 40, generator=torch.Generator().manual_seed(0))
     assert out.max().item() < 50257
-    for row in out:
-        assert isinstance(tiktoken.get_encoding("gpt2").decode(row.tolist()), str)
+    text = tiktoken.get_encoding("gpt2").decode(out[0].tolist())  # a padded id would raise KeyError here
+    assert text.startswith("Hello,") and len(text) > len("Hello,")
 
 
 def test_an_empty_prompt_samples_from_endoftext():
