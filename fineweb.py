@@ -17,6 +17,7 @@ finished one has nothing to do; shards made from other data or another --shard_s
 mixed with new ones: the run refuses and touches nothing.
 """
 import argparse
+import contextlib
 import glob
 import json
 import multiprocessing as mp
@@ -137,7 +138,9 @@ def write_shards(texts, local_dir, shard_size, num_proc):
     written = []  # each shard's name, length and largest id, for the manifest
     # the workers ignore Ctrl-C: the parent alone handles it, and stops them (a pool whose
     # workers each got the SIGINT could hang)
-    with mp.Pool(num_proc, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+    with mp.Pool(num_proc, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool, \
+            contextlib.ExitStack() as on_exit:
+        on_exit.callback(lambda: bar is not None and bar.close())  # however it ends: no bar after the last line
         for tokens in pool.imap(tokenize, texts, chunksize=16):
             total += len(tokens)
             while len(tokens):  # a document may spill over into the next shard(s)
