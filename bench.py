@@ -62,7 +62,7 @@ def machine_name(device):
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n_layer", type=int, default=12)
     p.add_argument("--n_head", type=int, default=12)
@@ -75,7 +75,7 @@ def main():
     p.add_argument("--bf16", type=on_off, default=True)
     p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first: compilation, allocator warm-up")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
         for name in ("n_layer", "n_head", "n_embd", "vocab_size", "batch_size", "seq_len", "steps"):
             if getattr(args, name) < 1:

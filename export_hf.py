@@ -40,11 +40,11 @@ def export(model, out_dir):
     os.replace(tmp, out_dir)  # all or nothing
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="a .pt checkpoint written by train_gpt2.py")
     p.add_argument("out_dir", help="the Hugging Face directory to create (must not exist)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if os.path.exists(args.out_dir):
         sys.exit(f"error: {args.out_dir} exists: choose a new directory")
     try:

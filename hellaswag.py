@@ -145,7 +145,7 @@ def tally(model, batch, device, use_bf16):
     return sum(p == l for p, l in zip(pred, labels)), sum(p == l for p, l in zip(pred_norm, labels))
 
 
-def main():
+def main(argv=None):
     from train_gpt2 import GPT2_VOCAB_SIZE, bf16_fast, check_vocab, error_text, get_device, load_model
     p = argparse.ArgumentParser(description="Score a model on HellaSwag (completion style).")
     p.add_argument("-m", "--model", default="gpt2", help="gpt2 ... gpt2-xl, a Hugging Face GPT-2 directory, or a .pt checkpoint")
@@ -154,7 +154,7 @@ def main():
     p.add_argument("--split", default="val", choices=("train", "val"))
     p.add_argument("--limit", type=int, help="score only the first N examples (at least 1)")
     p.add_argument("--batch_size", type=int, default=16, help="examples per forward pass")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
         device = get_device(args.device)
         if args.limit is not None and args.limit < 1:

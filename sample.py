@@ -9,7 +9,7 @@ import sys
 from train_gpt2 import GPT2_VOCAB_SIZE, check_vocab, error_text, get_device, load_model, run_script, sample
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-m", "--model", required=True, help="a .pt checkpoint, a Hugging Face GPT-2 directory, or gpt2 ... gpt2-xl")
     p.add_argument("--prompt", default="Hello, I'm a language model,")
@@ -17,7 +17,7 @@ def main():
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("-d", "--device", default="auto")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
         if args.num_samples < 1 or args.max_new_tokens < 0:
             raise ValueError("--num_samples must be at least 1 and --max_new_tokens at least 0, got "

@@ -55,3 +55,11 @@ def make_hf_checkpoint(path, seed=0, **shape):
 def hf_checkpoint(tmp_path):
     """Factory fixture: make_hf_checkpoint into this test's tmp_path."""
     return lambda name="tiny", seed=0, **shape: make_hf_checkpoint(tmp_path / name, seed, **shape)
+
+
+def error_of(main, argv):
+    """What main(argv) exits with: the one-line error message a user would see on stderr."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert isinstance(e.value.code, str), f"exit code {e.value.code}, no message"
+    return e.value.code

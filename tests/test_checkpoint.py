@@ -8,9 +8,10 @@ from fractions import Fraction
 
 import torch
 
+from conftest import error_of
 from test_cli import ROOT, one_line_error, run
 
-TINY = ["--data", "input.txt", "--hellaswag", "0", "--n_layer", "1", "--n_head", "2", "--n_embd", "16",
+TINY = ["--data", os.path.join(ROOT, "input.txt"), "--hellaswag", "0", "--n_layer", "1", "--n_head", "2", "--n_embd", "16",
         "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "64", "--warmup_steps", "2",
         "--max_lr", "1e-3", "--eval_every", "2", "--val_steps", "2", "--sample_every", "1000",
         "--compile", "0", "--bf16", "0", "--device", "cpu"]
@@ -45,11 +46,12 @@ def test_resume_with_other_settings_or_a_fresh_run_over_a_log_is_refused(tmp_pat
     out = run(["train_gpt2.py", *TINY, "--max_steps", "2", "--log_dir", str(tmp_path)])
     assert out.returncode == 0, out.stderr
     log = log_text(tmp_path)
-    out = run(["train_gpt2.py", *TINY[:-6], "--n_embd", "32", "--device", "cpu", "--max_steps", "2",
-               "--compile", "0", "--bf16", "0", "--resume", "auto", "--log_dir", str(tmp_path)])
-    one_line_error(out, "was made with --n_embd 16, not 32: resume with the run's own settings")
-    out = run(["train_gpt2.py", *TINY, "--max_steps", "2", "--log_dir", str(tmp_path)])
-    one_line_error(out, "log.txt exists: continue that run with --resume auto, or start this one in another --log_dir")
+    import train_gpt2
+    error = error_of(train_gpt2.main, [*TINY[:-6], "--n_embd", "32", "--device", "cpu", "--max_steps", "2",
+                                       "--compile", "0", "--bf16", "0", "--resume", "auto", "--log_dir", str(tmp_path)])
+    assert "was made with --n_embd 16, not 32: resume with the run's own settings" in error
+    error = error_of(train_gpt2.main, [*TINY, "--max_steps", "2", "--log_dir", str(tmp_path)])
+    assert "log.txt exists: continue that run with --resume auto, or start this one in another --log_dir" in error
     assert log_text(tmp_path) == log  # never truncated
     assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00001.pt"]
 
@@ -131,28 +133,33 @@ def test_one_reader_turns_every_bad_checkpoint_into_a_clear_error(tmp_path):
     assert load_model(str(tmp_path / "good.pt")).config.n_embd == 16
 
 
-def test_every_entry_point_that_reads_a_checkpoint_refuses_a_bad_one_in_one_line(tmp_path):
+def test_every_entry_point_that_reads_a_checkpoint_refuses_a_bad_one_in_one_line(tmp_path, monkeypatch):
+    import export_hf, hellaswag, sample, train_gpt2
+    monkeypatch.chdir(ROOT)
     messages = bad_checkpoints(tmp_path)
     hella = os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_20.jsonl")
     log = tmp_path / "log"
     cases = [
-        (["train_gpt2.py", *TINY, "--log_dir", str(log), "--resume", str(tmp_path / "truncated.pt")], "truncated.pt"),
-        (["train_gpt2.py", *TINY, "--log_dir", str(log), "--init_from", str(tmp_path / "code.pt")], "code.pt"),
-        (["sample.py", "-m", str(tmp_path / "empty.pt"), "-d", "cpu"], "empty.pt"),
-        (["export_hf.py", str(tmp_path / "shape.pt"), str(tmp_path / "hf")], "shape.pt"),
-        (["hellaswag.py", "-m", str(tmp_path / "text.pt"), "-d", "cpu", "--data_file", hella], "text.pt"),
+        (train_gpt2.main, [*TINY, "--log_dir", str(log), "--resume", str(tmp_path / "truncated.pt")], "truncated.pt"),
+        (train_gpt2.main, [*TINY, "--log_dir", str(log), "--init_from", str(tmp_path / "code.pt")], "code.pt"),
+        (sample.main, ["-m", str(tmp_path / "empty.pt"), "-d", "cpu"], "empty.pt"),
+        (export_hf.main, [str(tmp_path / "shape.pt"), str(tmp_path / "hf")], "shape.pt"),
+        (hellaswag.main, ["-m", str(tmp_path / "text.pt"), "-d", "cpu", "--data_file", hella], "text.pt"),
     ]
-    for args, name in cases:
-        one_line_error(run(args), messages[name].format(d=tmp_path))
+    for main, args, name in cases:
+        error = error_of(main, args)
+        assert error.startswith("error: ") and messages[name].format(d=tmp_path) in error and "\n" not in error, error
     assert not log.exists() and not (tmp_path / "hf").exists()
 
 
-def test_resume_needs_a_whole_training_checkpoint(tmp_path):
+def test_resume_needs_a_whole_training_checkpoint(tmp_path, monkeypatch):
+    import train_gpt2
+    monkeypatch.chdir(ROOT)
     good = torch.load(tiny_checkpoint(tmp_path / "good.pt"), weights_only=True)
     torch.save({"model": good["model"], "model_config": good["model_config"]}, tmp_path / "weights.pt")
-    out = run(["train_gpt2.py", *TINY, "--n_layer", "1", "--n_embd", "16", "--log_dir", str(tmp_path / "log"),
-               "--resume", str(tmp_path / "weights.pt")])
-    one_line_error(out, "weights.pt is not a checkpoint of this project: it has no optimizer, step, train_loader")
+    error = error_of(train_gpt2.main, [*TINY, "--n_layer", "1", "--n_embd", "16", "--log_dir", str(tmp_path / "log"),
+                                       "--resume", str(tmp_path / "weights.pt")])
+    assert "weights.pt is not a checkpoint of this project: it has no optimizer, step, train_loader" in error
 
 
 def test_resume_auto_picks_the_newest_checkpoint_by_step_number(tmp_path):

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from conftest import error_of
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--data", "input.txt", "--hellaswag", "0", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
          "--total_batch_size", "32", "--compile", "0", "--warmup_steps", "1"]
@@ -62,13 +64,21 @@ def one_line_error(out, message):
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cuda"], "sees no CUDA GPU"),
 ])
-def test_bad_input_is_a_one_line_error_and_clobbers_nothing(tmp_path, args, message):
+def test_bad_input_is_an_error_that_says_what_to_do_and_clobbers_nothing(tmp_path, monkeypatch, args, message):
+    import train_gpt2
+    monkeypatch.chdir(ROOT)  # --data input.txt, as a user in the repo types it
     log = tmp_path / "log.txt"
     log.write_text("0 train 10.000000\n")  # an earlier run's log
-    out = run(["train_gpt2.py", *SMALL, *args, "--log_dir", str(tmp_path)])
-    one_line_error(out, message)
+    error = error_of(train_gpt2.main, [*SMALL, *args, "--log_dir", str(tmp_path)])
+    assert error.startswith("error: ") and message in error and "\n" not in error, error
     assert log.read_text() == "0 train 10.000000\n"
     assert os.listdir(tmp_path) == ["log.txt"]
+
+
+def test_a_bad_input_in_a_real_process_is_one_line_on_stderr_and_exit_code_1(tmp_path):
+    out = run(["train_gpt2.py", *SMALL, "--n_embd", "30", "--n_head", "4", "--log_dir", str(tmp_path)])
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == "error: --n_embd 30 must be a multiple of --n_head 4\n"
 
 
 def test_each_step_prints_loss_lr_norm_time_and_throughput(tmp_path):
@@ -96,6 +106,16 @@ def test_help_lists_every_flag_with_its_default():
         assert f"(default: {f.default})" in helps, f.name
 
 
+def help_of(script):
+    """What `python script --help` prints, from the script's main() in this process."""
+    import contextlib, importlib, io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+        importlib.import_module(script[:-3]).main(["--help"])
+    assert e.value.code == 0
+    return out.getvalue()
+
+
 def test_every_command_in_the_readme_names_real_scripts_and_flags():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
@@ -103,7 +123,7 @@ def test_every_command_in_the_readme_names_real_scripts_and_flags():
     for script, args in re.findall(r"python (\w+\.py)([^`\n|#]*)", readme):
         assert os.path.isfile(os.path.join(ROOT, script)), script
         if script not in helps:
-            helps[script] = run([script, "--help"]).stdout
+            helps[script] = help_of(script)
         for name in re.findall(r"(--\w+)", args):
             assert name in helps[script], f"{script} has no {name}"
     assert {"train_gpt2.py", "fineweb.py", "bench.py", "sample.py", "export_hf.py"} <= set(helps)
@@ -128,11 +148,12 @@ def test_an_exception_becomes_one_line_even_when_it_says_nothing(monkeypatch, ca
     ("file", "--log_dir {d}/file is a file: pass a directory"),
     ("file/sub", "--log_dir {d}/file/sub cannot be written (Not a directory): pass a writable directory"),
 ])
-def test_an_unusable_log_dir_is_refused_before_any_work(tmp_path, where, message):
+def test_an_unusable_log_dir_is_refused_before_any_work(tmp_path, monkeypatch, capsys, where, message):
+    import train_gpt2
+    monkeypatch.chdir(ROOT)
     (tmp_path / "file").write_text("mine\n")
-    out = run(["train_gpt2.py", *SMALL, "--log_dir", str(tmp_path / where)])
-    one_line_error(out, message.format(d=tmp_path))
-    assert "input.txt (train)" not in out.stdout  # refused before tokenizing
+    assert error_of(train_gpt2.main, [*SMALL, "--log_dir", str(tmp_path / where)]) == "error: " + message.format(d=tmp_path)
+    assert "input.txt (train)" not in capsys.readouterr().out  # refused before tokenizing
     assert (tmp_path / "file").read_text() == "mine\n" and os.listdir(tmp_path) == ["file"]
 
 
@@ -198,7 +219,9 @@ def test_settings_that_make_no_sense_are_refused(args, message):
     (["bench.py", "--device", "tpu"], "unknown device 'tpu'"),
 ])
 def test_the_small_scripts_refuse_nonsense_in_one_line(args, message):
-    one_line_error(run(args), message)
+    import importlib
+    error = error_of(importlib.import_module(args[0][:-3]).main, args[1:])
+    assert error.startswith("error: ") and message in error and "\n" not in error, error
 
 
 def test_ctrl_c_during_startup_ends_in_one_line_not_a_traceback(tmp_path):

@@ -5,6 +5,7 @@ import pytest
 import tiktoken
 import torch
 
+from conftest import error_of
 from train_gpt2 import DataLoaderLite, load_text_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,27 +139,24 @@ def test_val_loss_is_the_mean_over_the_first_val_steps_chunks(shard_dir):
 
 
 def test_token_ids_beyond_the_models_vocabulary_are_refused_before_training(shard_dir, tmp_path, hf_checkpoint):
-    import subprocess, sys
-    from test_cli import one_line_error
+    import sample, train_gpt2
     d, stream = shard_dir
-    out = subprocess.run([sys.executable, "train_gpt2.py", "--data", str(d), "--hellaswag", "0", "--n_layer", "1",
-                          "--n_head", "1", "--n_embd", "8", "--batch_size", "1", "--seq_len", "4", "--total_batch_size", "4",
-                          "--compile", "0", "--log_dir", str(tmp_path / "log")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    one_line_error(out, f"{d} (train) holds token id {stream.max()}, but the model's vocabulary has 50304 ids")
+    error = error_of(train_gpt2.main, ["--data", str(d), "--hellaswag", "0", "--n_layer", "1", "--n_head", "1",
+                                       "--n_embd", "8", "--batch_size", "1", "--seq_len", "4", "--total_batch_size", "4",
+                                       "--warmup_steps", "1", "--compile", "0", "--log_dir", str(tmp_path / "log")])
+    assert error.startswith(f"error: {d} (train) holds token id {stream.max()}, but the model's vocabulary has 50304 ids")
     assert not (tmp_path / "log").exists()
     assert DataLoaderLite(2, 4, split="val", data_root=str(d)).max_id == int(np.load(d / "edufineweb_val_000000.npy").max())
     small = hf_checkpoint(vocab_size=128)  # a model that cannot read GPT-2's tokens
-    out = subprocess.run([sys.executable, "sample.py", "-m", small, "-d", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    one_line_error(out, "GPT-2 text (--prompt) holds token id 50256, but the model's vocabulary has 128 ids")
+    assert error_of(sample.main, ["-m", small, "-d", "cpu"]).startswith(
+        "error: GPT-2 text (--prompt) holds token id 50256, but the model's vocabulary has 128 ids")
 
 
 def test_a_data_file_that_is_not_text_is_named_in_one_line(tmp_path):
-    import subprocess, sys
-    from test_cli import one_line_error
+    import train_gpt2
     np.save(tmp_path / "tokens.npy", np.arange(10, dtype=np.uint16))  # a shard passed as a file
-    out = subprocess.run([sys.executable, "train_gpt2.py", "--data", str(tmp_path / "tokens.npy"), "--compile", "0",
-                          "--log_dir", str(tmp_path / "log")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    one_line_error(out, f"data {tmp_path}/tokens.npy is not UTF-8 text (byte 0x93 at offset 0): pass a text file, or a directory")
+    error = error_of(train_gpt2.main, ["--data", str(tmp_path / "tokens.npy"), "--compile", "0", "--log_dir", str(tmp_path / "log")])
+    assert error.startswith(f"error: data {tmp_path}/tokens.npy is not UTF-8 text (byte 0x93 at offset 0): pass a text file")
     (tmp_path / "nul.txt").write_bytes(b"abc\x00def")
     with pytest.raises(ValueError, match=r"nul.txt is binary \(it holds NUL bytes\)"):
         load_text_tokens(str(tmp_path / "nul.txt"))

@@ -8,6 +8,7 @@ import tiktoken
 import torch
 
 import hellaswag
+from conftest import error_of
 from train_gpt2 import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,18 +101,16 @@ def test_rows_that_are_not_hellaswag_examples_are_refused_with_their_line(tmp_pa
 
 
 def test_a_bad_hellaswag_file_is_a_one_line_error_in_the_scorer_and_in_training(tmp_path):
-    from test_cli import one_line_error
+    import train_gpt2
     bad = tmp_path / "three_endings.jsonl"
     bad.write_text(GOOD + "\n" + GOOD.replace('"c", ', "") + "\n")
-    out = subprocess.run([sys.executable, "hellaswag.py", "-m", "nowhere.pt", "--data_file", EXAMPLES, "--limit", "0"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    one_line_error(out, "--limit must be at least 1, got 0")
-    out = subprocess.run([sys.executable, "hellaswag.py", "-m", "nowhere.pt", "--data_file", str(bad)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    one_line_error(out, f"{bad} line 2: 'endings' must be a list of 4 texts, got 3")
-    out = subprocess.run([sys.executable, "train_gpt2.py", "--data", "input.txt", "--hellaswag_file", str(bad),
-                          "--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--batch_size", "2", "--seq_len", "16",
-                          "--total_batch_size", "32", "--max_steps", "1", "--warmup_steps", "1", "--compile", "0", "--log_dir", str(tmp_path / "log")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    one_line_error(out, f"--hellaswag_file: {bad} line 2: 'endings' must be a list of 4 texts, got 3")
+    assert error_of(hellaswag.main, ["-m", "nowhere.pt", "--data_file", EXAMPLES, "--limit", "0"]) == \
+        "error: --limit must be at least 1, got 0"
+    assert error_of(hellaswag.main, ["-m", "nowhere.pt", "--data_file", str(bad)]) == \
+        f"error: {bad} line 2: 'endings' must be a list of 4 texts, got 3: each line must be one HellaSwag example"
+    error = error_of(train_gpt2.main, ["--data", os.path.join(ROOT, "input.txt"), "--hellaswag_file", str(bad),
+                                       "--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--batch_size", "2",
+                                       "--seq_len", "16", "--total_batch_size", "32", "--max_steps", "1",
+                                       "--warmup_steps", "1", "--compile", "0", "--log_dir", str(tmp_path / "log")])
+    assert error.startswith(f"error: --hellaswag_file: {bad} line 2: 'endings' must be a list of 4 texts, got 3")
     assert not (tmp_path / "log" / "log.txt").exists()
