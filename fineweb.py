@@ -197,6 +197,7 @@ def main(argv=None):
             os.remove(path)
         if created:
             os.rmdir(args.local_dir)
+        print(file=sys.stderr)  # a progress bar may have been cut mid-line: the message gets a line of its own
         if isinstance(e, KeyboardInterrupt):
             print("interrupted: stopped, and this run's shards removed", file=sys.stderr)
             sys.exit(130)

@@ -213,14 +213,14 @@ def test_a_full_disk_while_checkpointing_leaves_no_partial_file_and_names_the_la
     assert torch.load(tmp_path / "model_00001.pt", weights_only=True)["step"] == 2
 
 
-def start_and_signal_during_hellaswag(tmp_path, signals):
-    """A run whose first HellaSwag pass takes about half a minute, sent signals as it starts scoring."""
+def start_and_signal_during_hellaswag(tmp_path, signals, *more):
+    """A run whose first HellaSwag pass takes about half a minute, sent signals 0.3 s apart as it starts scoring."""
     hella = tmp_path / "hella.jsonl"
     with open(os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_20.jsonl")) as f:
         hella.write_text(f.read() * 100)  # 2,000 examples
     log = tmp_path / "log"
     args = [*TINY, "--n_layer", "2", "--n_embd", "64", "--hellaswag", "1", "--hellaswag_file", str(hella),
-            "--max_steps", "5", "--log_dir", str(log)]
+            "--max_steps", "5", "--log_dir", str(log), *more]
     proc = subprocess.Popen([sys.executable, "train_gpt2.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -242,7 +242,9 @@ def test_a_stop_during_hellaswag_does_not_wait_for_the_whole_pass(tmp_path):
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
-    code, stdout, stderr, dt, log = start_and_signal_during_hellaswag(tmp_path, [signal.SIGINT, signal.SIGINT])
+    # 64 micro-batches a step (about 2 s): the step after the first Ctrl-C outlasts the 0.3 s to the second
+    code, stdout, stderr, dt, log = start_and_signal_during_hellaswag(tmp_path, [signal.SIGINT, signal.SIGINT],
+                                                                      "--total_batch_size", "2048")
     assert code == 130
     assert stderr.strip() == "interrupted: stopped at once, without a checkpoint"
     assert "SIGINT: stopping after this step, with a checkpoint (Ctrl-C again to stop at once" in stdout
