@@ -6,6 +6,7 @@ import sys
 import time
 from fractions import Fraction
 
+import pytest
 import torch
 
 from conftest import error_of
@@ -21,10 +22,17 @@ def log_text(d):
     return (d / "log.txt").read_text()
 
 
-def test_a_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A 6-step run checkpointed after steps 2 and 5: what resumed runs must reproduce."""
+    a = tmp_path_factory.mktemp("uninterrupted")
     out = run(["train_gpt2.py", *TINY, "--max_steps", "6", "--checkpoint_every", "3", "--log_dir", str(a)])
     assert out.returncode == 0, out.stderr
+    return a
+
+
+def test_a_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(tmp_path, uninterrupted):
+    a, b = uninterrupted, tmp_path / "b"
     assert sorted(os.listdir(a)) == ["log.txt", "model_00002.pt", "model_00005.pt"]
     # b: the same run stopped after step 2; its log so far, then a resume from step 2's checkpoint
     b.mkdir()
@@ -179,10 +187,9 @@ def test_resume_auto_before_the_first_checkpoint_starts_over_and_keeps_the_old_l
     assert [l.split()[:2] for l in log_text(tmp_path).splitlines()] == [["0", "val"], ["0", "train"], ["1", "val"], ["1", "train"]]
 
 
-def test_a_resume_after_a_kill_between_log_and_checkpoint_logs_each_step_once(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
+def test_a_resume_after_a_kill_between_log_and_checkpoint_logs_each_step_once(tmp_path, uninterrupted):
+    a, b = uninterrupted, tmp_path / "b"
     args = ["train_gpt2.py", *TINY, "--max_steps", "6", "--checkpoint_every", "3"]
-    assert run(args + ["--log_dir", str(a)]).returncode == 0
     b.mkdir()
     (b / "log.txt").write_text(log_text(a))  # killed after logging step 5, before its checkpoint
     (b / "model_00002.pt").write_bytes((a / "model_00002.pt").read_bytes())

@@ -33,12 +33,14 @@ def read_log(log_dir):
 
 def test_readme_main_command_trains_and_samples(tmp_path):
     cmd = readme_main_command()
-    assert cmd[:2] == ["python", "train_gpt2.py"] and "input.txt" in cmd
-    out = run(cmd[1:] + ["--log_dir", str(tmp_path)])
+    assert cmd[:2] == ["python", "train_gpt2.py"] and "input.txt" in cmd and "--max_steps" in cmd
+    # the README's settings for 30 of its steps (the README's own figures are for the whole run)
+    out = run(cmd[1:] + ["--max_steps", "30", "--log_dir", str(tmp_path)])
     assert out.returncode == 0, out.stderr
+    assert "using device: cpu" in out.stdout  # auto picks the CPU here, and bf16 auto is off on it
     train = [float(loss) for step, kind, loss in read_log(tmp_path) if kind == "train"]
-    assert len(train) >= 20
-    assert train[0] - train[-1] > 2.0, train  # more than 2 nats learned
+    assert len(train) == 30
+    assert train[0] - train[-1] > 1.5, train  # 10.82 -> 8.94 measured: it learns (a broken step stays near 10.8)
     samples = re.findall(r"^rank 0 sample \d: (Hello, I'm a language model,.*)$", out.stdout, re.M)
     assert len(samples) == 4
     assert all(s.isprintable() for s in samples)
