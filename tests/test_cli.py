@@ -172,8 +172,10 @@ def test_a_read_only_log_dir_is_refused(tmp_path, monkeypatch):
             pass
 
 
-def test_a_second_run_in_the_same_log_dir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+def test_a_second_run_in_the_same_log_dir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, monkeypatch):
     import signal, time
+    import train_gpt2
+    monkeypatch.chdir(ROOT)
     first = subprocess.Popen([sys.executable, "train_gpt2.py", *SMALL, "--max_steps", "100000", "--log_dir", str(tmp_path)],
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -181,16 +183,16 @@ def test_a_second_run_in_the_same_log_dir_is_refused_and_a_killed_run_leaves_no_
         while not (tmp_path / "log.txt").exists() and time.time() < deadline:
             time.sleep(0.05)
         lines = (tmp_path / "log.txt").read_text()
-        second = run(["train_gpt2.py", *SMALL, "--max_steps", "5", "--log_dir", str(tmp_path)])
-        one_line_error(second, f"--log_dir {tmp_path} is in use by another run (pid {first.pid} on ")
-        assert "wait for it to end, or use another --log_dir" in second.stderr
+        second = error_of(train_gpt2.main, [*SMALL, "--max_steps", "5", "--log_dir", str(tmp_path)])
+        assert second.startswith(f"error: --log_dir {tmp_path} is in use by another run (pid {first.pid} on ")
+        assert second.endswith("wait for it to end, or use another --log_dir")
         assert (tmp_path / "log.txt").read_text().startswith(lines)  # the first run's log goes on, untouched
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert (tmp_path / "run.lock").exists()  # kill -9 leaves the file, but the OS released the lock
-    third = run(["train_gpt2.py", *SMALL, "--max_steps", "5", "--log_dir", str(tmp_path)])
-    one_line_error(third, "log.txt exists: continue that run with --resume auto")  # past the lock
+    third = error_of(train_gpt2.main, [*SMALL, "--max_steps", "5", "--log_dir", str(tmp_path)])
+    assert "log.txt exists: continue that run with --resume auto" in third  # past the lock
     assert not (tmp_path / "run.lock").exists()
 
 

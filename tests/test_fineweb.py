@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tiktoken
 
+from conftest import error_of
 from train_gpt2 import DataLoaderLite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,17 +94,18 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_a_rerun_never_mixes_two_shard_sets(tmp_path):
+def test_a_rerun_never_mixes_two_shard_sets(tmp_path, capsys):
     d = tmp_path / "shards"
     args = ["--data_files", DOCS, "--local_dir", str(d)]
     assert subprocess.run(fineweb(*args, "--shard_size", "5000"), cwd=ROOT, capture_output=True, timeout=300).returncode == 0
     before = {n: (d / n).read_bytes() for n in os.listdir(d)}
-    # the same again: nothing to do; another --shard_size: refused, every file as it was
-    out = subprocess.run(fineweb(*args, "--shard_size", "5000"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "already holds these 5 shards: nothing to do" in out.stdout
-    out = subprocess.run(fineweb(*args, "--shard_size", "3000"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert out.stderr.strip().startswith(f"error: {d} holds a complete shard set made with other settings")
+    # the same again: nothing to do; another --shard_size: refused, every file as it was (both decided
+    # before any tokenizing, so they run in this process)
+    import fineweb as fineweb_py
+    fineweb_py.main([*args, "--shard_size", "5000"])
+    assert "already holds these 5 shards: nothing to do" in capsys.readouterr().out
+    assert error_of(fineweb_py.main, [*args, "--shard_size", "3000"]).startswith(
+        f"error: {d} holds a complete shard set made with other settings")
     assert {n: (d / n).read_bytes() for n in os.listdir(d)} == before
     # a shard the manifest does not list is another run's: the loader refuses the mix
     np.save(d / "edufineweb_train_000009.npy", np.zeros(100, dtype=np.uint16))
@@ -111,8 +113,8 @@ def test_a_rerun_never_mixes_two_shard_sets(tmp_path):
         DataLoaderLite(2, 8, data_root=str(d))
     # shards without a manifest came from elsewhere: fineweb.py will not write beside them
     os.remove(d / "fineweb.json")
-    out = subprocess.run(fineweb(*args, "--shard_size", "5000"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.stderr.strip().startswith(f"error: {d} holds shards but no fineweb.json (made by another tool?)")
+    assert error_of(fineweb_py.main, [*args, "--shard_size", "5000"]).startswith(
+        f"error: {d} holds shards but no fineweb.json (made by another tool?)")
     assert DataLoaderLite(2, 8, data_root=str(d)).total == 23573 - 5000 + 100  # taken as they are
 
 
