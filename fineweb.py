@@ -65,6 +65,8 @@ def write_manifest(local_dir, settings, shards=None):
 
 def prepare_local_dir(local_dir, settings):
     """True if local_dir is ready for this run's shards, False if it already holds them all; else an error."""
+    if os.path.exists(local_dir) and not os.path.isdir(local_dir):
+        raise ValueError(f"--local_dir {local_dir} is a file: pass a directory")
     shards = glob.glob(os.path.join(local_dir, "edufineweb_*.npy"))
     path = os.path.join(local_dir, MANIFEST)
     if not os.path.exists(path):
@@ -178,14 +180,14 @@ def main(argv=None):
         sys.exit(f"error: cannot read the documents: {error_text(e)}")
     settings = {"data": [os.path.abspath(f) for f in args.data_files] if args.data_files
                 else "HuggingFaceFW/fineweb-edu sample-10BT", "shard_size": args.shard_size}
+    created = not os.path.exists(args.local_dir)
     try:
         if not prepare_local_dir(args.local_dir, settings):
             return
+        os.makedirs(args.local_dir, exist_ok=True)
+        write_manifest(args.local_dir, settings)  # not complete until the end
     except (ValueError, OSError) as e:
         sys.exit(f"error: {error_text(e)}")
-    created = not os.path.exists(args.local_dir)
-    os.makedirs(args.local_dir, exist_ok=True)
-    write_manifest(args.local_dir, settings)  # not complete until the end
     t0 = time.time()
     try:
         written, total = write_shards(docs, args.local_dir, args.shard_size, args.num_proc)

@@ -115,6 +115,10 @@ def test_a_rerun_never_mixes_two_shard_sets(tmp_path, capsys):
     os.remove(d / "fineweb.json")
     assert error_of(fineweb_py.main, [*args, "--shard_size", "5000"]).startswith(
         f"error: {d} holds shards but no fineweb.json (made by another tool?)")
+    (tmp_path / "file").write_text("mine")
+    assert error_of(fineweb_py.main, ["--data_files", DOCS, "--local_dir", str(tmp_path / "file")]) == \
+        f"error: --local_dir {tmp_path}/file is a file: pass a directory"
+    assert (tmp_path / "file").read_text() == "mine"
     assert DataLoaderLite(2, 8, data_root=str(d)).total == 23573 - 5000 + 100  # taken as they are
 
 
