@@ -96,3 +96,29 @@ def test_a_checkpoint_one_node_cannot_read_stops_every_node_with_the_error(tmp_p
     assert code0 != 0 and code1 != 0
     assert "error: cannot read checkpoint ckpt.pt: it is truncated" in err1
     assert 'train_gpt2.py", line' not in err0 + err1  # no traceback from the trainer on either node
+
+
+def test_no_rank_finishes_while_rank_0_is_still_writing_the_final_checkpoint(tmp_path):
+    # rank 0's torch.save takes 2 s here; without the ranks agreeing after each save, rank 1 would
+    # leave the loop, tear down the process group and exit while rank 0 still writes
+    wrapper = tmp_path / "slow_save.py"
+    wrapper.write_text(f"""import os, sys, time
+sys.path.insert(0, {ROOT!r})
+import torch, train_gpt2
+real_save = torch.save
+def slow_save(obj, f):
+    time.sleep(2)
+    real_save(obj, f)
+    open({str(tmp_path)!r} + "/saved", "w").write(repr(time.time()))
+if os.environ["RANK"] == "0":
+    torch.save = slow_save
+train_gpt2.main(sys.argv[1:])
+open({str(tmp_path)!r} + "/exited_" + os.environ["RANK"], "w").write(repr(time.time()))
+""")
+    args = [a if a != "input.txt" else os.path.join(ROOT, "input.txt") for a in TINY if a not in ("--hellaswag_file", HELLA)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+           *args, "--hellaswag", "0", "--max_steps", "2", "--log_dir", str(tmp_path / "log")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    saved, exited = (float((tmp_path / name).read_text()) for name in ("saved", "exited_1"))
+    assert exited >= saved  # rank 1 waited for the checkpoint
