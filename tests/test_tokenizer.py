@@ -1,7 +1,7 @@
 import tiktoken
 
 PROMPT = "Hello, I'm a language model,"
-PROMPT_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # REFERENCE.md
+PROMPT_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # the lecture's prompt, as GPT-2 tokenizes it
 
 
 def test_gpt2_encoding_offline_from_vendored_cache():
