@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from train_gpt2 import GPT, GPTConfig, error_text, get_device, maybe_compile, on_off, run_script, synchronize
+from train_gpt2 import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, error_text, get_device, maybe_compile, on_off, run_script, synchronize
 
 # dense bf16 tensor-core peaks from the datasheets, TFLOP/s (name as torch reports it)
 DATASHEET_BF16_TFLOPS = {"A100": 312, "H100 PCIe": 756, "H100": 989, "H200": 989, "L4": 121,
@@ -67,7 +67,7 @@ def main(argv=None):
     p.add_argument("--n_layer", type=int, default=12)
     p.add_argument("--n_head", type=int, default=12)
     p.add_argument("--n_embd", type=int, default=768)
-    p.add_argument("--vocab_size", type=int, default=50304)
+    p.add_argument("--vocab_size", type=int, default=PADDED_VOCAB_SIZE)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seq_len", type=int, default=1024)
     p.add_argument("--device", default="auto")
@@ -102,7 +102,7 @@ def main(argv=None):
     flops_per_token = 6 * n_params + 12 * args.n_layer * T * args.n_embd
     optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type=device_type)
     model = maybe_compile(model, args.compile, device_type)
-    x = torch.randint(0, min(args.vocab_size, 50257), (B, T + 1), device=device)
+    x = torch.randint(0, min(args.vocab_size, GPT2_VOCAB_SIZE), (B, T + 1), device=device)
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
     times = []

@@ -12,26 +12,23 @@ import os
 import shutil
 import sys
 
-
-from train_gpt2 import GPT2_VOCAB_SIZE, error_text, load_model, run_script
-
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+from train_gpt2 import CONV1D_WEIGHTS, EOT, GPT2_VOCAB_SIZE, HF_MASK_BUFFERS, error_text, load_model, run_script
 
 
 def export(model, out_dir):
     from transformers import GPT2Config, GPT2LMHeadModel
     c = model.config
     hf = GPT2LMHeadModel(GPT2Config(n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-                                    vocab_size=GPT2_VOCAB_SIZE, bos_token_id=50256, eos_token_id=50256))
+                                    vocab_size=GPT2_VOCAB_SIZE, bos_token_id=EOT, eos_token_id=EOT))
     sd = {}
     for k, v in model.state_dict().items():
-        if k.endswith(CONV1D):
+        if k.endswith(CONV1D_WEIGHTS):
             v = v.t()
         if k in ("transformer.wte.weight", "lm_head.weight"):
             v = v[:GPT2_VOCAB_SIZE]  # drop the padding rows
         sd[k] = v.contiguous()
     missing, unexpected = hf.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+    missing = [k for k in missing if not k.endswith(HF_MASK_BUFFERS)]
     if missing or unexpected:
         raise ValueError(f"cannot map the checkpoint onto GPT-2: missing {missing[:3]}, unexpected {unexpected[:3]}")
     tmp = out_dir.rstrip("/") + ".tmp"

@@ -30,9 +30,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from train_gpt2 import MANIFEST, error_text, run_script
-
-EOT = 50256  # <|endoftext|>
+from train_gpt2 import EOT, MANIFEST, error_text, run_script
 
 
 def tokenize(text):

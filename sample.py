@@ -5,7 +5,6 @@
 import argparse
 import sys
 
-
 from train_gpt2 import GPT2_VOCAB_SIZE, check_vocab, error_text, get_device, load_model, run_script, sample
 
 

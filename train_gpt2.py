@@ -28,11 +28,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # -----------------------------------------------------------------------------
 # The model
 
+# GPT-2's vocabulary: 50,000 BPE merges + 256 byte tokens + <|endoftext|>, the last id
+GPT2_VOCAB_SIZE = 50257
+EOT = 50256  # <|endoftext|>: GPT-2 saw it between documents
+# 50257 padded up to a multiple of 128, for a model trained from scratch (see main)
+PADDED_VOCAB_SIZE = 50304
+
 
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # longest sequence the model can read (context length)
-    vocab_size: int = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+    vocab_size: int = GPT2_VOCAB_SIZE
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -90,10 +96,12 @@ class Block(nn.Module):
         return x
 
 
-# GPT-2's real vocabulary; a model trained from scratch pads it to 50304 (see main)
-GPT2_VOCAB_SIZE = 50257
 # the published checkpoints, loadable by name through Hugging Face
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# OpenAI's checkpoints store these four weights as Conv1D, (in, out); nn.Linear wants (out, in)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# some Hugging Face checkpoints carry the causal masks as buffers: constants, not weights
+HF_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 
 class GPT(nn.Module):
@@ -191,17 +199,14 @@ class GPT(nn.Module):
         sd = model.state_dict()
         keys = list(sd)
         sd_hf = hf.state_dict()
-        # some checkpoints carry their causal masks as buffers: constants, not weights
-        keys_hf = [k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+        keys_hf = [k for k in sd_hf if not k.endswith(HF_MASK_BUFFERS)]
         if set(keys) != set(keys_hf):
             missing, extra = sorted(set(keys) - set(keys_hf)), sorted(set(keys_hf) - set(keys))
             raise ValueError(f"checkpoint {name_or_path!r} does not match GPT-2: "
                              f"missing {missing[:3]}, unexpected {extra[:3]}")
-        # OpenAI's Conv1D stores these four weights as (in, out); nn.Linear wants (out, in)
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for k in keys_hf:
-                w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+                w = sd_hf[k].t() if k.endswith(CONV1D_WEIGHTS) else sd_hf[k]
                 if w.shape != sd[k].shape:
                     raise ValueError(f"checkpoint {name_or_path!r} does not match GPT-2: {k} has shape "
                                      f"{tuple(w.shape)}, expected {tuple(sd[k].shape)}")
@@ -846,7 +851,7 @@ def main(argv=None):
                 # 50304 = 50257 padded up to a multiple of 128: GPU kernels work in power-of-two tiles, and
                 # a ragged vocabulary costs more than the 47 extra rows (93 vs 96 ms a step, A100).
                 # The padded rows never appear as targets: training drives their logits down.
-                model = GPT(GPTConfig(vocab_size=50304, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+                model = GPT(GPTConfig(vocab_size=PADDED_VOCAB_SIZE, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
             else:  # fine-tuning: the weights only, with a fresh optimizer from step 0
                 model = load_model(cfg.init_from)
             if cfg.seq_len > model.config.block_size:
