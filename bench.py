@@ -11,12 +11,12 @@ import argparse
 import platform
 import resource
 import statistics
-import sys
 import time
 
 import torch
 
-from train_gpt2 import GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, error_text, get_device, maybe_compile, on_off, run_script, synchronize
+from train_gpt2 import (GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, init_device, maybe_compile, on_off,
+                        one_line_errors, run_script, synchronize)
 
 # dense bf16 tensor-core peaks from the datasheets, TFLOP/s (name as torch reports it)
 DATASHEET_BF16_TFLOPS = {"A100": 312, "H100 PCIe": 756, "H100": 989, "H200": 989, "L4": 121,
@@ -76,7 +76,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first: compilation, allocator warm-up")
     args = p.parse_args(argv)
-    try:
+    with one_line_errors():
         for name in ("n_layer", "n_head", "n_embd", "vocab_size", "batch_size", "seq_len", "steps"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -84,12 +84,8 @@ def main(argv=None):
             raise ValueError(f"--warmup must be at least 0, got {args.warmup}")
         if args.n_embd % args.n_head:
             raise ValueError(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head}")
-        device = get_device(args.device)
-    except ValueError as e:
-        sys.exit(f"error: {error_text(e)}")
+        device = init_device(args.device)
     device_type = device.split(":")[0]
-    if device_type == "cuda":
-        torch.set_float32_matmul_precision("high")
     # the peak first, on an idle device (compile workers and the allocator not yet busy)
     peak = measured_tflops(device, torch.bfloat16 if args.bf16 else torch.float32)
     torch.manual_seed(1337)

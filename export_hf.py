@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 
-from train_gpt2 import CONV1D_WEIGHTS, EOT, GPT2_VOCAB_SIZE, HF_MASK_BUFFERS, error_text, load_model, run_script
+from train_gpt2 import CONV1D_WEIGHTS, EOT, GPT2_VOCAB_SIZE, HF_MASK_BUFFERS, load_model, one_line_errors, run_script
 
 
 def export(model, out_dir):
@@ -44,13 +44,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if os.path.exists(args.out_dir):
         sys.exit(f"error: {args.out_dir} exists: choose a new directory")
-    try:
+    with one_line_errors():
         if not args.checkpoint.endswith(".pt"):
             raise ValueError(f"{args.checkpoint!r} is not a .pt checkpoint of this project")
-        model = load_model(args.checkpoint)
-        export(model, args.out_dir)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {error_text(e)}")
+        export(load_model(args.checkpoint), args.out_dir)
     print(f"wrote {args.out_dir}: load it with GPT2LMHeadModel.from_pretrained({args.out_dir!r})")
 
 

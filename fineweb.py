@@ -30,7 +30,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from train_gpt2 import EOT, MANIFEST, error_text, run_script
+from train_gpt2 import EOT, MANIFEST, error_text, one_line_errors, run_script
 
 
 def tokenize(text):
@@ -179,13 +179,11 @@ def main(argv=None):
     settings = {"data": [os.path.abspath(f) for f in args.data_files] if args.data_files
                 else "HuggingFaceFW/fineweb-edu sample-10BT", "shard_size": args.shard_size}
     created = not os.path.exists(args.local_dir)
-    try:
+    with one_line_errors():
         if not prepare_local_dir(args.local_dir, settings):
             return
         os.makedirs(args.local_dir, exist_ok=True)
         write_manifest(args.local_dir, settings)  # not complete until the end
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {error_text(e)}")
     t0 = time.time()
     try:
         written, total = write_shards(docs, args.local_dir, args.shard_size, args.num_proc)

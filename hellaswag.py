@@ -146,7 +146,7 @@ def tally(model, batch, device, use_bf16):
 
 
 def main(argv=None):
-    from train_gpt2 import GPT2_VOCAB_SIZE, bf16_fast, check_vocab, error_text, get_device, load_model
+    from train_gpt2 import bf16_fast, init_device, load_model_for_text, one_line_errors
     p = argparse.ArgumentParser(description="Score a model on HellaSwag (completion style).")
     p.add_argument("-m", "--model", default="gpt2", help="gpt2 ... gpt2-xl, a Hugging Face GPT-2 directory, or a .pt checkpoint")
     p.add_argument("-d", "--device", default="auto")
@@ -155,8 +155,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, help="score only the first N examples (at least 1)")
     p.add_argument("--batch_size", type=int, default=16, help="examples per forward pass")
     args = p.parse_args(argv)
-    try:
-        device = get_device(args.device)
+    with one_line_errors():
+        device = init_device(args.device)
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {args.limit}")
         if args.batch_size < 1:
@@ -165,12 +165,7 @@ def main(argv=None):
         if not os.path.isfile(path):
             raise ValueError(f"data file {path!r} not found")
         examples = list(iterate_examples(path, args.limit))
-        model = load_model(args.model).to(device).eval()
-        check_vocab(model, GPT2_VOCAB_SIZE - 1, "GPT-2 text (HellaSwag)")
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {error_text(e)}")
-    if device.startswith("cuda"):
-        torch.set_float32_matmul_precision("high")
+        model = load_model_for_text(args.model, device, "GPT-2 text (HellaSwag)").eval()
     c, cn, n = evaluate(model, tqdm(examples, desc="hellaswag"), device, args.batch_size,
                         use_bf16=bf16_fast(device))
     print(f"hellaswag {os.path.basename(path)}: acc {c / n:.4f} acc_norm {cn / n:.4f} examples {n}")

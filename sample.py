@@ -3,9 +3,8 @@
     python sample.py -m log/model_19072.pt --prompt "The meaning of life is" --num_samples 4 --max_new_tokens 64
 """
 import argparse
-import sys
 
-from train_gpt2 import GPT2_VOCAB_SIZE, check_vocab, error_text, get_device, load_model, run_script, sample
+from train_gpt2 import init_device, load_model_for_text, one_line_errors, run_script, sample
 
 
 def main(argv=None):
@@ -17,15 +16,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("-d", "--device", default="auto")
     args = p.parse_args(argv)
-    try:
+    with one_line_errors():
         if args.num_samples < 1 or args.max_new_tokens < 0:
             raise ValueError("--num_samples must be at least 1 and --max_new_tokens at least 0, got "
                              f"{args.num_samples} and {args.max_new_tokens}")
-        device = get_device(args.device)
-        model = load_model(args.model).to(device)
-        check_vocab(model, GPT2_VOCAB_SIZE - 1, "GPT-2 text (--prompt)")
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {error_text(e)}")
+        device = init_device(args.device)
+        model = load_model_for_text(args.model, device, "GPT-2 text (--prompt)")
     for i, text in enumerate(sample(model, device, args.num_samples, args.max_new_tokens, args.seed, args.prompt)):
         print(f"sample {i}: {text}")
 

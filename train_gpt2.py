@@ -539,22 +539,39 @@ def run_script(main, interrupted="interrupted"):
         sys.exit(130)  # 128 + SIGINT, as a shell reports it
 
 
-def get_device(requested="auto"):
-    """The fastest device there is (cuda, then Apple's mps, then cpu), or the one asked for."""
+@contextlib.contextmanager
+def one_line_errors():
+    """What a user sees of a ValueError or OSError: one line on stderr and exit code 1, no traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {error_text(e)}")
+
+
+def init_device(requested="auto"):
+    """The device to run on, set up: the fastest there is (cuda, then Apple's mps, then cpu), or the one asked for."""
+    device = requested
     if requested == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    kind = requested.split(":")[0]
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = device.split(":")[0]
     if kind not in ("cuda", "mps", "cpu"):
         raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {requested!r} asked for, but this torch sees no CUDA GPU: use --device cpu")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {requested!r} asked for, but MPS is not available here: use --device cpu")
-    return requested
+    if kind == "cuda":
+        # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa, ~3x faster on A100/H100; the
+        # weights and activations stay fp32 and training does not notice the lost precision
+        torch.set_float32_matmul_precision("high")
+    return device
+
+
+def load_model_for_text(name_or_path, device, what):
+    """A model for the scripts that feed it GPT-2's tokens: loaded, on device, checked to read them all."""
+    model = load_model(name_or_path).to(device)
+    check_vocab(model, GPT2_VOCAB_SIZE - 1, what)
+    return model
 
 
 def any_rank(flag, device, ddp):
@@ -827,7 +844,7 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")  # the other ranks keep quiet (errors still reach stderr)
     try:  # the same settings on every rank: if these fail, they fail on all of them alike
         check_config(cfg, world_size)
-        device = get_device(cfg.device)
+        device = init_device(cfg.device)
         if cfg.bf16 == "auto":  # decided once, here: the checkpoint records what the run really did
             cfg.bf16 = bf16_fast(device)
     except ValueError as e:
@@ -901,10 +918,6 @@ def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, dd
     master_process = rank == 0
     device_type = device.split(":")[0]  # cuda, mps or cpu
     print(f"using device: {device}" + (f", {world_size} processes" if ddp else ""))
-    if device.startswith("cuda"):
-        # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa, ~3x faster on A100/H100; the
-        # weights and activations stay fp32 and training does not notice the lost precision
-        torch.set_float32_matmul_precision("high")
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     # a 0.5M-token batch does not fit in memory at once: add up the gradients of several micro-batches
     grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * world_size)

@@ -91,12 +91,19 @@ def test_sequence_longer_than_block_size_is_a_clear_error(hf_checkpoint):
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-def test_get_device_picks_cpu_without_a_gpu_and_honours_an_override():
-    from train_gpt2 import get_device
-    assert get_device("auto") == "cpu"  # the tests hide any GPU
-    assert get_device("cpu") == "cpu"
+def test_init_device_picks_cpu_without_a_gpu_and_honours_an_override(monkeypatch):
+    from train_gpt2 import init_device
+    assert init_device("auto") == "cpu"  # the tests hide any GPU
+    assert init_device("cpu") == "cpu"
+    assert torch.get_float32_matmul_precision() == "highest"  # full fp32 on the CPU
     with pytest.raises(ValueError, match="unknown device"):
-        get_device("gpu0")
+        init_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as if on a GPU machine
+    try:
+        assert init_device("auto") == "cuda"
+        assert torch.get_float32_matmul_precision() == "high"  # TF32 matmuls, set up with the device
+    finally:
+        torch.set_float32_matmul_precision("highest")
 
 
 def test_weight_tying_and_the_124M_parameter_count():
