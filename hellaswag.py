@@ -146,6 +146,8 @@ def tally(model, batch, device, use_bf16):
 
 
 def main(argv=None):
+    # the command line needs the trainer's model loader; the trainer imports this file, so the
+    # import is made here, when the command runs, and importing hellaswag stays free of it
     from train_gpt2 import bf16_fast, init_device, load_model_for_text, one_line_errors
     p = argparse.ArgumentParser(description="Score a model on HellaSwag (completion style).")
     p.add_argument("-m", "--model", default="gpt2", help="gpt2 ... gpt2-xl, a Hugging Face GPT-2 directory, or a .pt checkpoint")
@@ -172,5 +174,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # run as a script, this file is the module __main__: the trainer's `import hellaswag` must find
+    # this module, not load the file a second time as another
+    sys.modules["hellaswag"] = sys.modules[__name__]
     from train_gpt2 import run_script
     run_script(main)

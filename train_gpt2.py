@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import tiktoken
-import hellaswag
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hellaswag  # downloads, renders and scores HellaSwag; it imports nothing of ours
 
 # -----------------------------------------------------------------------------
 # The model

@@ -114,3 +114,15 @@ def test_a_bad_hellaswag_file_is_a_one_line_error_in_the_scorer_and_in_training(
                                        "--warmup_steps", "1", "--compile", "0", "--log_dir", str(tmp_path / "log")])
     assert error.startswith(f"error: --hellaswag_file: {bad} line 2: 'endings' must be a list of 4 texts, got 3")
     assert not (tmp_path / "log" / "log.txt").exists()
+
+
+def test_hellaswag_is_a_leaf_that_its_own_command_loads_once():
+    # importing it loads nothing of ours: the trainer imports it, so it must not import the trainer
+    out = subprocess.run([sys.executable, "-c", "import sys, hellaswag; print([m for m in sys.modules if m in "
+                          "('train_gpt2', 'sample', 'export_hf', 'bench', 'fineweb')])"], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout == "[]\n", out.stderr
+    # run as a script it is the module __main__, and the trainer it loads for its model finds it there
+    out = subprocess.run([sys.executable, "-X", "importtime", "hellaswag.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "--data_file" in out.stdout
+    loaded = re.findall(r"\| +(\w+)$", out.stderr, re.M)
+    assert "train_gpt2" in loaded and "hellaswag" not in loaded
