@@ -173,8 +173,6 @@ class GPT(nn.Module):
         # activations, wrong for biases and LayerNorm gains (1-D), whose 0 means nothing special
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        print(f"decayed tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
-        print(f"non-decayed tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # the fused kernel updates every tensor in one launch instead of several per tensor (CUDA only)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
@@ -364,8 +362,9 @@ class DataLoaderLite:
         if self.total < B * T * num_processes + 1:
             raise ValueError(f"{data_root} ({split}) has {self.total} tokens, fewer than one step of "
                              f"B*T*processes+1 = {B * T * num_processes + 1}")
-        print(f"{data_root} ({split}): {self.total:,} tokens in {len(self.shards)} shard(s), "
-              f"1 epoch = {self.total // (B * T * num_processes)} steps of {B}x{T}x{num_processes}")
+        if process_rank == 0:  # one line per split, not one per process
+            print(f"{data_root} ({split}): {self.total:,} tokens in {len(self.shards)} shard(s), "
+                  f"1 epoch = {self.total // (B * T * num_processes)} steps of {B}x{T}x{num_processes}")
         self.cache = {}  # shard index -> tokens; at most two shards in memory
         self.reset()
 
@@ -405,11 +404,74 @@ class DataLoaderLite:
 
 
 # -----------------------------------------------------------------------------
+# The processes: one, or many started by torchrun
+
+
+def init_device(requested="auto"):
+    """The device to run on, set up: the fastest there is (cuda, then Apple's mps, then cpu), or the one asked for."""
+    device = requested
+    if requested == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} asked for, but this torch sees no CUDA GPU: use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {requested!r} asked for, but MPS is not available here: use --device cpu")
+    if kind == "cuda":
+        # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa, ~3x faster on A100/H100; the
+        # weights and activations stay fp32 and training does not notice the lost precision
+        torch.set_float32_matmul_precision("high")
+    return device
+
+
+@dataclass
+class World:
+    """This process's place in the run: which process it is, of how many, on which device."""
+    rank: int = 0  # among all the processes, on every machine
+    local_rank: int = 0  # among the processes on this machine: which GPU it drives
+    world_size: int = 1
+    ddp: bool = False  # started by torchrun: the processes train one model together
+    device: str = "cpu"
+
+    @classmethod
+    def from_env(cls, requested_device="auto"):
+        """torchrun tells each process who it is in environment variables; a plain run is a world of one."""
+        ddp = "RANK" in os.environ
+        rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+        device = init_device(requested_device)
+        if ddp and device.startswith("cuda"):
+            device = f"cuda:{local_rank}"  # one GPU per process
+            torch.cuda.set_device(device)
+        return cls(rank, local_rank, world_size, ddp, device)
+
+    @property
+    def device_type(self):
+        return self.device.split(":")[0]  # cuda, mps or cpu: what autocast wants, never 'cuda:3'
+
+    @property
+    def master(self):
+        return self.rank == 0  # rank 0 alone prints, logs and writes files
+
+    def print(self, *args):
+        if self.master:
+            print(*args)
+
+    def any(self, flag):
+        """True on every process if flag is true on any of them: how the processes agree to stop or fail together."""
+        t = torch.tensor(float(flag), device=self.device)
+        if self.ddp:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+# -----------------------------------------------------------------------------
 # Evaluation
 
 
 @torch.no_grad()
-def evaluate_loss(model, val_loader, val_steps, device, use_bf16, ddp):
+def evaluate_loss(model, val_loader, val_steps, world, use_bf16=False):
     """Mean loss over the first val_steps chunks of the val split, the same on any number of processes.
 
     val_loader's process r reads chunks r, r + N, r + 2N, ...: together the processes cover
@@ -418,20 +480,20 @@ def evaluate_loss(model, val_loader, val_steps, device, use_bf16, ddp):
     model.eval()
     val_loader.reset()
     n_mine = len(range(val_loader.process_rank, val_steps, val_loader.num_processes))
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=world.device)
     for _ in range(n_mine):
         x, y = val_loader.next_batch()
-        x, y = x.to(device), y.to(device)
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+        x, y = x.to(world.device), y.to(world.device)
+        with torch.autocast(device_type=world.device_type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(x, y)[1]  # the logits are dropped at once, not kept until the next batch
         loss_sum += loss.float()
-    if ddp:
+    if world.ddp:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)  # sum, then divide: gloo lacks AVG
     model.train()
     return loss_sum.item() / val_steps
 
 
-def load_hellaswag(cfg, ddp, local_rank, device):
+def load_hellaswag(cfg, world):
     """The HellaSwag val examples for evaluation in the loop, or None (switched off or unavailable).
 
     Every rank gets the same answer: if one lacks the data (a node that could not download it),
@@ -442,12 +504,12 @@ def load_hellaswag(cfg, ddp, local_rank, device):
     path, reason = cfg.hellaswag_file, None
     if not path:  # the cached val split; each node's local rank 0 downloads it (nodes may not share disks)
         path = os.path.join(hellaswag.DATA_CACHE_DIR, "hellaswag_val.jsonl")
-        if local_rank == 0:
+        if world.local_rank == 0:
             try:
                 hellaswag.download("val")
             except Exception as e:  # offline, say
                 reason = error_text(e)
-        if ddp:
+        if world.ddp:
             dist.barrier()
     examples, error = None, None
     if os.path.isfile(path):
@@ -455,20 +517,20 @@ def load_hellaswag(cfg, ddp, local_rank, device):
             examples = list(hellaswag.iterate_examples(path))
         except (ValueError, OSError) as e:
             error = error_text(e)
-    if any_rank(error is not None, device, ddp):  # a bad file on one node stops every rank
+    if world.any(error is not None):  # a bad file on one node stops every rank
         raise ValueError(error or "another process cannot read its HellaSwag file")
-    n = torch.tensor(len(examples) if examples else -1, device=device)
-    if ddp:  # the largest count; then does any rank hold another one (or none)?
+    n = torch.tensor(len(examples) if examples else -1, device=world.device)
+    if world.ddp:  # the largest count; then does any rank hold another one (or none)?
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    if any_rank(examples is None or len(examples) != n.item(), device, ddp):
-        print(f"hellaswag: no data ({reason or path + ' not found'}" + (" on some node" if ddp else "") +
-              "): training goes on without it")
+    if world.any(examples is None or len(examples) != n.item()):
+        world.print(f"hellaswag: no data ({reason or path + ' not found'}" + (" on some node" if world.ddp else "") +
+                    "): training goes on without it")
         return None
     return examples
 
 
 @torch.no_grad()
-def evaluate_hellaswag(model, examples, device, use_bf16, rank, world_size, ddp, should_stop=lambda: False):
+def evaluate_hellaswag(model, examples, world, use_bf16=False, should_stop=lambda: False):
     """acc_norm over all examples: each rank scores every world_size-th one, then the counts add up.
 
     The examples go in rounds of 64 per rank, and between rounds the ranks ask each other whether
@@ -476,18 +538,18 @@ def evaluate_hellaswag(model, examples, device, use_bf16, rank, world_size, ddp,
     Returns None when it stopped early.
     """
     model.eval()
-    counts = torch.zeros(2, dtype=torch.long, device=device)  # correct (acc_norm), total
-    per_round = 64 * world_size  # a multiple of world_size: rank r still scores examples r, r + N, ...
+    counts = torch.zeros(2, dtype=torch.long, device=world.device)  # correct (acc_norm), total
+    per_round = 64 * world.world_size  # a multiple of world_size: rank r still scores examples r, r + N, ...
     for start in range(0, len(examples), per_round):
-        if any_rank(should_stop(), device, ddp):
+        if world.any(should_stop()):
             model.train()
             return None
-        mine = examples[start:start + per_round][rank::world_size]
+        mine = examples[start:start + per_round][world.rank::world.world_size]
         if mine:
-            _, correct_norm, total = hellaswag.evaluate(model, mine, device, use_bf16=use_bf16)
-            counts += torch.tensor([correct_norm, total], device=device)
+            _, correct_norm, total = hellaswag.evaluate(model, mine, world.device, use_bf16=use_bf16)
+            counts += torch.tensor([correct_norm, total], device=world.device)
     model.train()
-    if ddp:
+    if world.ddp:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     return counts[0].item() / counts[1].item()
 
@@ -549,38 +611,11 @@ def one_line_errors():
         sys.exit(f"error: {error_text(e)}")
 
 
-def init_device(requested="auto"):
-    """The device to run on, set up: the fastest there is (cuda, then Apple's mps, then cpu), or the one asked for."""
-    device = requested
-    if requested == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    kind = device.split(":")[0]
-    if kind not in ("cuda", "mps", "cpu"):
-        raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {requested!r} asked for, but this torch sees no CUDA GPU: use --device cpu")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {requested!r} asked for, but MPS is not available here: use --device cpu")
-    if kind == "cuda":
-        # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa, ~3x faster on A100/H100; the
-        # weights and activations stay fp32 and training does not notice the lost precision
-        torch.set_float32_matmul_precision("high")
-    return device
-
-
 def load_model_for_text(name_or_path, device, what):
     """A model for the scripts that feed it GPT-2's tokens: loaded, on device, checked to read them all."""
     model = load_model(name_or_path).to(device)
     check_vocab(model, GPT2_VOCAB_SIZE - 1, what)
     return model
-
-
-def any_rank(flag, device, ddp):
-    """True on every process if flag is true on any of them: how the ranks agree to stop or fail together."""
-    t = torch.tensor(float(flag), device=device)
-    if ddp:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def synchronize(device):
@@ -591,18 +626,18 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
-def maybe_compile(model, enabled, device_type):
-    """torch.compile the model where it can run; where it cannot, say why and stay eager."""
+def maybe_compile(model, enabled, device_type, log=print):
+    """torch.compile the model where it can run; where it cannot, say why (through log) and stay eager."""
     if not enabled:
         return model
     if device_type == "cpu" and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "c++", "g++")):
-        print("compile: no C/C++ compiler found (the CPU backend needs one): running eager; "
+        log("compile: no C/C++ compiler found (the CPU backend needs one): running eager; "
               "install gcc or pass --compile 0")
         return model
     try:
         return torch.compile(model)
     except Exception as e:  # e.g. a Python release torch.compile does not support yet
-        print(f"compile: unavailable ({error_text(e)}): running eager; pass --compile 0")
+        log(f"compile: unavailable ({error_text(e)}): running eager; pass --compile 0")
         return model
 
 
@@ -837,32 +872,21 @@ STOPPED = 75
 
 def main(argv=None):
     cfg = parse_args(argv)
-    # torchrun starts one process per device and tells each who it is; a plain run is a world of one
-    ddp = "RANK" in os.environ
-    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    master_process = rank == 0  # rank 0 alone prints, logs and writes files
-    if not master_process:
-        sys.stdout = open(os.devnull, "w")  # the other ranks keep quiet (errors still reach stderr)
-    try:  # the same settings on every rank: if these fail, they fail on all of them alike
-        check_config(cfg, world_size)
-        device = init_device(cfg.device)
+    with one_line_errors():  # the same settings on every rank: if these fail, they fail on all of them alike
+        world = World.from_env(cfg.device)
+        check_config(cfg, world.world_size)
         if cfg.bf16 == "auto":  # decided once, here: the checkpoint records what the run really did
-            cfg.bf16 = bf16_fast(device)
-    except ValueError as e:
-        sys.exit(f"error: {error_text(e)}")
-    if ddp:
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"  # one GPU per process
-            torch.cuda.set_device(device)
+            cfg.bf16 = bf16_fast(world.device)
+    if world.ddp:
         # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend="nccl" if world.device_type == "cuda" else "gloo")
     claim = contextlib.ExitStack()  # holds the log_dir for the whole run (rank 0)
     try:
         # from here a step may fail on one rank only (a checkpoint one node cannot read, say): the
         # ranks agree after each stage, so all stop with the error instead of waiting for each other
         error = None
         try:
-            if master_process:  # before any work: a log_dir that cannot be used fails now, not after an hour
+            if world.master:  # before any work: a log_dir that cannot be used fails now, not after an hour
                 claim.enter_context(claim_log_dir(cfg.log_dir))
             torch.manual_seed(cfg.seed)  # the same initial weights on every rank
             if cfg.init_from == "scratch":
@@ -874,10 +898,10 @@ def main(argv=None):
                 model = load_model(cfg.init_from)
             if cfg.seq_len > model.config.block_size:
                 raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
-            train_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=rank,
-                                          num_processes=world_size, split="train", data_root=cfg.data)
-            val_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=rank,
-                                        num_processes=world_size, split="val", data_root=cfg.data)
+            train_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=world.rank,
+                                          num_processes=world.world_size, split="train", data_root=cfg.data)
+            val_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=world.rank,
+                                        num_processes=world.world_size, split="val", data_root=cfg.data)
             for loader in (train_loader, val_loader):
                 check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
             checkpoint = None
@@ -888,60 +912,61 @@ def main(argv=None):
                 train_loader.offset = checkpoint["train_loader"]["offset"]
                 del checkpoint["model"]  # copied into the model: free it now
             elif cfg.resume:  # killed before its first checkpoint: there is nothing to continue
-                print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
+                world.print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
             elif os.path.exists(os.path.join(cfg.log_dir, "log.txt")):
                 raise ValueError(f"{os.path.join(cfg.log_dir, 'log.txt')} exists: continue that run with --resume auto, "
                                  "or start this one in another --log_dir")
-            if master_process:
+            if world.master:
                 start_log(os.path.join(cfg.log_dir, "log.txt"), checkpoint["step"] if checkpoint else 0)
         except (ValueError, OSError) as e:
             error = error_text(e)
-        if any_rank(error is not None, device, ddp):
+        if world.any(error is not None):
             claim.close()
             sys.exit(f"error: {error}" if error else 1)  # the rank that failed says why
         with claim:
             try:
-                examples = load_hellaswag(cfg, ddp, local_rank, device)
+                examples = load_hellaswag(cfg, world)
             except ValueError as e:
                 sys.exit(f"error: --hellaswag_file: {error_text(e)}")
-            stopped = train(cfg, model, train_loader, val_loader, examples, checkpoint, device, ddp, rank, world_size)
+            stopped = train(cfg, world, model, train_loader, val_loader, examples, checkpoint)
     except torch._dynamo.exc.TorchDynamoException as e:
         # compiling happens at the first forward, not at torch.compile(): a missing compiler shows up here
         sys.exit(f"error: torch.compile failed ({error_text(e)}): pass --compile 0 to train without it")
     finally:
-        if ddp:
+        if world.ddp:
             dist.destroy_process_group()
     if stopped:
         sys.exit(STOPPED)
 
 
-def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, ddp, rank, world_size):
-    master_process = rank == 0
-    device_type = device.split(":")[0]  # cuda, mps or cpu
-    print(f"using device: {device}" + (f", {world_size} processes" if ddp else ""))
-    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
+def train(cfg, world, model, train_loader, val_loader, examples, checkpoint):
+    device = world.device
+    world.print(f"using device: {device}" + (f", {world.world_size} processes" if world.ddp else ""))
+    world.print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     # a 0.5M-token batch does not fit in memory at once: add up the gradients of several micro-batches
-    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * world_size)
-    print(f"total batch {cfg.total_batch_size:,} tokens = {grad_accum_steps} micro-batches of "
-          f"{cfg.batch_size} x {cfg.seq_len} on each of {world_size} processes")
+    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * world.world_size)
+    world.print(f"total batch {cfg.total_batch_size:,} tokens = {grad_accum_steps} micro-batches of "
+                f"{cfg.batch_size} x {cfg.seq_len} on each of {world.world_size} processes")
     model.to(device)
     # compile fuses the model's elementwise ops into a few kernels and cuts Python overhead; the
     # compiled module shares raw_model's weights, and raw_model stays for sampling (other shapes)
     raw_model = model
-    model = eval_model = maybe_compile(model, cfg.compile, device_type)  # eval_model: no DDP wrapper
-    if ddp:
+    model = eval_model = maybe_compile(model, cfg.compile, world.device_type, log=world.print)  # eval_model: no DDP
+    if world.ddp:
         # DDP averages the gradients of all processes during backward, bucket by bucket
-        model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
+        model = DDP(model, device_ids=[world.local_rank] if world.device_type == "cuda" else None)
 
     log_file = os.path.join(cfg.log_dir, "log.txt")  # only ever appended to: a resumed run adds its lines
 
     # GPT-3's AdamW: beta2 0.95 (not 0.999) lets the second moment follow the gradients' scale faster
     optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
-                                               device_type=device_type)
+                                               device_type=world.device_type)
+    for kind, group in zip(("decayed", "non-decayed"), optimizer.param_groups):
+        world.print(f"{kind} tensors: {len(group['params'])}, with {sum(p.numel() for p in group['params']):,} parameters")
     start_step = 0
     if checkpoint is not None:  # the weights and the data position were restored before compiling
-        start_step = restore_training_state(checkpoint, optimizer, device_type)
-        print(f"resuming at step {start_step} from {cfg.resume}")
+        start_step = restore_training_state(checkpoint, optimizer, world.device_type)
+        world.print(f"resuming at step {start_step} from {cfg.resume}")
     last_saved = None  # named when the disk fills up: the checkpoint to go back to
 
     # a pre-empted machine gets SIGTERM, a person presses Ctrl-C: finish the step, checkpoint, exit
@@ -950,7 +975,7 @@ def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, dd
         if stop["requested"]:  # asked twice: the user will not wait for the checkpoint
             raise KeyboardInterrupt
         stop["requested"] = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+        world.print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
               "(Ctrl-C again to stop at once, without one)")
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
@@ -959,25 +984,25 @@ def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, dd
         for step in range(start_step, cfg.max_steps):
             last_step = step == cfg.max_steps - 1
             if step % cfg.eval_every == 0 or last_step:
-                val_loss = evaluate_loss(eval_model, val_loader, cfg.val_steps, device, cfg.bf16, ddp)
-                print(f"validation loss: {val_loss:.4f}")
-                if master_process:
+                val_loss = evaluate_loss(eval_model, val_loader, cfg.val_steps, world, cfg.bf16)
+                world.print(f"validation loss: {val_loss:.4f}")
+                if world.master:
                     with open(log_file, "a") as f:
                         f.write(f"{step} val {val_loss:.4f}\n")
                 if examples is not None:  # scored with the eager model: its shapes vary from batch to batch
-                    acc_norm = evaluate_hellaswag(raw_model, examples, device, cfg.bf16, rank, world_size, ddp,
+                    acc_norm = evaluate_hellaswag(raw_model, examples, world, cfg.bf16,
                                                   should_stop=lambda: stop["requested"])
                     if acc_norm is None:
-                        print("HellaSwag: cut short, a stop was requested")
+                        world.print("HellaSwag: cut short, a stop was requested")
                     else:
-                        print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(examples)} examples")
-                    if master_process and acc_norm is not None:
+                        world.print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(examples)} examples")
+                    if world.master and acc_norm is not None:
                         with open(log_file, "a") as f:
                             f.write(f"{step} hella {acc_norm:.4f}\n")
-            if (step > 0 and step % cfg.sample_every == 0) or last_step:
+            if world.master and ((step > 0 and step % cfg.sample_every == 0) or last_step):
                 # the eager model again: each new token makes a new shape, which would recompile every time
-                for i, text in enumerate(sample(raw_model, device, seed=42 + rank)):
-                    print(f"rank {rank} sample {i}: {text}")
+                for i, text in enumerate(sample(raw_model, device)):
+                    print(f"sample {i}: {text}")
 
             t0 = time.time()
             optimizer.zero_grad()
@@ -988,10 +1013,10 @@ def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, dd
                 # DDP would average gradients after every backward; only the last micro-step's is needed.
                 # no_sync() must wrap the forward too: DDP decides during the forward what backward does
                 last = micro_step == grad_accum_steps - 1
-                with model.no_sync() if ddp and not last else contextlib.nullcontext():
+                with model.no_sync() if world.ddp and not last else contextlib.nullcontext():
                     # bf16 autocast: matmuls run in bfloat16 (fp32's range, 8 bits of mantissa), parameters
                     # and the loss stay fp32. autocast wants the device *type*: 'cuda', never 'cuda:3'
-                    with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    with torch.autocast(device_type=world.device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
                         # [1], not `logits, loss =`: a name would keep this step's (B, T, vocab) logits
                         # alive through the next micro-step's forward (6 GiB at B=64 in bf16)
                         loss = model(x, y)[1]
@@ -1000,9 +1025,9 @@ def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, dd
                     loss = loss / grad_accum_steps
                     loss_accum += loss.detach()
                     loss.backward()
-            if ddp:  # the loss to print is the mean over all processes (sum, then divide: gloo lacks AVG)
+            if world.ddp:  # the loss to print is the mean over all processes (sum, then divide: gloo lacks AVG)
                 dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
-                loss_accum /= world_size
+                loss_accum /= world.world_size
             if not torch.isfinite(loss_accum):  # every rank sees the same reduced loss, so all stop together
                 sys.exit(f"error: the loss is {loss_accum.item()} at step {step}: stopping before the weights are "
                          f"updated; the checkpoints already in {cfg.log_dir} are untouched (try a lower --max_lr)")
@@ -1015,19 +1040,19 @@ def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, dd
             optimizer.step()
             synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
             dt = time.time() - t0
-            tokens_per_sec = train_loader.B * train_loader.T * grad_accum_steps * world_size / dt
-            print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
+            tokens_per_sec = train_loader.B * train_loader.T * grad_accum_steps * world.world_size / dt
+            world.print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
                   f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}")
-            if master_process:
+            if world.master:
                 with open(log_file, "a") as f:
                     f.write(f"{step} train {loss_accum.item():.6f}\n")
 
             # the signal may reach the ranks at different steps: stop when any of them got it
-            stopping = any_rank(stop["requested"], device, ddp)
+            stopping = world.any(stop["requested"])
             if (step + 1) % cfg.checkpoint_every == 0 or last_step or stopping:
                 path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
                 error = None
-                if master_process:
+                if world.master:
                     try:
                         save_checkpoint(path, raw_model, optimizer, step + 1, cfg, train_loader)
                         print(f"saved {path}")
@@ -1037,10 +1062,10 @@ def train(cfg, model, train_loader, val_loader, examples, checkpoint, device, dd
                                  (f"the last good checkpoint is {last_saved}" if last_saved else
                                   f"this run wrote none yet, and those already in {cfg.log_dir} are untouched"))
                 # every rank waits here for rank 0's write, so none tears the process group down while it writes
-                if any_rank(error is not None, device, ddp):
+                if world.any(error is not None):
                     sys.exit(f"error: {error}" if error else 1)
                 if stopping:
-                    print(f"stopped at step {step}: continue with --resume auto --log_dir {cfg.log_dir}")
+                    world.print(f"stopped at step {step}: continue with --resume auto --log_dir {cfg.log_dir}")
                     break
     finally:
         for sig, handler in previous.items():

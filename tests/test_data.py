@@ -126,16 +126,16 @@ def test_missing_or_bad_data_is_a_clear_error(tmp_path, shard_dir):
 
 
 def test_val_loss_is_the_mean_over_the_first_val_steps_chunks(shard_dir):
-    from train_gpt2 import GPT, GPTConfig, evaluate_loss
+    from train_gpt2 import GPT, GPTConfig, World, evaluate_loss
     d, _ = shard_dir
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=65536, n_layer=1, n_head=1, n_embd=8))
     val = DataLoaderLite(1, 4, split="val", data_root=str(d))
-    loss = evaluate_loss(model, val, 3, "cpu", False, False)
+    loss = evaluate_loss(model, val, 3, World())
     val.reset()
     expected = sum(model(*val.next_batch())[1].item() for _ in range(3)) / 3
     assert abs(loss - expected) < 1e-6
-    assert abs(evaluate_loss(model, val, 3, "cpu", False, False) - loss) < 1e-7  # from the start each time
+    assert abs(evaluate_loss(model, val, 3, World()) - loss) < 1e-7  # from the start each time
 
 
 def test_token_ids_beyond_the_models_vocabulary_are_refused_before_training(shard_dir, tmp_path, hf_checkpoint):

@@ -85,7 +85,10 @@ def test_the_optimizer_steps_with_the_clipped_gradient(tmp_path, monkeypatch, ca
                      "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "32", "--compile", "0",
                      "--max_steps", "3", "--max_lr", "1e-3", "--warmup_steps", "1", "--device", "cpu",
                      "--log_dir", str(tmp_path)])
-    printed = [float(n) for n in re.findall(r"\| norm ([0-9.]+) \|", capsys.readouterr().out)]
+    out = capsys.readouterr().out
+    # wte, wpe and 2 blocks of 4 matrices; 2 blocks of 2 LayerNorms (weight, bias) and 4 biases, and ln_f
+    assert "decayed tensors: 10, with 1,667,072 parameters" in out and "non-decayed tensors: 18, with 896 parameters" in out
+    printed = [float(n) for n in re.findall(r"\| norm ([0-9.]+) \|", out)]
     assert len(seen) == len(printed) == 3 and printed[0] > 1.0  # the printed norm is the one before clipping
     assert abs(seen[0] - 1.0) < 1e-4  # what the optimizer saw: scaled down to exactly 1
     assert all(n <= 1.0 + 1e-4 for n in seen)
@@ -105,7 +108,7 @@ def test_get_lr_warmup_cosine_and_floor():
     assert get_lr(step=0, warmup_steps=0, max_steps=10, max_lr=1.0, min_lr=0.1) == 1.0
 
 
-def test_configure_optimizers_groups_for_gpt2_124M(capsys):
+def test_configure_optimizers_groups_for_gpt2_124M():
     with torch.device("meta"):  # shapes are all that matter here
         model = GPT(GPTConfig(vocab_size=50304))
     optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
@@ -115,9 +118,6 @@ def test_configure_optimizers_groups_for_gpt2_124M(capsys):
     assert len(no_decay["params"]) == 98 and sum(p.numel() for p in no_decay["params"]) == 121_344
     assert decay["betas"] == (0.9, 0.95) and decay["eps"] == 1e-8 and decay["lr"] == 6e-4
     assert not decay["fused"]  # fused AdamW is for CUDA only
-    out = capsys.readouterr().out
-    assert "decayed tensors: 50, with 124,354,560 parameters" in out
-    assert "non-decayed tensors: 98, with 121,344 parameters" in out
 
 
 def test_accumulated_gradient_of_micro_batches_equals_the_one_batch_gradient():
@@ -149,7 +149,7 @@ def test_compiled_run_with_hellaswag_and_sampling_in_the_loop(tmp_path, capsys):
     out = capsys.readouterr().out
     kinds = [line.split()[1] for line in (tmp_path / "log.txt").read_text().splitlines()]
     assert (kinds.count("train"), kinds.count("val"), kinds.count("hella")) == (4, 4, 4)
-    assert out.count("rank 0 sample 3: Hello, I'm a language model,") == 3  # steps 1, 2, 3
+    assert out.count("sample 3: Hello, I'm a language model,") == 3  # steps 1, 2, 3
     # 4 HellaSwag passes of varied shapes and 3 rounds of 32-token sampling, yet only the
     # training and validation graphs were compiled: eval runs on the eager model
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3

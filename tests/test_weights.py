@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel
 
 from conftest import make_hf_checkpoint
 from test_cli import ROOT, read_log, run
-from train_gpt2 import DataLoaderLite, evaluate_loss, load_model
+from train_gpt2 import DataLoaderLite, World, evaluate_loss, load_model
 
 TINY = ["--data", "input.txt", "--hellaswag", "0", "--batch_size", "2", "--seq_len", "16",
         "--total_batch_size", "32", "--warmup_steps", "1", "--eval_every", "1000", "--val_steps", "3",
@@ -58,7 +58,7 @@ def test_init_from_a_checkpoint_starts_from_its_weights(checkpoint, tmp_path):
     first_val = next(float(l) for s, k, l in read_log(tmp_path) if k == "val" and s == "0")
     model = load_model(checkpoint)
     val = DataLoaderLite(2, 16, split="val", data_root=os.path.join(ROOT, "input.txt"))
-    assert abs(first_val - evaluate_loss(model, val, 3, "cpu", False, False)) < 1e-4
+    assert abs(first_val - evaluate_loss(model, val, 3, World())) < 1e-4
 
 
 def test_fine_tune_a_hugging_face_checkpoint_on_input_txt(tmp_path):
