@@ -242,8 +242,8 @@ def read_checkpoint(path, keys=("model", "model_config")):
     return checkpoint
 
 
-def load_weights(model, state_dict, path):
-    """Copy a checkpoint's weights into model, or say which tensor does not fit."""
+def check_weights(model, state_dict, path):
+    """A checkpoint's weights must fit model tensor for tensor: else say which one does not."""
     expected = model.state_dict()
     if not isinstance(state_dict, dict) or set(state_dict) != set(expected):
         raise ValueError(f"checkpoint {path} does not hold this model's weights (other tensor names): "
@@ -253,7 +253,6 @@ def load_weights(model, state_dict, path):
             shape = tuple(getattr(state_dict[k], "shape", ()))
             raise ValueError(f"checkpoint {path} does not fit the model: {k} has shape {shape}, "
                              f"the model's is {tuple(v.shape)}")
-    model.load_state_dict(state_dict)
 
 
 def load_model(name_or_path):
@@ -264,7 +263,8 @@ def load_model(name_or_path):
             model = GPT(GPTConfig(**checkpoint["model_config"]))
         except (TypeError, AssertionError) as e:
             raise ValueError(f"checkpoint {name_or_path} has an unusable model_config ({error_text(e)})") from None
-        load_weights(model, checkpoint["model"], name_or_path)
+        check_weights(model, checkpoint["model"], name_or_path)
+        model.load_state_dict(checkpoint["model"])
         return model
     return GPT.from_pretrained(name_or_path)
 
@@ -371,6 +371,12 @@ class DataLoaderLite:
     def reset(self):
         self.offset = 0  # where the current step's chunk 0 starts in the stream
 
+    def state_dict(self):
+        return {"offset": self.offset}  # the position in the stream is all a resume needs
+
+    def load_state_dict(self, state):
+        self.offset = state["offset"]
+
     def shard(self, i):
         if isinstance(self.shards[i], np.ndarray):
             return self.shards[i]
@@ -401,6 +407,14 @@ class DataLoaderLite:
         y = buf[1:].view(B, T)  # targets: each input's next token
         self.offset = (self.offset + B * T * self.num_processes) % self.total  # past every process's chunk
         return x, y
+
+
+@dataclass
+class Data:
+    """What a run reads: the train and val streams, and the HellaSwag examples (None: not scored)."""
+    train: DataLoaderLite
+    val: DataLoaderLite
+    hellaswag: list = None
 
 
 # -----------------------------------------------------------------------------
@@ -688,14 +702,57 @@ RESUME_MUST_MATCH = ("data", "init_from", "n_layer", "n_head", "n_embd", "total_
                      "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "seed", "bf16")
 
 
-def save_checkpoint(path, model, optimizer, step, cfg, train_loader):
+def find_checkpoint(resume, log_dir):
+    """The checkpoint --resume names: a path, or for 'auto' the newest in log_dir (None if there is none)."""
+    if resume != "auto":
+        if not os.path.isfile(resume):
+            raise ValueError(f"checkpoint {resume!r} not found")
+        return resume
+    # by step number, not by name: past step 99,999 the names outgrow their zero padding
+    steps = {int(f[6:-3]): f for f in os.listdir(log_dir) if f.startswith("model_") and f.endswith(".pt")
+             and f[6:-3].isdigit()} if os.path.isdir(log_dir) else {}
+    return os.path.join(log_dir, steps[max(steps)]) if steps else None
+
+
+def load_checkpoint(path, cfg, model):
+    """A checkpoint to resume from, read: complete, made with the settings of this run, fitting its model."""
+    checkpoint = read_checkpoint(path, keys=("model", "model_config", "optimizer", "step", "train_loader",
+                                             "rng", "config"))
+    for name in RESUME_MUST_MATCH:
+        if checkpoint["config"].get(name) != getattr(cfg, name):
+            raise ValueError(f"checkpoint {path} was made with --{name} {checkpoint['config'].get(name)}, not "
+                             f"{getattr(cfg, name)}: resume with the run's own settings")
+    check_weights(model, checkpoint["model"], path)
+    return checkpoint
+
+
+def restore_checkpoint(checkpoint, model, optimizer, train_loader):
+    """Continue where a checkpoint left off: weights, optimizer, data position, random state.
+
+    Returns the step to run next. The checkpoint is emptied as it is used: it is 1.5 GB at 124M.
+    """
+    model.load_state_dict(checkpoint.pop("model"))
+    fused = [group["fused"] for group in optimizer.param_groups]  # this device's choice, not the saving one's
+    optimizer.load_state_dict(checkpoint.pop("optimizer"))
+    for group, f in zip(optimizer.param_groups, fused):
+        group["fused"] = f
+    train_loader.load_state_dict(checkpoint["train_loader"])
+    # CUDA generators are not restored: training draws none, and a checkpoint saved where 8 GPUs
+    # were visible holds 8 states that a 1-GPU machine cannot take
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    step = checkpoint["step"]
+    checkpoint.clear()
+    return step
+
+
+def save_checkpoint(path, step, model, optimizer, train_loader, cfg):
     """Everything needed to continue exactly, as tensors and plain data (loads with weights_only=True)."""
     checkpoint = {
         "model": model.state_dict(),
         "model_config": asdict(model.config),
         "optimizer": optimizer.state_dict(),
         "step": step,  # the next step to run
-        "train_loader": {"offset": train_loader.offset},
+        "train_loader": train_loader.state_dict(),
         # the CPU generator only: nothing in training draws CUDA random numbers (sampling has its own)
         "rng": {"cpu": torch.get_rng_state()},
         "config": asdict(cfg),
@@ -708,34 +765,6 @@ def save_checkpoint(path, model, optimizer, step, cfg, train_loader):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-
-
-def restore_training_state(checkpoint, optimizer, device_type):
-    """Restore the optimizer and the random state from a checkpoint; returns the step to run next.
-
-    The checkpoint is emptied as it is used: it is 1.5 GB at 124M, and nothing else needs it.
-    """
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    for group in optimizer.param_groups:  # the saved groups carry the saving device's choice: not ours
-        group["fused"] = device_type == "cuda"
-    # CUDA generators are not restored: training draws none, and a checkpoint saved where 8 GPUs
-    # were visible holds 8 states that a 1-GPU machine cannot take
-    torch.set_rng_state(checkpoint["rng"]["cpu"])
-    step = checkpoint["step"]
-    checkpoint.clear()
-    return step
-
-
-def find_checkpoint(resume, log_dir):
-    """The checkpoint --resume names: a path, or for 'auto' the newest in log_dir (None if there is none)."""
-    if resume != "auto":
-        if not os.path.isfile(resume):
-            raise ValueError(f"checkpoint {resume!r} not found")
-        return resume
-    # by step number, not by name: past step 99,999 the names outgrow their zero padding
-    steps = {int(f[6:-3]): f for f in os.listdir(log_dir) if f.startswith("model_") and f.endswith(".pt")
-             and f[6:-3].isdigit()} if os.path.isdir(log_dir) else {}
-    return os.path.join(log_dir, steps[max(steps)]) if steps else None
 
 
 def start_log(log_file, start_step):
@@ -760,17 +789,6 @@ def start_log(log_file, start_step):
     os.replace(log_file + ".tmp", log_file)
     print(f"{log_file}: {len(lines) - len(keep)} lines of step {start_step} on set aside (this run logs them "
           f"again); the earlier log is kept whole as {log_file}.{n}")
-
-
-def load_checkpoint(path, cfg):
-    """A checkpoint to resume from: complete, and made with the settings of this run."""
-    checkpoint = read_checkpoint(path, keys=("model", "model_config", "optimizer", "step", "train_loader",
-                                             "rng", "config"))
-    for name in RESUME_MUST_MATCH:
-        if checkpoint["config"].get(name) != getattr(cfg, name):
-            raise ValueError(f"checkpoint {path} was made with --{name} {checkpoint['config'].get(name)}, not "
-                             f"{getattr(cfg, name)}: resume with the run's own settings")
-    return checkpoint
 
 
 def flag(default, help):
@@ -880,55 +898,49 @@ def main(argv=None):
     if world.ddp:
         # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
         dist.init_process_group(backend="nccl" if world.device_type == "cuda" else "gloo")
-    claim = contextlib.ExitStack()  # holds the log_dir for the whole run (rank 0)
     try:
-        # from here a step may fail on one rank only (a checkpoint one node cannot read, say): the
-        # ranks agree after each stage, so all stop with the error instead of waiting for each other
-        error = None
-        try:
-            if world.master:  # before any work: a log_dir that cannot be used fails now, not after an hour
-                claim.enter_context(claim_log_dir(cfg.log_dir))
-            torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-            if cfg.init_from == "scratch":
-                # 50304 = 50257 padded up to a multiple of 128: GPU kernels work in power-of-two tiles, and
-                # a ragged vocabulary costs more than the 47 extra rows (93 vs 96 ms a step, A100).
-                # The padded rows never appear as targets: training drives their logits down.
-                model = GPT(GPTConfig(vocab_size=PADDED_VOCAB_SIZE, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
-            else:  # fine-tuning: the weights only, with a fresh optimizer from step 0
-                model = load_model(cfg.init_from)
-            if cfg.seq_len > model.config.block_size:
-                raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
-            train_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=world.rank,
-                                          num_processes=world.world_size, split="train", data_root=cfg.data)
-            val_loader = DataLoaderLite(B=cfg.batch_size, T=cfg.seq_len, process_rank=world.rank,
-                                        num_processes=world.world_size, split="val", data_root=cfg.data)
-            for loader in (train_loader, val_loader):
-                check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
-            checkpoint = None
-            resume_path = find_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume else None
-            if resume_path:
-                checkpoint = load_checkpoint(resume_path, cfg)
-                load_weights(model, checkpoint["model"], resume_path)
-                train_loader.offset = checkpoint["train_loader"]["offset"]
-                del checkpoint["model"]  # copied into the model: free it now
-            elif cfg.resume:  # killed before its first checkpoint: there is nothing to continue
-                world.print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
-            elif os.path.exists(os.path.join(cfg.log_dir, "log.txt")):
-                raise ValueError(f"{os.path.join(cfg.log_dir, 'log.txt')} exists: continue that run with --resume auto, "
-                                 "or start this one in another --log_dir")
-            if world.master:
-                start_log(os.path.join(cfg.log_dir, "log.txt"), checkpoint["step"] if checkpoint else 0)
-        except (ValueError, OSError) as e:
-            error = error_text(e)
-        if world.any(error is not None):
-            claim.close()
-            sys.exit(f"error: {error}" if error else 1)  # the rank that failed says why
-        with claim:
+        with contextlib.ExitStack() as claim:  # holds the log_dir for the whole run (rank 0)
+            # from here a step may fail on one rank only (a checkpoint one node cannot read, say): the
+            # ranks agree after each stage, so all stop with the error instead of waiting for each other
+            error = None
             try:
-                examples = load_hellaswag(cfg, world)
+                if world.master:  # before any work: a log_dir that cannot be used fails now, not after an hour
+                    claim.enter_context(claim_log_dir(cfg.log_dir))
+                torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+                if cfg.init_from == "scratch":
+                    # 50304 = 50257 padded up to a multiple of 128: GPU kernels work in power-of-two tiles, and
+                    # a ragged vocabulary costs more than the 47 extra rows (93 vs 96 ms a step, A100).
+                    # The padded rows never appear as targets: training drives their logits down.
+                    model = GPT(GPTConfig(vocab_size=PADDED_VOCAB_SIZE, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                          n_embd=cfg.n_embd))
+                else:  # fine-tuning: the weights only, with a fresh optimizer from step 0
+                    model = load_model(cfg.init_from)
+                if cfg.seq_len > model.config.block_size:
+                    raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
+                train_loader, val_loader = (DataLoaderLite(cfg.batch_size, cfg.seq_len, world.rank, world.world_size,
+                                                           split, cfg.data) for split in ("train", "val"))
+                for loader in (train_loader, val_loader):
+                    check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
+                checkpoint = None
+                path = find_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume else None
+                if path:
+                    checkpoint = load_checkpoint(path, cfg, model)
+                elif cfg.resume:  # killed before its first checkpoint: there is nothing to continue
+                    world.print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
+                elif os.path.exists(os.path.join(cfg.log_dir, "log.txt")):
+                    raise ValueError(f"{os.path.join(cfg.log_dir, 'log.txt')} exists: continue that run with --resume "
+                                     "auto, or start this one in another --log_dir")
+                if world.master:
+                    start_log(os.path.join(cfg.log_dir, "log.txt"), checkpoint["step"] if checkpoint else 0)
+            except (ValueError, OSError) as e:
+                error = error_text(e)
+            if world.any(error is not None):
+                sys.exit(f"error: {error}" if error else 1)  # the rank that failed says why
+            try:
+                data = Data(train_loader, val_loader, hellaswag=load_hellaswag(cfg, world))
             except ValueError as e:
                 sys.exit(f"error: --hellaswag_file: {error_text(e)}")
-            stopped = train(cfg, world, model, train_loader, val_loader, examples, checkpoint)
+            stopped = train(cfg, world, model, data, checkpoint)
     except torch._dynamo.exc.TorchDynamoException as e:
         # compiling happens at the first forward, not at torch.compile(): a missing compiler shows up here
         sys.exit(f"error: torch.compile failed ({error_text(e)}): pass --compile 0 to train without it")
@@ -939,7 +951,8 @@ def main(argv=None):
         sys.exit(STOPPED)
 
 
-def train(cfg, world, model, train_loader, val_loader, examples, checkpoint):
+def train(cfg, world, model, data, checkpoint=None):
+    """The training loop: from step 0, or from where checkpoint left off. True if it stopped on request."""
     device = world.device
     world.print(f"using device: {device}" + (f", {world.world_size} processes" if world.ddp else ""))
     world.print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -948,6 +961,15 @@ def train(cfg, world, model, train_loader, val_loader, examples, checkpoint):
     world.print(f"total batch {cfg.total_batch_size:,} tokens = {grad_accum_steps} micro-batches of "
                 f"{cfg.batch_size} x {cfg.seq_len} on each of {world.world_size} processes")
     model.to(device)
+    # GPT-3's AdamW: beta2 0.95 (not 0.999) lets the second moment follow the gradients' scale faster
+    optimizer = model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
+                                           device_type=world.device_type)
+    for kind, group in zip(("decayed", "non-decayed"), optimizer.param_groups):
+        world.print(f"{kind} tensors: {len(group['params'])}, with {sum(p.numel() for p in group['params']):,} parameters")
+    start_step = 0
+    if checkpoint is not None:
+        start_step = restore_checkpoint(checkpoint, model, optimizer, data.train)
+        world.print(f"resuming at step {start_step} from {cfg.resume}")
     # compile fuses the model's elementwise ops into a few kernels and cuts Python overhead; the
     # compiled module shares raw_model's weights, and raw_model stays for sampling (other shapes)
     raw_model = model
@@ -957,16 +979,6 @@ def train(cfg, world, model, train_loader, val_loader, examples, checkpoint):
         model = DDP(model, device_ids=[world.local_rank] if world.device_type == "cuda" else None)
 
     log_file = os.path.join(cfg.log_dir, "log.txt")  # only ever appended to: a resumed run adds its lines
-
-    # GPT-3's AdamW: beta2 0.95 (not 0.999) lets the second moment follow the gradients' scale faster
-    optimizer = raw_model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
-                                               device_type=world.device_type)
-    for kind, group in zip(("decayed", "non-decayed"), optimizer.param_groups):
-        world.print(f"{kind} tensors: {len(group['params'])}, with {sum(p.numel() for p in group['params']):,} parameters")
-    start_step = 0
-    if checkpoint is not None:  # the weights and the data position were restored before compiling
-        start_step = restore_training_state(checkpoint, optimizer, world.device_type)
-        world.print(f"resuming at step {start_step} from {cfg.resume}")
     last_saved = None  # named when the disk fills up: the checkpoint to go back to
 
     # a pre-empted machine gets SIGTERM, a person presses Ctrl-C: finish the step, checkpoint, exit
@@ -984,18 +996,18 @@ def train(cfg, world, model, train_loader, val_loader, examples, checkpoint):
         for step in range(start_step, cfg.max_steps):
             last_step = step == cfg.max_steps - 1
             if step % cfg.eval_every == 0 or last_step:
-                val_loss = evaluate_loss(eval_model, val_loader, cfg.val_steps, world, cfg.bf16)
+                val_loss = evaluate_loss(eval_model, data.val, cfg.val_steps, world, cfg.bf16)
                 world.print(f"validation loss: {val_loss:.4f}")
                 if world.master:
                     with open(log_file, "a") as f:
                         f.write(f"{step} val {val_loss:.4f}\n")
-                if examples is not None:  # scored with the eager model: its shapes vary from batch to batch
-                    acc_norm = evaluate_hellaswag(raw_model, examples, world, cfg.bf16,
+                if data.hellaswag is not None:  # scored with the eager model: its shapes vary from batch to batch
+                    acc_norm = evaluate_hellaswag(raw_model, data.hellaswag, world, cfg.bf16,
                                                   should_stop=lambda: stop["requested"])
                     if acc_norm is None:
                         world.print("HellaSwag: cut short, a stop was requested")
                     else:
-                        world.print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(examples)} examples")
+                        world.print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(data.hellaswag)} examples")
                     if world.master and acc_norm is not None:
                         with open(log_file, "a") as f:
                             f.write(f"{step} hella {acc_norm:.4f}\n")
@@ -1008,7 +1020,7 @@ def train(cfg, world, model, train_loader, val_loader, examples, checkpoint):
             optimizer.zero_grad()
             loss_accum = 0.0
             for micro_step in range(grad_accum_steps):
-                x, y = train_loader.next_batch()
+                x, y = data.train.next_batch()
                 x, y = x.to(device), y.to(device)
                 # DDP would average gradients after every backward; only the last micro-step's is needed.
                 # no_sync() must wrap the forward too: DDP decides during the forward what backward does
@@ -1040,7 +1052,7 @@ def train(cfg, world, model, train_loader, val_loader, examples, checkpoint):
             optimizer.step()
             synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
             dt = time.time() - t0
-            tokens_per_sec = train_loader.B * train_loader.T * grad_accum_steps * world.world_size / dt
+            tokens_per_sec = cfg.batch_size * cfg.seq_len * grad_accum_steps * world.world_size / dt
             world.print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
                   f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}")
             if world.master:
@@ -1054,7 +1066,7 @@ def train(cfg, world, model, train_loader, val_loader, examples, checkpoint):
                 error = None
                 if world.master:
                     try:
-                        save_checkpoint(path, raw_model, optimizer, step + 1, cfg, train_loader)
+                        save_checkpoint(path, step + 1, raw_model, optimizer, data.train, cfg)
                         print(f"saved {path}")
                         last_saved = path
                     except (OSError, RuntimeError) as e:  # a full disk, say: the temporary file is already gone

@@ -46,7 +46,7 @@ def test_a_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(tmp_path, uni
     ca = torch.load(a / "model_00005.pt", weights_only=True)
     cb = torch.load(b / "model_00005.pt", weights_only=True)
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
-    assert ca["step"] == cb["step"] == 6 and ca["train_loader"] == cb["train_loader"]
+    assert ca["step"] == cb["step"] == 6 and ca["train_loader"] == cb["train_loader"] == {"offset": 6 * 64 % 304222}
     assert ca["config"]["n_embd"] == 16 and ca["model_config"]["vocab_size"] == 50304
 
 
@@ -97,14 +97,15 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
 
 def tiny_checkpoint(path):
-    """A real checkpoint of a tiny model, as the trainer writes it."""
-    from types import SimpleNamespace
-    from train_gpt2 import GPT, GPTConfig, TrainConfig, save_checkpoint
+    """A real checkpoint of a tiny model after one training step, as the trainer writes it."""
+    from train_gpt2 import GPT, DataLoaderLite, GPTConfig, TrainConfig, save_checkpoint
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
     optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
-    save_checkpoint(str(path), model, optimizer, 1, TrainConfig(n_layer=1, n_head=2, n_embd=16),
-                    SimpleNamespace(offset=0))
+    loader = DataLoaderLite(2, 16, data_root=os.path.join(ROOT, "input.txt"))
+    model(*loader.next_batch())[1].backward()
+    optimizer.step()
+    save_checkpoint(str(path), 1, model, optimizer, loader, TrainConfig(n_layer=1, n_head=2, n_embd=16))
     return path
 
 
@@ -260,25 +261,30 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
     assert os.listdir(log) == ["log.txt"]  # no checkpoint, no lock file left behind
 
 
-def test_restoring_keeps_the_devices_fused_setting_and_restores_no_cuda_generators(tmp_path, monkeypatch):
-    from train_gpt2 import GPT, GPTConfig, restore_training_state
+def test_one_call_restores_weights_optimizer_data_position_and_random_state(tmp_path, monkeypatch):
+    from train_gpt2 import GPT, DataLoaderLite, GPTConfig, restore_checkpoint
     checkpoint = torch.load(tiny_checkpoint(tmp_path / "c.pt"), weights_only=True)
-    assert list(checkpoint["rng"]) == ["cpu"]  # no CUDA states are saved
+    weights, moments = dict(checkpoint["model"]), checkpoint["optimizer"]["state"][0]["exp_avg"]
+    rng = checkpoint["rng"]["cpu"]
+    assert list(checkpoint["rng"]) == ["cpu"] and checkpoint["train_loader"] == {"offset": 32}
     for group in checkpoint["optimizer"]["param_groups"]:
         group["fused"] = True  # as if saved where CUDA's fused kernel ran
     checkpoint["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8  # saved where 8 GPUs were visible
     def one_gpu_here(states):
         raise RuntimeError(f"{len(states)} CUDA generator states for 1 GPU")
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", one_gpu_here)
+    torch.manual_seed(1)  # other weights, another random state
     model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
     optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
-    assert restore_training_state(checkpoint, optimizer, "cpu") == 1
+    loader = DataLoaderLite(2, 16, data_root=os.path.join(ROOT, "input.txt"))
+    assert restore_checkpoint(checkpoint, model, optimizer, loader) == 1
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], moments)
+    assert loader.offset == 32 and torch.equal(torch.get_rng_state(), rng)
     assert [g["fused"] for g in optimizer.param_groups] == [False, False]  # the CPU's choice, not the file's
     assert checkpoint == {}  # consumed: nothing keeps the 1.5 GB dict alive
-    model2 = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
-    optimizer = model2.configure_optimizers(0.1, 1e-3, "cpu")
-    checkpoint = torch.load(tmp_path / "c.pt", weights_only=True)
-    restore_training_state(checkpoint, optimizer, "cuda")  # a CPU checkpoint resumed on CUDA: fused comes back
+    optimizer = model.configure_optimizers(0.1, 1e-3, "cuda")  # a CPU checkpoint resumed on CUDA: fused comes back
+    restore_checkpoint(torch.load(tmp_path / "c.pt", weights_only=True), model, optimizer, loader)
     assert [g["fused"] for g in optimizer.param_groups] == [True, True]
 
 
