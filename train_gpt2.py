@@ -345,18 +345,19 @@ class DataLoaderLite:
         if os.path.isfile(data_root):  # a text file, tokenized whole and split 90/10
             tokens = load_text_tokens(data_root)
             n = int(0.9 * len(tokens))
-            self.shards = [tokens[:n] if split == "train" else tokens[n:]]
-            max_ids = [int(self.shards[0].max())]
+            self.shards, max_ids = [tokens[:n] if split == "train" else tokens[n:]], [None]
         elif os.path.isdir(data_root):
-            self.shards, max_ids = shard_paths(data_root, split)
+            paths, max_ids = shard_paths(data_root, split)
+            # memory-mapped, not loaded: the OS reads in what a batch touches, and the 8 processes of a
+            # machine share one copy in its page cache instead of holding 200 MB a shard each
+            self.shards = [open_shard(path) for path in paths]
         else:
             raise ValueError(f"data {data_root!r} not found: run `python fineweb.py` to make the FineWeb-Edu "
                              "shards, or pass --data with a text file such as input.txt")
-        # lengths from the shard headers (memory-mapped, nothing read), checking every shard up front
-        self.lengths = [len(s) if isinstance(s, np.ndarray) else len(open_shard(s)) for s in self.shards]
+        self.lengths = [len(s) for s in self.shards]
         # the largest token id, to check against the model's vocabulary before training: from the
         # manifest, else read (a memory-mapped max: 0.013 s for 100M cached tokens, disk speed when cold)
-        self.max_id = max(m if m is not None else int(open_shard(s).max()) for s, m in zip(self.shards, max_ids))
+        self.max_id = max(m if m is not None else int(s.max()) for s, m in zip(self.shards, max_ids))
         self.starts = np.cumsum([0] + self.lengths[:-1]).tolist()  # where each shard begins in the stream
         self.total = sum(self.lengths)
         if self.total < B * T * num_processes + 1:
@@ -365,7 +366,6 @@ class DataLoaderLite:
         if process_rank == 0:  # one line per split, not one per process
             print(f"{data_root} ({split}): {self.total:,} tokens in {len(self.shards)} shard(s), "
                   f"1 epoch = {self.total // (B * T * num_processes)} steps of {B}x{T}x{num_processes}")
-        self.cache = {}  # shard index -> tokens; at most two shards in memory
         self.reset()
 
     def reset(self):
@@ -377,22 +377,13 @@ class DataLoaderLite:
     def load_state_dict(self, state):
         self.offset = state["offset"]
 
-    def shard(self, i):
-        if isinstance(self.shards[i], np.ndarray):
-            return self.shards[i]
-        if i not in self.cache:
-            if len(self.cache) == 2:
-                self.cache.pop(next(iter(self.cache)))  # drop the older one
-            self.cache[i] = np.load(self.shards[i])
-        return self.cache[i]
-
     def read(self, start, n):
         """n tokens of the stream from position start, across shard ends and around the end."""
         pieces, pos = [], start % self.total
         while n:
             i = bisect.bisect_right(self.starts, pos) - 1
             offset = pos - self.starts[i]
-            piece = self.shard(i)[offset:offset + n]
+            piece = self.shards[i][offset:offset + n]
             pieces.append(piece)
             n -= len(piece)
             pos = (pos + len(piece)) % self.total
