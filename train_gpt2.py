@@ -789,33 +789,38 @@ def flag(default, help):
 @dataclass
 class TrainConfig:
     """Every setting of a run. The defaults reproduce GPT-2 124M; each one is a flag of the same name."""
+    # data and model
     data: str = flag("edu_fineweb10B", "a directory of fineweb.py shards, or a text file (90% train, 10% val)")
     init_from: str = flag("scratch", "scratch (random GPT-2 init), or start from weights: gpt2 ... gpt2-xl, "
                                      "a Hugging Face GPT-2 directory, or a .pt checkpoint of this project")
     n_layer: int = flag(12, "transformer blocks (scratch only)")
     n_head: int = flag(12, "attention heads (scratch only)")
     n_embd: int = flag(768, "channels (scratch only)")
+    # batch
     total_batch_size: int = flag(524288, "tokens per optimisation step (2**19, GPT-3 Small's 0.5M)")
     batch_size: int = flag(64, "B: sequences per micro-batch; accumulation makes up the rest")
     seq_len: int = flag(1024, "T: tokens per sequence")
+    # optimisation schedule
     max_steps: int = flag(19073, "optimisation steps (19073 x 524288 tokens: one epoch of FineWeb-Edu 10B)")
     warmup_steps: int = flag(715, "linear learning-rate warmup steps (GPT-3: 375M tokens)")
     max_lr: float = flag(6e-4, "peak learning rate, after warmup")
     min_lr: float = flag(6e-5, "final learning rate, 10% of the peak")
     weight_decay: float = flag(0.1, "AdamW weight decay on 2-D+ tensors (matmul weights, embeddings)")
+    # evaluation, logging and checkpoints
     eval_every: int = flag(250, "evaluate every this many steps, and at the last step")
     val_steps: int = flag(20, "val batches per evaluation, from the start of the val split")
-    sample_every: int = flag(250, "print 4 samples every this many steps, and at the last step")
-    checkpoint_every: int = flag(5000, "write log_dir/model_{step:05d}.pt every this many steps, and at the last")
-    resume: str = flag("", "continue a run exactly from a checkpoint: a path, or 'auto' (the newest in --log_dir)")
     hellaswag: bool = flag(True, "evaluate HellaSwag acc_norm every --eval_every steps")
     hellaswag_file: str = flag("", "a local HellaSwag jsonl (default: the val split, downloaded once by hellaswag.py)")
+    sample_every: int = flag(250, "print 4 samples every this many steps, and at the last step")
+    log_dir: str = flag("log", "where log.txt and the checkpoints are written")
+    checkpoint_every: int = flag(5000, "write log_dir/model_{step:05d}.pt every this many steps, and at the last")
+    resume: str = flag("", "continue a run exactly from a checkpoint: a path, or 'auto' (the newest in --log_dir)")
+    # system
     seed: int = flag(1337, "seed for initialisation and training")
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     bf16: str = flag("auto", "bfloat16 autocast for the forward pass and loss: 1, 0, or auto (on for CUDA GPUs "
                              "that support it; off elsewhere: most CPUs and older Macs run it slower or not at all)")
     compile: bool = flag(True, "torch.compile the model (slow to start, faster steps)")
-    log_dir: str = flag("log", "where log.txt is written")
 
 
 def on_off(text):
@@ -836,13 +841,21 @@ def bf16_fast(device):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train GPT-2 (124M by default), then sample from it.")
+    """The command line as a TrainConfig, or a ValueError that says which flag is wrong."""
+    # exit_on_error=False: argparse raises its (clear) errors instead of printing its usage, so they
+    # end in one line like every other; allow_abbrev=False: --max is an error, not a guess at a flag
+    parser = argparse.ArgumentParser(description="Train GPT-2 (124M by default), then sample from it.",
+                                     exit_on_error=False, allow_abbrev=False)
     for f in fields(TrainConfig):
         parser.add_argument(f"--{f.name}", type=on_off if f.type is bool else auto_on_off if f.name == "bf16" else f.type,
                             default=f.default, help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
-    # argparse's errors are already clear; print them on one line, with where to look
-    parser.error = lambda message: sys.exit(f"error: {message} (see --help)")
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise ValueError(f"{e} (see --help)") from None
+    if unknown:
+        raise ValueError(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
+    return TrainConfig(**vars(args))
 
 
 def check_config(cfg, world_size=1):
@@ -880,8 +893,8 @@ STOPPED = 75
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
     with one_line_errors():  # the same settings on every rank: if these fail, they fail on all of them alike
+        cfg = parse_args(argv)
         world = World.from_env(cfg.device)
         check_config(cfg, world.world_size)
         if cfg.bf16 == "auto":  # decided once, here: the checkpoint records what the run really did

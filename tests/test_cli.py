@@ -197,6 +197,22 @@ def test_a_second_run_in_the_same_log_dir_is_refused_and_a_killed_run_leaves_no_
 
 
 @pytest.mark.parametrize("args, message", [
+    (["--max_steps", "ten"], "argument --max_steps: invalid int value: 'ten' (see --help)"),
+    (["--max_steps"], "argument --max_steps: expected one argument (see --help)"),
+    (["--compile", "yes"], "argument --compile: expected 1 or 0, got 'yes' (see --help)"),
+    (["--bf16", "2"], "argument --bf16: expected 1 or 0, got '2' (see --help)"),
+    (["--max", "5"], "unrecognized arguments: --max 5 (see --help)"),  # no guessing which --max_ flag was meant
+    (["input.txt"], "unrecognized arguments: input.txt (see --help)"),
+])
+def test_a_bad_flag_is_an_error_that_names_it(args, message):
+    from train_gpt2 import parse_args
+    with pytest.raises(ValueError) as e:
+        parse_args(args)
+    assert str(e.value) == message
+    assert parse_args(["--bf16", "auto", "--compile", "0"]).compile is False
+
+
+@pytest.mark.parametrize("args, message", [
     (["--max_steps", "10", "--warmup_steps", "11"], "--warmup_steps 11 is longer than the run (--max_steps 10)"),
     (["--weight_decay", "-0.1"], "--weight_decay must be at least 0, got -0.1"),
     (["--max_lr", "0"], "--max_lr must be above 0, got 0.0"),
