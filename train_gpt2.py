@@ -982,7 +982,11 @@ def train(cfg, world, model, data, checkpoint=None):
         # DDP averages the gradients of all processes during backward, bucket by bucket
         model = DDP(model, device_ids=[world.local_rank] if world.device_type == "cuda" else None)
 
-    log_file = os.path.join(cfg.log_dir, "log.txt")  # only ever appended to: a resumed run adds its lines
+    def log(step, kind, value):
+        """One line of log_dir/log.txt, from rank 0: only ever appended to, so a resumed run adds its lines."""
+        if world.master:
+            with open(os.path.join(cfg.log_dir, "log.txt"), "a") as f:
+                f.write(f"{step} {kind} {value}\n")
     last_saved = None  # named when the disk fills up: the checkpoint to go back to
 
     # a pre-empted machine gets SIGTERM, a person presses Ctrl-C: finish the step, checkpoint, exit
@@ -1002,9 +1006,7 @@ def train(cfg, world, model, data, checkpoint=None):
             if step % cfg.eval_every == 0 or last_step:
                 val_loss = evaluate_loss(eval_model, data.val, cfg.val_steps, world, cfg.bf16)
                 world.print(f"validation loss: {val_loss:.4f}")
-                if world.master:
-                    with open(log_file, "a") as f:
-                        f.write(f"{step} val {val_loss:.4f}\n")
+                log(step, "val", f"{val_loss:.4f}")
                 if data.hellaswag is not None:  # scored with the eager model: its shapes vary from batch to batch
                     acc_norm = evaluate_hellaswag(raw_model, data.hellaswag, world, cfg.bf16,
                                                   should_stop=lambda: stop["requested"])
@@ -1012,9 +1014,7 @@ def train(cfg, world, model, data, checkpoint=None):
                         world.print("HellaSwag: cut short, a stop was requested")
                     else:
                         world.print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(data.hellaswag)} examples")
-                    if world.master and acc_norm is not None:
-                        with open(log_file, "a") as f:
-                            f.write(f"{step} hella {acc_norm:.4f}\n")
+                        log(step, "hella", f"{acc_norm:.4f}")
             if world.master and ((step > 0 and step % cfg.sample_every == 0) or last_step):
                 # the eager model again: each new token makes a new shape, which would recompile every time
                 for i, text in enumerate(sample(raw_model, device)):
@@ -1059,9 +1059,7 @@ def train(cfg, world, model, data, checkpoint=None):
             tokens_per_sec = cfg.batch_size * cfg.seq_len * grad_accum_steps * world.world_size / dt
             world.print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
                   f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}")
-            if world.master:
-                with open(log_file, "a") as f:
-                    f.write(f"{step} train {loss_accum.item():.6f}\n")
+            log(step, "train", f"{loss_accum.item():.6f}")
 
             # the signal may reach the ranks at different steps: stop when any of them got it
             stopping = world.any(stop["requested"])
