@@ -192,24 +192,12 @@ class GPT(nn.Module):
         except Exception as e:
             raise ValueError(f"cannot load a GPT-2 checkpoint from {name_or_path!r}: {error_text(e)}") from e
         c = hf.config  # the shape comes from the checkpoint, not from our defaults
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
-                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
-        model = cls(config)
-        sd = model.state_dict()
-        keys = list(sd)
-        sd_hf = hf.state_dict()
-        keys_hf = [k for k in sd_hf if not k.endswith(HF_MASK_BUFFERS)]
-        if set(keys) != set(keys_hf):
-            missing, extra = sorted(set(keys) - set(keys_hf)), sorted(set(keys_hf) - set(keys))
-            raise ValueError(f"checkpoint {name_or_path!r} does not match GPT-2: "
-                             f"missing {missing[:3]}, unexpected {extra[:3]}")
-        with torch.no_grad():
-            for k in keys_hf:
-                w = sd_hf[k].t() if k.endswith(CONV1D_WEIGHTS) else sd_hf[k]
-                if w.shape != sd[k].shape:
-                    raise ValueError(f"checkpoint {name_or_path!r} does not match GPT-2: {k} has shape "
-                                     f"{tuple(w.shape)}, expected {tuple(sd[k].shape)}")
-                sd[k].copy_(w)
+        model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
+                              n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
+        sd = {k: v.t() if k.endswith(CONV1D_WEIGHTS) else v
+              for k, v in hf.state_dict().items() if not k.endswith(HF_MASK_BUFFERS)}
+        check_weights(model, sd, name_or_path)
+        model.load_state_dict(sd)
         return model
 
 

@@ -35,7 +35,7 @@ def test_unknown_model_name_is_a_clear_error():
 
 def test_mismatched_checkpoint_names_the_tensor(hf_checkpoint):
     path = hf_checkpoint(n_inner=48)  # an MLP width GPT-2 does not have (4 * 32 = 128)
-    with pytest.raises(ValueError, match=r"mlp\.c_fc\.weight has shape \(48, 32\), expected \(128, 32\)"):
+    with pytest.raises(ValueError, match=r"does not fit the model: transformer\.h\.0\.mlp\.c_fc\.weight has shape \(48, 32\), the model.s is \(128, 32\)"):
         GPT.from_pretrained(path)
 
 
