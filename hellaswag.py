@@ -148,7 +148,7 @@ def tally(model, batch, device, use_bf16):
 def main(argv=None):
     # the command line needs the trainer's model loader; the trainer imports this file, so the
     # import is made here, when the command runs, and importing hellaswag stays free of it
-    from train_gpt2 import bf16_fast, init_device, load_model_for_text, one_line_errors
+    from train_gpt2 import GPT2_VOCAB_SIZE, bf16_fast, check_vocab, init_device, load_model, one_line_errors
     p = argparse.ArgumentParser(description="Score a model on HellaSwag (completion style).")
     p.add_argument("-m", "--model", default="gpt2", help="gpt2 ... gpt2-xl, a Hugging Face GPT-2 directory, or a .pt checkpoint")
     p.add_argument("-d", "--device", default="auto")
@@ -167,7 +167,8 @@ def main(argv=None):
         if not os.path.isfile(path):
             raise ValueError(f"data file {path!r} not found")
         examples = list(iterate_examples(path, args.limit))
-        model = load_model_for_text(args.model, device, "GPT-2 text (HellaSwag)").eval()
+        model = load_model(args.model).to(device).eval()
+        check_vocab(model, GPT2_VOCAB_SIZE - 1, "GPT-2 text (HellaSwag)")
     c, cn, n = evaluate(model, tqdm(examples, desc="hellaswag"), device, args.batch_size,
                         use_bf16=bf16_fast(device))
     print(f"hellaswag {os.path.basename(path)}: acc {c / n:.4f} acc_norm {cn / n:.4f} examples {n}")

@@ -4,7 +4,7 @@
 """
 import argparse
 
-from train_gpt2 import init_device, load_model_for_text, one_line_errors, run_script, sample
+from train_gpt2 import GPT2_VOCAB_SIZE, check_vocab, init_device, load_model, one_line_errors, run_script, sample
 
 
 def main(argv=None):
@@ -21,7 +21,8 @@ def main(argv=None):
             raise ValueError("--num_samples must be at least 1 and --max_new_tokens at least 0, got "
                              f"{args.num_samples} and {args.max_new_tokens}")
         device = init_device(args.device)
-        model = load_model_for_text(args.model, device, "GPT-2 text (--prompt)")
+        model = load_model(args.model).to(device)
+        check_vocab(model, GPT2_VOCAB_SIZE - 1, "GPT-2 text (--prompt)")
     for i, text in enumerate(sample(model, device, args.num_samples, args.max_new_tokens, args.seed, args.prompt)):
         print(f"sample {i}: {text}")
 

@@ -4,6 +4,7 @@ Read it top to bottom: the model first, then the data, then the training.
 """
 import argparse
 import bisect
+import collections
 import contextlib
 import glob
 import json
@@ -32,7 +33,9 @@ import hellaswag  # downloads, renders and scores HellaSwag; it imports nothing 
 # GPT-2's vocabulary: 50,000 BPE merges + 256 byte tokens + <|endoftext|>, the last id
 GPT2_VOCAB_SIZE = 50257
 EOT = 50256  # <|endoftext|>: GPT-2 saw it between documents
-# 50257 padded up to a multiple of 128, for a model trained from scratch (see main)
+# for a model trained from scratch, 50257 padded up to a multiple of 128: GPU kernels work in power-of-two
+# tiles, and a ragged vocabulary costs more than the 47 extra rows (93 vs 96 ms a step, A100). The padded
+# rows never appear as targets: training drives their logits down
 PADDED_VOCAB_SIZE = 50304
 
 
@@ -175,8 +178,7 @@ class GPT(nn.Module):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # the fused kernel updates every tensor in one launch instead of several per tensor (CUDA only)
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                 fused=device_type == "cuda")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=device_type == "cuda")
 
     @classmethod
     def from_pretrained(cls, name_or_path):
@@ -388,31 +390,28 @@ class DataLoaderLite:
         return x, y
 
 
-@dataclass
-class Data:
-    """What a run reads: the train and val streams, and the HellaSwag examples (None: not scored)."""
-    train: DataLoaderLite
-    val: DataLoaderLite
-    hellaswag: list = None
+# what a run reads: the train and val streams, and the HellaSwag examples (None: not scored)
+Data = collections.namedtuple("Data", "train val hellaswag")
 
 
 # -----------------------------------------------------------------------------
 # The processes: one, or many started by torchrun
 
 
-def init_device(requested="auto"):
+def init_device(requested="auto", local_rank=None):
     """The device to run on, set up: the fastest there is (cuda, then Apple's mps, then cpu), or the one asked for."""
-    device = requested
-    if requested == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    device = next(kind for kind, ok in available.items() if ok) if requested == "auto" else requested
     kind = device.split(":")[0]
-    if kind not in ("cuda", "mps", "cpu"):
+    if kind not in available:
         raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {requested!r} asked for, but this torch sees no CUDA GPU: use --device cpu")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {requested!r} asked for, but MPS is not available here: use --device cpu")
+    if not available[kind]:
+        raise ValueError(f"device {requested!r} asked for, but this torch sees no {'CUDA GPU' if kind == 'cuda' else 'MPS'} "
+                         "here: use --device cpu")
     if kind == "cuda":
+        if local_rank is not None:  # under torchrun: each process drives one GPU, its local rank's
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
         # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa, ~3x faster on A100/H100; the
         # weights and activations stay fp32 and training does not notice the lost precision
         torch.set_float32_matmul_precision("high")
@@ -428,24 +427,16 @@ class World:
     ddp: bool = False  # started by torchrun: the processes train one model together
     device: str = "cpu"
 
+    def __post_init__(self):
+        self.device_type = self.device.split(":")[0]  # cuda, mps or cpu: what autocast wants, never 'cuda:3'
+        self.master = self.rank == 0  # rank 0 alone prints, logs and writes files
+
     @classmethod
     def from_env(cls, requested_device="auto"):
         """torchrun tells each process who it is in environment variables; a plain run is a world of one."""
         ddp = "RANK" in os.environ
         rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-        device = init_device(requested_device)
-        if ddp and device.startswith("cuda"):
-            device = f"cuda:{local_rank}"  # one GPU per process
-            torch.cuda.set_device(device)
-        return cls(rank, local_rank, world_size, ddp, device)
-
-    @property
-    def device_type(self):
-        return self.device.split(":")[0]  # cuda, mps or cpu: what autocast wants, never 'cuda:3'
-
-    @property
-    def master(self):
-        return self.rank == 0  # rank 0 alone prints, logs and writes files
+        return cls(rank, local_rank, world_size, ddp, init_device(requested_device, local_rank if ddp else None))
 
     def print(self, *args):
         if self.master:
@@ -472,9 +463,8 @@ def evaluate_loss(model, val_loader, val_steps, world, use_bf16=False):
     """
     model.eval()
     val_loader.reset()
-    n_mine = len(range(val_loader.process_rank, val_steps, val_loader.num_processes))
     loss_sum = torch.zeros((), device=world.device)
-    for _ in range(n_mine):
+    for _ in range(val_loader.process_rank, val_steps, val_loader.num_processes):  # this process's chunks
         x, y = val_loader.next_batch()
         x, y = x.to(world.device), y.to(world.device)
         with torch.autocast(device_type=world.device_type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -487,16 +477,14 @@ def evaluate_loss(model, val_loader, val_steps, world, use_bf16=False):
 
 
 def load_hellaswag(cfg, world):
-    """The HellaSwag val examples for evaluation in the loop, or None (switched off or unavailable).
-
-    Every rank gets the same answer: if one lacks the data (a node that could not download it),
-    none scores HellaSwag, since the others would wait for it in the all-reduce forever.
-    """
+    """The HellaSwag val examples for the loop, or None (switched off or unavailable). Every rank gets the same
+    answer: if one lacks the data (a node that could not download it), none scores HellaSwag, since the
+    others would wait for it in the all-reduce forever."""
     if not cfg.hellaswag:
         return None
-    path, reason = cfg.hellaswag_file, None
-    if not path:  # the cached val split; each node's local rank 0 downloads it (nodes may not share disks)
-        path = os.path.join(hellaswag.DATA_CACHE_DIR, "hellaswag_val.jsonl")
+    path = cfg.hellaswag_file or os.path.join(hellaswag.DATA_CACHE_DIR, "hellaswag_val.jsonl")
+    reason = examples = error = None
+    if not cfg.hellaswag_file:  # the cached val split; each node's local rank 0 downloads it (nodes may not share disks)
         if world.local_rank == 0:
             try:
                 hellaswag.download("val")
@@ -504,14 +492,13 @@ def load_hellaswag(cfg, world):
                 reason = error_text(e)
         if world.ddp:
             dist.barrier()
-    examples, error = None, None
     if os.path.isfile(path):
         try:
             examples = list(hellaswag.iterate_examples(path))
         except (ValueError, OSError) as e:
             error = error_text(e)
     if world.any(error is not None):  # a bad file on one node stops every rank
-        raise ValueError(error or "another process cannot read its HellaSwag file")
+        raise ValueError(f"--hellaswag_file: {error or 'another process cannot read its HellaSwag file'}")
     n = torch.tensor(len(examples) if examples else -1, device=world.device)
     if world.ddp:  # the largest count; then does any rank hold another one (or none)?
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
@@ -524,12 +511,9 @@ def load_hellaswag(cfg, world):
 
 @torch.no_grad()
 def evaluate_hellaswag(model, examples, world, use_bf16=False, should_stop=lambda: False):
-    """acc_norm over all examples: each rank scores every world_size-th one, then the counts add up.
-
-    The examples go in rounds of 64 per rank, and between rounds the ranks ask each other whether
-    to stop: a pre-empted run (torchrun kills ~30 s after SIGTERM) never waits for a whole pass.
-    Returns None when it stopped early.
-    """
+    """acc_norm over all examples: each rank scores every world_size-th one, then the counts add up. They go
+    in rounds of 64 per rank, and between rounds the ranks ask each other whether to stop: a pre-empted run
+    (torchrun kills ~30 s after SIGTERM) never waits for a whole pass. None when it stopped early."""
     model.eval()
     counts = torch.zeros(2, dtype=torch.long, device=world.device)  # correct (acc_norm), total
     per_round = 64 * world.world_size  # a multiple of world_size: rank r still scores examples r, r + N, ...
@@ -537,10 +521,9 @@ def evaluate_hellaswag(model, examples, world, use_bf16=False, should_stop=lambd
         if world.any(should_stop()):
             model.train()
             return None
-        mine = examples[start:start + per_round][world.rank::world.world_size]
-        if mine:
-            _, correct_norm, total = hellaswag.evaluate(model, mine, world.device, use_bf16=use_bf16)
-            counts += torch.tensor([correct_norm, total], device=world.device)
+        mine = examples[start:start + per_round][world.rank::world.world_size]  # may be empty in the last round
+        _, correct_norm, total = hellaswag.evaluate(model, mine, world.device, use_bf16=use_bf16)
+        counts += torch.tensor([correct_norm, total], device=world.device)
     model.train()
     if world.ddp:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
@@ -604,13 +587,6 @@ def one_line_errors():
         sys.exit(f"error: {error_text(e)}")
 
 
-def load_model_for_text(name_or_path, device, what):
-    """A model for the scripts that feed it GPT-2's tokens: loaded, on device, checked to read them all."""
-    model = load_model(name_or_path).to(device)
-    check_vocab(model, GPT2_VOCAB_SIZE - 1, what)
-    return model
-
-
 def synchronize(device):
     """Wait for the accelerator to finish its queued work (a no-op on the CPU)."""
     if device.startswith("cuda"):
@@ -625,7 +601,7 @@ def maybe_compile(model, enabled, device_type, log=print):
         return model
     if device_type == "cpu" and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "c++", "g++")):
         log("compile: no C/C++ compiler found (the CPU backend needs one): running eager; "
-              "install gcc or pass --compile 0")
+            "install gcc or pass --compile 0")
         return model
     try:
         return torch.compile(model)
@@ -684,9 +660,7 @@ RESUME_MUST_MATCH = ("data", "init_from", "n_layer", "n_head", "n_embd", "total_
 def find_checkpoint(resume, log_dir):
     """The checkpoint --resume names: a path, or for 'auto' the newest in log_dir (None if there is none)."""
     if resume != "auto":
-        if not os.path.isfile(resume):
-            raise ValueError(f"checkpoint {resume!r} not found")
-        return resume
+        return resume  # read_checkpoint says so if it is not there
     # by step number, not by name: past step 99,999 the names outgrow their zero padding
     steps = {int(f[6:-3]): f for f in os.listdir(log_dir) if f.startswith("model_") and f.endswith(".pt")
              and f[6:-3].isdigit()} if os.path.isdir(log_dir) else {}
@@ -706,10 +680,8 @@ def load_checkpoint(path, cfg, model):
 
 
 def restore_checkpoint(checkpoint, model, optimizer, train_loader):
-    """Continue where a checkpoint left off: weights, optimizer, data position, random state.
-
-    Returns the step to run next. The checkpoint is emptied as it is used: it is 1.5 GB at 124M.
-    """
+    """Continue where a checkpoint left off (weights, optimizer, data position, random state): the step to run
+    next. The checkpoint is emptied as it is used: it is 1.5 GB at 124M."""
     model.load_state_dict(checkpoint.pop("model"))
     fused = [group["fused"] for group in optimizer.param_groups]  # this device's choice, not the saving one's
     optimizer.load_state_dict(checkpoint.pop("optimizer"))
@@ -830,8 +802,7 @@ def bf16_fast(device):
 
 def parse_args(argv=None):
     """The command line as a TrainConfig, or a ValueError that says which flag is wrong."""
-    # exit_on_error=False: argparse raises its (clear) errors instead of printing its usage, so they
-    # end in one line like every other; allow_abbrev=False: --max is an error, not a guess at a flag
+    # exit_on_error=False: argparse raises its errors, to end in one line like any; --max is no abbreviation
     parser = argparse.ArgumentParser(description="Train GPT-2 (124M by default), then sample from it.",
                                      exit_on_error=False, allow_abbrev=False)
     for f in fields(TrainConfig):
@@ -848,16 +819,13 @@ def parse_args(argv=None):
 
 def check_config(cfg, world_size=1):
     """Catch bad settings before any work is done, with a message that says what to change."""
-    for name in ("n_layer", "n_head", "n_embd", "batch_size", "seq_len", "max_steps", "eval_every", "val_steps", "sample_every",
-                 "checkpoint_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("n_layer", "n_head", "n_embd", "total_batch_size", "batch_size", "seq_len", "max_steps", "warmup_steps",
+                 "eval_every", "val_steps", "sample_every", "checkpoint_every"):
+        least = 0 if name == "warmup_steps" else 1
+        if getattr(cfg, name) < least:
+            raise ValueError(f"--{name} must be at least {least}, got {getattr(cfg, name)}")
     if cfg.hellaswag and cfg.hellaswag_file and not os.path.isfile(cfg.hellaswag_file):
         raise ValueError(f"--hellaswag_file {cfg.hellaswag_file!r} not found (or pass --hellaswag 0)")
-    if cfg.total_batch_size < 1:
-        raise ValueError(f"--total_batch_size must be at least 1, got {cfg.total_batch_size}")
-    if cfg.warmup_steps < 0:
-        raise ValueError(f"--warmup_steps must be at least 0, got {cfg.warmup_steps}")
     if cfg.warmup_steps > cfg.max_steps:
         raise ValueError(f"--warmup_steps {cfg.warmup_steps} is longer than the run (--max_steps {cfg.max_steps}): "
                          "pass a smaller --warmup_steps")
@@ -891,7 +859,7 @@ def main(argv=None):
         # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
         dist.init_process_group(backend="nccl" if world.device_type == "cuda" else "gloo")
     try:
-        with contextlib.ExitStack() as claim:  # holds the log_dir for the whole run (rank 0)
+        with one_line_errors(), contextlib.ExitStack() as claim:  # claim holds the log_dir for the run (rank 0)
             # from here a step may fail on one rank only (a checkpoint one node cannot read, say): the
             # ranks agree after each stage, so all stop with the error instead of waiting for each other
             error = None
@@ -900,11 +868,7 @@ def main(argv=None):
                     claim.enter_context(claim_log_dir(cfg.log_dir))
                 torch.manual_seed(cfg.seed)  # the same initial weights on every rank
                 if cfg.init_from == "scratch":
-                    # 50304 = 50257 padded up to a multiple of 128: GPU kernels work in power-of-two tiles, and
-                    # a ragged vocabulary costs more than the 47 extra rows (93 vs 96 ms a step, A100).
-                    # The padded rows never appear as targets: training drives their logits down.
-                    model = GPT(GPTConfig(vocab_size=PADDED_VOCAB_SIZE, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                                          n_embd=cfg.n_embd))
+                    model = GPT(GPTConfig(vocab_size=PADDED_VOCAB_SIZE, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
                 else:  # fine-tuning: the weights only, with a fresh optimizer from step 0
                     model = load_model(cfg.init_from)
                 if cfg.seq_len > model.config.block_size:
@@ -913,13 +877,11 @@ def main(argv=None):
                                                            split, cfg.data) for split in ("train", "val"))
                 for loader in (train_loader, val_loader):
                     check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
-                checkpoint = None
                 path = find_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume else None
-                if path:
-                    checkpoint = load_checkpoint(path, cfg, model)
-                elif cfg.resume:  # killed before its first checkpoint: there is nothing to continue
+                checkpoint = load_checkpoint(path, cfg, model) if path else None
+                if cfg.resume and not path:  # killed before its first checkpoint: there is nothing to continue
                     world.print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
-                elif os.path.exists(os.path.join(cfg.log_dir, "log.txt")):
+                elif not cfg.resume and os.path.exists(os.path.join(cfg.log_dir, "log.txt")):
                     raise ValueError(f"{os.path.join(cfg.log_dir, 'log.txt')} exists: continue that run with --resume "
                                      "auto, or start this one in another --log_dir")
                 if world.master:
@@ -928,10 +890,7 @@ def main(argv=None):
                 error = error_text(e)
             if world.any(error is not None):
                 sys.exit(f"error: {error}" if error else 1)  # the rank that failed says why
-            try:
-                data = Data(train_loader, val_loader, hellaswag=load_hellaswag(cfg, world))
-            except ValueError as e:
-                sys.exit(f"error: --hellaswag_file: {error_text(e)}")
+            data = Data(train_loader, val_loader, hellaswag=load_hellaswag(cfg, world))
             stopped = train(cfg, world, model, data, checkpoint)
     except torch._dynamo.exc.TorchDynamoException as e:
         # compiling happens at the first forward, not at torch.compile(): a missing compiler shows up here
@@ -958,9 +917,8 @@ def train(cfg, world, model, data, checkpoint=None):
                                            device_type=world.device_type)
     for kind, group in zip(("decayed", "non-decayed"), optimizer.param_groups):
         world.print(f"{kind} tensors: {len(group['params'])}, with {sum(p.numel() for p in group['params']):,} parameters")
-    start_step = 0
-    if checkpoint is not None:
-        start_step = restore_checkpoint(checkpoint, model, optimizer, data.train)
+    start_step = restore_checkpoint(checkpoint, model, optimizer, data.train) if checkpoint else 0
+    if start_step:  # a checkpoint's step is the next to run: 1 or more
         world.print(f"resuming at step {start_step} from {cfg.resume}")
     # compile fuses the model's elementwise ops into a few kernels and cuts Python overhead; the
     # compiled module shares raw_model's weights, and raw_model stays for sampling (other shapes)
@@ -970,8 +928,7 @@ def train(cfg, world, model, data, checkpoint=None):
         # DDP averages the gradients of all processes during backward, bucket by bucket
         model = DDP(model, device_ids=[world.local_rank] if world.device_type == "cuda" else None)
 
-    def log(step, kind, value):
-        """One line of log_dir/log.txt, from rank 0: only ever appended to, so a resumed run adds its lines."""
+    def log(step, kind, value):  # a line of log_dir/log.txt, from rank 0: only appended to (a resumed run adds lines)
         if world.master:
             with open(os.path.join(cfg.log_dir, "log.txt"), "a") as f:
                 f.write(f"{step} {kind} {value}\n")
@@ -984,7 +941,7 @@ def train(cfg, world, model, data, checkpoint=None):
             raise KeyboardInterrupt
         stop["requested"] = True
         world.print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
-              "(Ctrl-C again to stop at once, without one)")
+                    "(Ctrl-C again to stop at once, without one)")
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     stopping = False
@@ -1018,8 +975,7 @@ def train(cfg, world, model, data, checkpoint=None):
                 # no_sync() must wrap the forward too: DDP decides during the forward what backward does
                 last = micro_step == grad_accum_steps - 1
                 with model.no_sync() if world.ddp and not last else contextlib.nullcontext():
-                    # bf16 autocast: matmuls run in bfloat16 (fp32's range, 8 bits of mantissa), parameters
-                    # and the loss stay fp32. autocast wants the device *type*: 'cuda', never 'cuda:3'
+                    # bf16 autocast: matmuls run in bfloat16 (fp32's range, 8 bits of mantissa); weights and loss stay fp32
                     with torch.autocast(device_type=world.device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
                         # [1], not `logits, loss =`: a name would keep this step's (B, T, vocab) logits
                         # alive through the next micro-step's forward (6 GiB at B=64 in bf16)
@@ -1037,8 +993,7 @@ def train(cfg, world, model, data, checkpoint=None):
                          f"updated; the checkpoints already in {cfg.log_dir} are untouched (try a lower --max_lr)")
             # clip the global gradient norm at 1.0: one unlucky batch cannot shock the weights
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            lr = get_lr(step, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-                        max_lr=cfg.max_lr, min_lr=cfg.min_lr)
+            lr = get_lr(step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
             optimizer.step()
@@ -1046,7 +1001,7 @@ def train(cfg, world, model, data, checkpoint=None):
             dt = time.time() - t0
             tokens_per_sec = cfg.batch_size * cfg.seq_len * grad_accum_steps * world.world_size / dt
             world.print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
-                  f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}")
+                        f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}")
             log(step, "train", f"{loss_accum.item():.6f}")
 
             # the signal may reach the ranks at different steps: stop when any of them got it
@@ -1073,7 +1028,6 @@ def train(cfg, world, model, data, checkpoint=None):
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return stopping
-
 
 
 if __name__ == "__main__":
