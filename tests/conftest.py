@@ -1,12 +1,16 @@
-"""Shared test set-up: the repo on sys.path, and no network, ever.
+"""What every test shares: the repo on sys.path, no network ever, the small runs' flags, and helpers.
 
 tiktoken reads GPT-2's BPE files from the vendored cache in tests/fixtures/tiktoken_cache
 (the files are named by the sha1 of their download URL, as tiktoken expects), and the
 Hugging Face libraries are told to stay offline. Any attempt to open a non-local socket
 fails the test, so a hidden download cannot slip in.
+
+Test modules import what they need from here (`from conftest import ROOT, TINY, run`), never
+from each other.
 """
 import os
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -14,7 +18,25 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+INPUT = os.path.join(ROOT, "input.txt")  # tiny Shakespeare: 338,025 GPT-2 tokens, 90% train, 10% val
+HELLASWAG_20 = os.path.join(FIXTURES, "hellaswag_val_20.jsonl")  # the first 20 HellaSwag val examples
 sys.path.insert(0, ROOT)
+
+# The flags of runs small enough for a test, to which tests add --max_steps, --log_dir and what they examine.
+# 2 blocks of 32 channels, one micro-batch of 2 x 16 tokens a step, eager, no HellaSwag: a tenth of a second a step
+SMALL = ["--data", INPUT, "--hellaswag", "0", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2",
+         "--seq_len", "16", "--total_batch_size", "32", "--compile", "0", "--warmup_steps", "1"]
+# 1 block of 16 channels, 2 micro-batches a step, a val loss every 2 steps, fp32 on the CPU: runs that stop and resume
+TINY = ["--data", INPUT, "--hellaswag", "0", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--batch_size", "2",
+        "--seq_len", "16", "--total_batch_size", "64", "--warmup_steps", "2", "--max_lr", "1e-3", "--eval_every", "2",
+        "--val_steps", "2", "--sample_every", "1000", "--compile", "0", "--bf16", "0", "--device", "cpu"]
+# 5 steps of 64 tokens, val and HellaSwag (20 examples) at steps 0, 2 and 4: one process against several
+DDP = ["--data", INPUT, "--hellaswag_file", HELLASWAG_20, "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+       "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "64", "--max_steps", "5", "--warmup_steps", "2",
+       "--max_lr", "1e-3", "--compile", "0", "--bf16", "0", "--device", "cpu", "--eval_every", "2", "--val_steps", "3"]
+# SMALL's batch and schedule without a shape: for runs whose model comes from --init_from
+NO_SHAPE = ["--data", INPUT, "--hellaswag", "0", "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "32",
+            "--warmup_steps", "1", "--eval_every", "1000", "--val_steps", "3", "--compile", "0", "--bf16", "0", "--device", "cpu"]
 
 # set before anything imports tiktoken / transformers; subprocesses inherit them
 os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(FIXTURES, "tiktoken_cache")
@@ -55,6 +77,17 @@ def make_hf_checkpoint(path, seed=0, **shape):
 def hf_checkpoint(tmp_path):
     """Factory fixture: make_hf_checkpoint into this test's tmp_path."""
     return lambda name="tiny", seed=0, **shape: make_hf_checkpoint(tmp_path / name, seed, **shape)
+
+
+def run(args, cwd=ROOT, timeout=600, env=None):
+    """`python *args` in a fresh process, from the repository root: what a user's shell would see."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def read_log(log_dir):
+    """log_dir/log.txt as a list of [step, kind, value] lines."""
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        return [line.split() for line in f.read().splitlines()]
 
 
 def error_of(main, argv):

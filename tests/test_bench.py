@@ -1,16 +1,13 @@
 import os
 import re
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, run
 
 
 def test_bench_prints_throughput_mfu_and_memory():
-    out = subprocess.run([sys.executable, "bench.py", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+    out = run(["bench.py", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
                           "--batch_size", "2", "--seq_len", "32", "--device", "cpu", "--compile", "0",
-                          "--bf16", "0", "--steps", "3", "--warmup", "1"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--bf16", "0", "--steps", "3", "--warmup", "1"])
     assert out.returncode == 0, out.stderr
     assert re.search(r"^machine: .+\| torch 2", out.stdout, re.M)
     assert "setting: B=2 T=32 device=cpu compile=0 bf16=0" in out.stdout

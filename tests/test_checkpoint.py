@@ -9,13 +9,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from conftest import error_of
-from test_cli import ROOT, one_line_error, run
-
-TINY = ["--data", os.path.join(ROOT, "input.txt"), "--hellaswag", "0", "--n_layer", "1", "--n_head", "2", "--n_embd", "16",
-        "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "64", "--warmup_steps", "2",
-        "--max_lr", "1e-3", "--eval_every", "2", "--val_steps", "2", "--sample_every", "1000",
-        "--compile", "0", "--bf16", "0", "--device", "cpu"]
+from conftest import HELLASWAG_20, INPUT, ROOT, TINY, error_of, run
 
 
 def log_text(d):
@@ -102,7 +96,7 @@ def tiny_checkpoint(path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
     optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
-    loader = DataLoaderLite(2, 16, data_root=os.path.join(ROOT, "input.txt"))
+    loader = DataLoaderLite(2, 16, data_root=INPUT)
     model(*loader.next_batch())[1].backward()
     optimizer.step()
     save_checkpoint(str(path), 1, model, optimizer, loader, TrainConfig(n_layer=1, n_head=2, n_embd=16))
@@ -132,7 +126,6 @@ def bad_checkpoints(d):
 
 
 def test_one_reader_turns_every_bad_checkpoint_into_a_clear_error(tmp_path):
-    import pytest
     from train_gpt2 import load_model
     for name, message in bad_checkpoints(tmp_path).items():
         with pytest.raises(ValueError) as e:
@@ -142,18 +135,16 @@ def test_one_reader_turns_every_bad_checkpoint_into_a_clear_error(tmp_path):
     assert load_model(str(tmp_path / "good.pt")).config.n_embd == 16
 
 
-def test_every_entry_point_that_reads_a_checkpoint_refuses_a_bad_one_in_one_line(tmp_path, monkeypatch):
+def test_every_entry_point_that_reads_a_checkpoint_refuses_a_bad_one_in_one_line(tmp_path):
     import export_hf, hellaswag, sample, train_gpt2
-    monkeypatch.chdir(ROOT)
     messages = bad_checkpoints(tmp_path)
-    hella = os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_20.jsonl")
     log = tmp_path / "log"
     cases = [
         (train_gpt2.main, [*TINY, "--log_dir", str(log), "--resume", str(tmp_path / "truncated.pt")], "truncated.pt"),
         (train_gpt2.main, [*TINY, "--log_dir", str(log), "--init_from", str(tmp_path / "code.pt")], "code.pt"),
         (sample.main, ["-m", str(tmp_path / "empty.pt"), "-d", "cpu"], "empty.pt"),
         (export_hf.main, [str(tmp_path / "shape.pt"), str(tmp_path / "hf")], "shape.pt"),
-        (hellaswag.main, ["-m", str(tmp_path / "text.pt"), "-d", "cpu", "--data_file", hella], "text.pt"),
+        (hellaswag.main, ["-m", str(tmp_path / "text.pt"), "-d", "cpu", "--data_file", HELLASWAG_20], "text.pt"),
     ]
     for main, args, name in cases:
         error = error_of(main, args)
@@ -161,9 +152,8 @@ def test_every_entry_point_that_reads_a_checkpoint_refuses_a_bad_one_in_one_line
     assert not log.exists() and not (tmp_path / "hf").exists()
 
 
-def test_resume_needs_a_whole_training_checkpoint(tmp_path, monkeypatch):
+def test_resume_needs_a_whole_training_checkpoint(tmp_path):
     import train_gpt2
-    monkeypatch.chdir(ROOT)
     good = torch.load(tiny_checkpoint(tmp_path / "good.pt"), weights_only=True)
     torch.save({"model": good["model"], "model_config": good["model_config"]}, tmp_path / "weights.pt")
     error = error_of(train_gpt2.main, [*TINY, "--n_layer", "1", "--n_embd", "16", "--log_dir", str(tmp_path / "log"),
@@ -201,7 +191,6 @@ def test_a_resume_after_a_kill_between_log_and_checkpoint_logs_each_step_once(tm
 
 
 def test_a_full_disk_while_checkpointing_leaves_no_partial_file_and_names_the_last_good_one(tmp_path, monkeypatch):
-    import pytest
     import train_gpt2
     (tmp_path / "model_00007.pt.tmp").write_bytes(b"x" * 100)  # half-written by a run that died writing it
     real_save, saves = torch.save, []
@@ -224,7 +213,7 @@ def test_a_full_disk_while_checkpointing_leaves_no_partial_file_and_names_the_la
 def start_and_signal_during_hellaswag(tmp_path, signals, gap, *more):
     """A run whose first HellaSwag pass takes about half a minute, sent signals gap seconds apart as it starts scoring."""
     hella = tmp_path / "hella.jsonl"
-    with open(os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_20.jsonl")) as f:
+    with open(HELLASWAG_20) as f:
         hella.write_text(f.read() * 100)  # 2,000 examples
     log = tmp_path / "log"
     args = [*TINY, "--n_layer", "2", "--n_embd", "64", "--hellaswag", "1", "--hellaswag_file", str(hella),
@@ -276,7 +265,7 @@ def test_one_call_restores_weights_optimizer_data_position_and_random_state(tmp_
     torch.manual_seed(1)  # other weights, another random state
     model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
     optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
-    loader = DataLoaderLite(2, 16, data_root=os.path.join(ROOT, "input.txt"))
+    loader = DataLoaderLite(2, 16, data_root=INPUT)
     assert restore_checkpoint(checkpoint, model, optimizer, loader) == 1
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], moments)

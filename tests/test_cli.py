@@ -7,15 +7,7 @@ import sys
 
 import pytest
 
-from conftest import error_of
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--data", "input.txt", "--hellaswag", "0", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
-         "--total_batch_size", "32", "--compile", "0", "--warmup_steps", "1"]
-
-
-def run(args, cwd=ROOT, timeout=600):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+from conftest import INPUT, ROOT, SMALL, error_of, read_log, run
 
 
 def readme_main_command():
@@ -24,11 +16,6 @@ def readme_main_command():
         readme = f.read()
     line = next(l for l in readme.splitlines() if l.startswith("pip install torch==2.13.0 -r requirements.txt && "))
     return shlex.split(line.split("&&", 1)[1])
-
-
-def read_log(log_dir):
-    with open(os.path.join(log_dir, "log.txt")) as f:
-        return [line.split() for line in f.read().splitlines()]
 
 
 def test_readme_main_command_trains_and_samples(tmp_path):
@@ -46,13 +33,6 @@ def test_readme_main_command_trains_and_samples(tmp_path):
     assert all(s.isprintable() for s in samples)
 
 
-def one_line_error(out, message):
-    assert out.returncode != 0
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
-    assert message in lines[0], lines[0]
-
-
 @pytest.mark.parametrize("args, message", [
     (["--max_steps", "ten"], "argument --max_steps: invalid int value: 'ten'"),
     (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
@@ -66,9 +46,8 @@ def one_line_error(out, message):
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cuda"], "sees no CUDA GPU"),
 ])
-def test_bad_input_is_an_error_that_says_what_to_do_and_clobbers_nothing(tmp_path, monkeypatch, args, message):
+def test_bad_input_is_an_error_that_says_what_to_do_and_clobbers_nothing(tmp_path, args, message):
     import train_gpt2
-    monkeypatch.chdir(ROOT)  # --data input.txt, as a user in the repo types it
     log = tmp_path / "log.txt"
     log.write_text("0 train 10.000000\n")  # an earlier run's log
     error = error_of(train_gpt2.main, [*SMALL, *args, "--log_dir", str(tmp_path)])
@@ -150,9 +129,8 @@ def test_an_exception_becomes_one_line_even_when_it_says_nothing(monkeypatch, ca
     ("file", "--log_dir {d}/file is a file: pass a directory"),
     ("file/sub", "--log_dir {d}/file/sub cannot be written (Not a directory): pass a writable directory"),
 ])
-def test_an_unusable_log_dir_is_refused_before_any_work(tmp_path, monkeypatch, capsys, where, message):
+def test_an_unusable_log_dir_is_refused_before_any_work(tmp_path, capsys, where, message):
     import train_gpt2
-    monkeypatch.chdir(ROOT)
     (tmp_path / "file").write_text("mine\n")
     assert error_of(train_gpt2.main, [*SMALL, "--log_dir", str(tmp_path / where)]) == "error: " + message.format(d=tmp_path)
     assert "input.txt (train)" not in capsys.readouterr().out  # refused before tokenizing
@@ -172,10 +150,9 @@ def test_a_read_only_log_dir_is_refused(tmp_path, monkeypatch):
             pass
 
 
-def test_a_second_run_in_the_same_log_dir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, monkeypatch):
+def test_a_second_run_in_the_same_log_dir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
     import signal, time
     import train_gpt2
-    monkeypatch.chdir(ROOT)
     first = subprocess.Popen([sys.executable, "train_gpt2.py", *SMALL, "--max_steps", "100000", "--log_dir", str(tmp_path)],
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -247,7 +224,7 @@ def test_the_small_scripts_refuse_nonsense_in_one_line(args, message):
 def test_ctrl_c_during_startup_ends_in_one_line_not_a_traceback(tmp_path):
     import signal
     big = tmp_path / "big.txt"
-    with open(os.path.join(ROOT, "input.txt")) as f:
+    with open(INPUT) as f:
         big.write_text(f.read() * 8)  # tokenizing the val split again takes seconds
     proc = subprocess.Popen([sys.executable, "train_gpt2.py", *SMALL, "--data", str(big), "--log_dir", str(tmp_path / "log")],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

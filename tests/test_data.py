@@ -1,15 +1,10 @@
-import os
-
 import numpy as np
 import pytest
 import tiktoken
 import torch
 
-from conftest import error_of
+from conftest import INPUT, error_of
 from train_gpt2 import DataLoaderLite, load_text_tokens
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INPUT = os.path.join(ROOT, "input.txt")
 
 
 def test_input_txt_tokenizes_with_gpt2():

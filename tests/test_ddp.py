@@ -1,17 +1,9 @@
 """DistributedDataParallel on the CPU: torchrun with the gloo backend."""
 import os
-import re
 import subprocess
 import sys
 
-from test_cli import read_log, run
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# a tiny model, 2 sequences of 16 tokens per micro-batch, 64 tokens per optimisation step
-HELLA = os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_20.jsonl")
-TINY = ["--data", "input.txt", "--hellaswag_file", HELLA, "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16",
-        "--total_batch_size", "64", "--max_steps", "5", "--warmup_steps", "2", "--max_lr", "1e-3",
-        "--compile", "0", "--bf16", "0", "--device", "cpu", "--eval_every", "2", "--val_steps", "3"]
+from conftest import DDP, HELLASWAG_20, ROOT, read_log, run
 
 
 def torchrun(nproc, args, timeout=600):
@@ -22,10 +14,10 @@ def torchrun(nproc, args, timeout=600):
 
 def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    out1 = run(["train_gpt2.py", *TINY, "--log_dir", str(one)])  # 2 micro-batches, 1 process
+    out1 = run(["train_gpt2.py", *DDP, "--log_dir", str(one)])  # 2 micro-batches, 1 process
     assert out1.returncode == 0, out1.stderr
     assert "= 2 micro-batches of 2 x 16 on each of 1 processes" in out1.stdout
-    out2 = torchrun(2, [*TINY, "--log_dir", str(two)])  # 1 micro-batch on each of 2 processes
+    out2 = torchrun(2, [*DDP, "--log_dir", str(two)])  # 1 micro-batch on each of 2 processes
     assert out2.returncode == 0, out2.stderr
     assert "= 1 micro-batches of 2 x 16 on each of 2 processes" in out2.stdout
     log1, log2 = read_log(one), read_log(two)
@@ -71,9 +63,9 @@ def two_nodes(args, cwds, envs, timeout=180):
 def test_nodes_agree_on_hellaswag_when_one_cannot_download_it(tmp_path):
     cache0, cache1 = tmp_path / "cache0", tmp_path / "cache1"
     cache0.mkdir()
-    (cache0 / "hellaswag_val.jsonl").write_text(open(HELLA).read())  # node 0 has it cached; node 1 is offline
+    (cache0 / "hellaswag_val.jsonl").write_text(open(HELLASWAG_20).read())  # node 0 has it cached; node 1 is offline
     offline = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
-    args = [a if a != "input.txt" else os.path.join(ROOT, "input.txt") for a in TINY if a not in ("--hellaswag_file", HELLA)]
+    args = [a for a in DDP if a not in ("--hellaswag_file", HELLASWAG_20)]
     out = two_nodes([*args, "--log_dir", str(tmp_path / "log")], [ROOT, ROOT],
                     [dict(offline, HELLASWAG_CACHE=str(cache0)), dict(offline, HELLASWAG_CACHE=str(cache1))])
     (code0, out0, err0), (code1, _, err1) = out
@@ -87,12 +79,11 @@ def test_a_checkpoint_one_node_cannot_read_stops_every_node_with_the_error(tmp_p
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     node0.mkdir(), node1.mkdir()
     import train_gpt2
-    args = [a if a != "input.txt" else os.path.join(ROOT, "input.txt") for a in TINY]
-    train_gpt2.main([*args, "--log_dir", str(tmp_path / "first")])
+    train_gpt2.main([*DDP, "--log_dir", str(tmp_path / "first")])
     good = (tmp_path / "first" / "model_00004.pt").read_bytes()
     (node0 / "ckpt.pt").write_bytes(good)
     (node1 / "ckpt.pt").write_bytes(good[:1000])  # node 1 sees a damaged copy
-    out = two_nodes([*args, "--log_dir", str(tmp_path / "log"), "--resume", "ckpt.pt"], [node0, node1], [{}, {}])
+    out = two_nodes([*DDP, "--log_dir", str(tmp_path / "log"), "--resume", "ckpt.pt"], [node0, node1], [{}, {}])
     (code0, _, err0), (code1, _, err1) = out
     assert code0 != 0 and code1 != 0
     assert "error: cannot read checkpoint ckpt.pt: it is truncated" in err1
@@ -116,7 +107,7 @@ if os.environ["RANK"] == "0":
 train_gpt2.main(sys.argv[1:])
 open({str(tmp_path)!r} + "/exited_" + os.environ["RANK"], "w").write(repr(time.time()))
 """)
-    args = [a if a != "input.txt" else os.path.join(ROOT, "input.txt") for a in TINY if a not in ("--hellaswag_file", HELLA)]
+    args = [a for a in DDP if a not in ("--hellaswag_file", HELLASWAG_20)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
            *args, "--hellaswag", "0", "--max_steps", "2", "--log_dir", str(tmp_path / "log")]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

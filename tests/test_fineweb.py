@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import tiktoken
 
-from conftest import error_of
+from conftest import FIXTURES, ROOT, error_of
 from train_gpt2 import DataLoaderLite
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = os.path.join(ROOT, "tests", "fixtures", "fineweb_edu_40.jsonl")  # 40 real FineWeb-Edu documents
+DOCS = os.path.join(FIXTURES, "fineweb_edu_40.jsonl")  # 40 real FineWeb-Edu documents
 
 
 def fineweb(*args):

@@ -1,18 +1,13 @@
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import tiktoken
 import torch
 
 import hellaswag
-from conftest import error_of
+from conftest import HELLASWAG_20 as EXAMPLES, INPUT, error_of, run
 from train_gpt2 import GPT, GPTConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_20.jsonl")  # the first 20 val examples
 
 
 def tiny_model(seed=0):
@@ -48,8 +43,8 @@ def test_batched_scoring_equals_one_example_at_a_time():
 
 def test_cli_scores_a_local_checkpoint_on_a_local_file(hf_checkpoint):
     path = hf_checkpoint(vocab_size=50257, n_embd=16, n_positions=256)
-    out = subprocess.run([sys.executable, "hellaswag.py", "-m", path, "-d", "cpu", "--data_file", EXAMPLES,
-                          "--limit", "12"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = run(["hellaswag.py", "-m", path, "-d", "cpu", "--data_file", EXAMPLES,
+                          "--limit", "12"])
     assert out.returncode == 0, out.stderr
     acc, acc_norm, n = re.search(r"acc ([0-9.]+) acc_norm ([0-9.]+) examples (\d+)$", out.stdout.strip()).groups()
     model = GPT.from_pretrained(path).eval()
@@ -60,11 +55,10 @@ def test_cli_scores_a_local_checkpoint_on_a_local_file(hf_checkpoint):
 def test_offline_without_a_cache_the_run_says_so_once_and_goes_on(tmp_path):
     env = dict(os.environ, HELLASWAG_CACHE=str(tmp_path / "cache"),
                https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")  # nothing leaves this machine
-    out = subprocess.run([sys.executable, "train_gpt2.py", "--data", "input.txt", "--n_layer", "1", "--n_head", "1",
+    out = run(["train_gpt2.py", "--data", INPUT, "--n_layer", "1", "--n_head", "1",
                           "--n_embd", "16", "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "32",
                           "--max_steps", "3", "--warmup_steps", "1", "--eval_every", "1", "--val_steps", "1", "--compile", "0",
-                          "--log_dir", str(tmp_path / "log")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+                          "--log_dir", str(tmp_path / "log")], env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("hellaswag: no data (") == 1
     assert "training goes on without it" in out.stdout
@@ -73,8 +67,8 @@ def test_offline_without_a_cache_the_run_says_so_once_and_goes_on(tmp_path):
 
 
 def test_a_missing_hellaswag_file_is_a_clear_error(tmp_path):
-    out = subprocess.run([sys.executable, "train_gpt2.py", "--data", "input.txt", "--hellaswag_file", "nope.jsonl",
-                          "--log_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = run(["train_gpt2.py", "--data", INPUT, "--hellaswag_file", "nope.jsonl",
+                          "--log_dir", str(tmp_path)])
     assert out.returncode != 0
     assert out.stderr.strip() == "error: --hellaswag_file 'nope.jsonl' not found (or pass --hellaswag 0)"
 
@@ -108,7 +102,7 @@ def test_a_bad_hellaswag_file_is_a_one_line_error_in_the_scorer_and_in_training(
         "error: --limit must be at least 1, got 0"
     assert error_of(hellaswag.main, ["-m", "nowhere.pt", "--data_file", str(bad)]) == \
         f"error: {bad} line 2: 'endings' must be a list of 4 texts, got 3: each line must be one HellaSwag example"
-    error = error_of(train_gpt2.main, ["--data", os.path.join(ROOT, "input.txt"), "--hellaswag_file", str(bad),
+    error = error_of(train_gpt2.main, ["--data", INPUT, "--hellaswag_file", str(bad),
                                        "--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--batch_size", "2",
                                        "--seq_len", "16", "--total_batch_size", "32", "--max_steps", "1",
                                        "--warmup_steps", "1", "--compile", "0", "--log_dir", str(tmp_path / "log")])
@@ -118,11 +112,11 @@ def test_a_bad_hellaswag_file_is_a_one_line_error_in_the_scorer_and_in_training(
 
 def test_hellaswag_is_a_leaf_that_its_own_command_loads_once():
     # importing it loads nothing of ours: the trainer imports it, so it must not import the trainer
-    out = subprocess.run([sys.executable, "-c", "import sys, hellaswag; print([m for m in sys.modules if m in "
-                          "('train_gpt2', 'sample', 'export_hf', 'bench', 'fineweb')])"], cwd=ROOT, capture_output=True, text=True)
+    out = run(["-c", "import sys, hellaswag; print([m for m in sys.modules if m in "
+                          "('train_gpt2', 'sample', 'export_hf', 'bench', 'fineweb')])"])
     assert out.stdout == "[]\n", out.stderr
     # run as a script it is the module __main__, and the trainer it loads for its model finds it there
-    out = subprocess.run([sys.executable, "-X", "importtime", "hellaswag.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    out = run(["-X", "importtime", "hellaswag.py", "--help"])
     assert out.returncode == 0 and "--data_file" in out.stdout
     loaded = re.findall(r"\| +(\w+)$", out.stderr, re.M)
     assert "train_gpt2" in loaded and "hellaswag" not in loaded

@@ -5,9 +5,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import make_hf_checkpoint
+from conftest import ROOT, make_hf_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_notebook(**env):

@@ -1,12 +1,8 @@
-import os
-import subprocess
-import sys
-
 import torch
 
+from conftest import INPUT, run
 from train_gpt2 import GPT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Hello, I'm a language model,"
 
 
@@ -37,19 +33,17 @@ def test_generate_only_picks_from_the_top_k(hf_checkpoint):
 
 def test_main_prints_five_continuations_of_the_prompt(hf_checkpoint, tmp_path):
     path = hf_checkpoint(vocab_size=50257, n_embd=16)  # the prompt's ids need the full vocabulary
-    out = subprocess.run([sys.executable, "train_gpt2.py", "--data", "input.txt", "--hellaswag", "0", "--init_from", path, "--max_steps", "1", "--warmup_steps", "1",
-                          "--batch_size", "2", "--seq_len", "32", "--total_batch_size", "64", "--compile", "0", "--log_dir", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = run(["train_gpt2.py", "--data", INPUT, "--hellaswag", "0", "--init_from", path, "--max_steps", "1", "--warmup_steps", "1",
+                          "--batch_size", "2", "--seq_len", "32", "--total_batch_size", "64", "--compile", "0", "--log_dir", str(tmp_path)])
     assert out.returncode == 0, out.stderr
     # 4 samples at the last step (they may hold newlines: count the prompts)
     assert [out.stdout.count(f"\nsample {i}: " + PROMPT) for i in range(5)] == [1, 1, 1, 1, 0]
 
 
 def test_main_samples_from_a_random_model_on_the_chosen_device(tmp_path):
-    out = subprocess.run([sys.executable, "train_gpt2.py", "--data", "input.txt", "--hellaswag", "0", "--init_from", "scratch", "--device", "cpu", "--max_steps", "1", "--warmup_steps", "1",
+    out = run(["train_gpt2.py", "--data", INPUT, "--hellaswag", "0", "--init_from", "scratch", "--device", "cpu", "--max_steps", "1", "--warmup_steps", "1",
                           "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "32", "--compile", "0",
-                          "--log_dir", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--log_dir", str(tmp_path)])
     assert out.returncode == 0, out.stderr
     assert "using device: cpu" in out.stdout
     assert out.stdout.count(": " + PROMPT) == 4

@@ -3,10 +3,8 @@ import re
 
 import torch
 
+from conftest import HELLASWAG_20, INPUT, SMALL
 from train_gpt2 import GPT, GPTConfig, DataLoaderLite
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INPUT = os.path.join(ROOT, "input.txt")
 
 
 def test_a_tiny_model_overfits_one_batch():
@@ -81,10 +79,7 @@ def test_the_optimizer_steps_with_the_clipped_gradient(tmp_path, monkeypatch, ca
         seen.append(torch.sqrt(sum((g ** 2).sum() for g in grads)).item())
         return real_step(self, *args, **kwargs)
     monkeypatch.setattr(torch.optim.AdamW, "step", step_and_watch)
-    train_gpt2.main(["--data", INPUT, "--hellaswag", "0", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
-                     "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "32", "--compile", "0",
-                     "--max_steps", "3", "--max_lr", "1e-3", "--warmup_steps", "1", "--device", "cpu",
-                     "--log_dir", str(tmp_path)])
+    train_gpt2.main([*SMALL, "--max_steps", "3", "--max_lr", "1e-3", "--device", "cpu", "--log_dir", str(tmp_path)])
     out = capsys.readouterr().out
     # wte, wpe and 2 blocks of 4 matrices; 2 blocks of 2 LayerNorms (weight, bias) and 4 biases, and ln_f
     assert "decayed tensors: 10, with 1,667,072 parameters" in out and "non-decayed tensors: 18, with 896 parameters" in out
@@ -139,12 +134,11 @@ def test_accumulated_gradient_of_micro_batches_equals_the_one_batch_gradient():
 def test_compiled_run_with_hellaswag_and_sampling_in_the_loop(tmp_path, capsys):
     import torch._dynamo
     import train_gpt2
-    hella = os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_20.jsonl")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     train_gpt2.main(["--data", INPUT, "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2",
                      "--seq_len", "16", "--total_batch_size", "32", "--max_steps", "4", "--warmup_steps", "1", "--eval_every", "1",
-                     "--val_steps", "2", "--sample_every", "1", "--hellaswag_file", hella, "--compile", "1",
+                     "--val_steps", "2", "--sample_every", "1", "--hellaswag_file", HELLASWAG_20, "--compile", "1",
                      "--bf16", "0", "--device", "cpu", "--log_dir", str(tmp_path)])
     out = capsys.readouterr().out
     kinds = [line.split()[1] for line in (tmp_path / "log.txt").read_text().splitlines()]

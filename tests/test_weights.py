@@ -1,24 +1,18 @@
 """Starting from weights, sampling from a checkpoint, exporting to Hugging Face."""
-import os
 import re
 
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from conftest import make_hf_checkpoint
-from test_cli import ROOT, read_log, run
+from conftest import HELLASWAG_20, INPUT, NO_SHAPE, make_hf_checkpoint, read_log, run
 from train_gpt2 import DataLoaderLite, World, evaluate_loss, load_model
-
-TINY = ["--data", "input.txt", "--hellaswag", "0", "--batch_size", "2", "--seq_len", "16",
-        "--total_batch_size", "32", "--warmup_steps", "1", "--eval_every", "1000", "--val_steps", "3",
-        "--compile", "0", "--bf16", "0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
-    out = run(["train_gpt2.py", *TINY, "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--max_steps", "3",
+    out = run(["train_gpt2.py", *NO_SHAPE, "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--max_steps", "3",
                "--log_dir", str(d)])
     assert out.returncode == 0, out.stderr
     return str(d / "model_00002.pt")
@@ -47,23 +41,23 @@ def test_sample_command_continues_a_prompt_from_a_checkpoint(checkpoint):
 
 def test_hellaswag_scores_a_checkpoint(checkpoint):
     out = run(["hellaswag.py", "-m", checkpoint, "-d", "cpu", "--data_file",
-               os.path.join(ROOT, "tests", "fixtures", "hellaswag_val_20.jsonl"), "--limit", "4"])
+               HELLASWAG_20, "--limit", "4"])
     assert out.returncode == 0, out.stderr
     assert re.search(r"acc [0-9.]+ acc_norm [0-9.]+ examples 4$", out.stdout.strip())
 
 
 def test_init_from_a_checkpoint_starts_from_its_weights(checkpoint, tmp_path):
-    out = run(["train_gpt2.py", *TINY, "--init_from", checkpoint, "--max_steps", "2", "--log_dir", str(tmp_path)])
+    out = run(["train_gpt2.py", *NO_SHAPE, "--init_from", checkpoint, "--max_steps", "2", "--log_dir", str(tmp_path)])
     assert out.returncode == 0, out.stderr
     first_val = next(float(l) for s, k, l in read_log(tmp_path) if k == "val" and s == "0")
     model = load_model(checkpoint)
-    val = DataLoaderLite(2, 16, split="val", data_root=os.path.join(ROOT, "input.txt"))
+    val = DataLoaderLite(2, 16, split="val", data_root=INPUT)
     assert abs(first_val - evaluate_loss(model, val, 3, World())) < 1e-4
 
 
 def test_fine_tune_a_hugging_face_checkpoint_on_input_txt(tmp_path):
     path = make_hf_checkpoint(tmp_path / "hf", vocab_size=50257, n_embd=32, n_positions=64)
-    out = run(["train_gpt2.py", *TINY, "--init_from", path, "--max_steps", "15", "--max_lr", "3e-3",
+    out = run(["train_gpt2.py", *NO_SHAPE, "--init_from", path, "--max_steps", "15", "--max_lr", "3e-3",
                "--log_dir", str(tmp_path / "log")])
     assert out.returncode == 0, out.stderr
     train = [float(l) for _, k, l in read_log(tmp_path / "log") if k == "train"]
