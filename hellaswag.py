@@ -21,6 +21,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 DATA_CACHE_DIR = os.environ.get("HELLASWAG_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag"))
+# tokens per forward pass, padding included: rows of similar length are batched up to this many
+BATCH_TOKENS = 8192
 URLS = {split: f"https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
         for split in ("train", "val", "test")}
 
@@ -81,68 +83,60 @@ def iterate_examples(path, limit=None):
 
 
 def render_example(example, enc):
-    """(tokens (4, N), mask (4, N), label): the context + each ending; mask is 1 on the ending."""
+    """The example as 4 rows of tokens, the context then an ending, each with where its ending starts."""
     ctx = enc.encode(example["ctx"])
-    rows, masks = [], []
-    for ending in example["endings"]:
-        end = enc.encode(" " + ending)  # the leading space: GPT-2's tokens carry the space before a word
-        rows.append(ctx + end)
-        masks.append([0] * len(ctx) + [1] * len(end))
-    n = max(len(r) for r in rows)
-    tokens = torch.zeros((4, n), dtype=torch.long)
-    mask = torch.zeros((4, n), dtype=torch.long)
-    for i, (r, m) in enumerate(zip(rows, masks)):
-        tokens[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(m)] = torch.tensor(m)
-    return tokens, mask, example["label"]
+    # the leading space: GPT-2's tokens carry the space before a word
+    return [(ctx + enc.encode(" " + ending), len(ctx)) for ending in example["endings"]]
+
+
+def token_batches(lengths, budget):
+    """Indices into lengths, shortest first, in batches of at most budget tokens once padded to their
+    longest row (a row longer than the budget goes alone): rows of similar length share a batch."""
+    batch, longest = [], 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if batch and (len(batch) + 1) * max(longest, lengths[i]) > budget:
+            yield batch
+            batch, longest = [], 0
+        batch.append(i)
+        longest = max(longest, lengths[i])
+    if batch:
+        yield batch
 
 
 @torch.no_grad()
-def score(model, rendered, device, use_bf16=False):
-    """Predictions (acc, acc_norm) for a list of rendered examples, in one forward pass.
-
-    The examples' rows are right-padded to one length: attention is causal, so padding after a
-    row's last token cannot change the logits of the tokens before it, and the mask drops it.
-    """
-    n = max(t.size(1) for t, _, _ in rendered)
-    tokens = torch.zeros((4 * len(rendered), n), dtype=torch.long)
-    mask = torch.zeros_like(tokens)
-    for i, (t, m, _) in enumerate(rendered):
-        tokens[4 * i:4 * i + 4, :t.size(1)] = t
-        mask[4 * i:4 * i + 4, :m.size(1)] = m
-    tokens, mask = tokens.to(device), mask.to(device)
-    with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-        logits, _ = model(tokens)
-    # the loss of predicting token t+1 from position t, for every position
-    losses = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
-                             reduction="none").view(tokens.size(0), -1)
-    m = mask[:, 1:].float()  # only the ending's tokens count
-    sum_loss = (losses * m).sum(dim=1).view(-1, 4)
-    avg_loss = sum_loss / m.sum(dim=1).view(-1, 4)
-    return sum_loss.argmin(dim=1).tolist(), avg_loss.argmin(dim=1).tolist()
-
-
-def evaluate(model, examples, device, batch_size=16, use_bf16=False):
-    """(correct, correct_norm, total) over examples, batch_size examples per forward pass."""
+def predict(model, examples, device, budget=BATCH_TOKENS, use_bf16=False, progress=False):
+    """Each example's predictions (acc, acc_norm): the ending with the lowest summed loss, and with the
+    lowest mean loss per token. Only the endings' tokens are scored: the output layer (GPT-2's largest
+    matmul) and the loss run at those positions only, never at the context's or the padding's."""
     enc = tiktoken.get_encoding("gpt2")
-    correct = correct_norm = total = 0
-    batch = []
-    for i, example in enumerate(examples):
-        batch.append(render_example(example, enc))
-        if len(batch) == batch_size:
-            c, cn = tally(model, batch, device, use_bf16)
-            correct, correct_norm, total = correct + c, correct_norm + cn, total + len(batch)
-            batch = []
-    if batch:
-        c, cn = tally(model, batch, device, use_bf16)
-        correct, correct_norm, total = correct + c, correct_norm + cn, total + len(batch)
-    return correct, correct_norm, total
+    rows = [row for example in examples for row in render_example(example, enc)]  # example i: rows 4i .. 4i+3
+    sum_loss, n_scored = torch.zeros(len(rows), device=device), torch.zeros(len(rows), device=device)
+    for batch in tqdm(list(token_batches([len(r) for r, _ in rows], budget)), desc="hellaswag", disable=not progress):
+        tokens = torch.zeros((len(batch), max(len(rows[i][0]) for i in batch)), dtype=torch.long)
+        scored = torch.zeros_like(tokens, dtype=torch.bool)  # positions whose next token is an ending's
+        for b, i in enumerate(batch):
+            row, start = rows[i]
+            tokens[b, :len(row)] = torch.tensor(row)
+            scored[b, max(start, 1) - 1:len(row) - 1] = True  # right-padded: causal attention never sees it
+        tokens, scored = tokens.to(device), scored.to(device)
+        b_idx, t_idx = scored.nonzero(as_tuple=True)
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model.lm_head(model.hidden(tokens)[b_idx, t_idx])  # (scored positions, vocab)
+        losses = F.cross_entropy(logits.float(), tokens[b_idx, t_idx + 1], reduction="none")
+        row_of = torch.tensor(batch, device=device)[b_idx]
+        sum_loss.index_add_(0, row_of, losses)
+        n_scored.index_add_(0, row_of, torch.ones_like(losses))
+    sum_loss, n_scored = sum_loss.view(-1, 4).cpu(), n_scored.view(-1, 4).cpu()
+    return list(zip(sum_loss.argmin(1).tolist(), (sum_loss / n_scored).argmin(1).tolist()))
 
 
-def tally(model, batch, device, use_bf16):
-    pred, pred_norm = score(model, batch, device, use_bf16)
-    labels = [label for _, _, label in batch]
-    return sum(p == l for p, l in zip(pred, labels)), sum(p == l for p, l in zip(pred_norm, labels))
+def evaluate(model, examples, device, budget=BATCH_TOKENS, use_bf16=False, progress=False):
+    """(correct, correct_norm, total) over examples."""
+    examples = list(examples)
+    preds = predict(model, examples, device, budget, use_bf16, progress)
+    correct = sum(p == ex["label"] for (p, _), ex in zip(preds, examples))
+    correct_norm = sum(pn == ex["label"] for (_, pn), ex in zip(preds, examples))
+    return correct, correct_norm, len(examples)
 
 
 def main(argv=None):
@@ -155,22 +149,21 @@ def main(argv=None):
     p.add_argument("--data_file", help="a local HellaSwag jsonl (no download)")
     p.add_argument("--split", default="val", choices=("train", "val"))
     p.add_argument("--limit", type=int, help="score only the first N examples (at least 1)")
-    p.add_argument("--batch_size", type=int, default=16, help="examples per forward pass")
+    p.add_argument("--batch_tokens", type=int, default=BATCH_TOKENS, help="tokens per forward pass, padding included")
     args = p.parse_args(argv)
     with one_line_errors():
         device = init_device(args.device)
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {args.limit}")
-        if args.batch_size < 1:
-            raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
+        if args.batch_tokens < 1:
+            raise ValueError(f"--batch_tokens must be at least 1, got {args.batch_tokens}")
         path = args.data_file or download(args.split)
         if not os.path.isfile(path):
             raise ValueError(f"data file {path!r} not found")
         examples = list(iterate_examples(path, args.limit))
         model = load_model(args.model).to(device).eval()
         check_vocab(model, GPT2_VOCAB_SIZE - 1, "GPT-2 text (HellaSwag)")
-    c, cn, n = evaluate(model, tqdm(examples, desc="hellaswag"), device, args.batch_size,
-                        use_bf16=bf16_fast(device))
+    c, cn, n = evaluate(model, examples, device, args.batch_tokens, use_bf16=bf16_fast(device), progress=True)
     print(f"hellaswag {os.path.basename(path)}: acc {c / n:.4f} acc_norm {cn / n:.4f} examples {n}")
 
 

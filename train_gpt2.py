@@ -138,8 +138,8 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy if targets."""
+    def hidden(self, idx):
+        """idx (B, T) token ids -> the last layer's normalised states (B, T, C), which lm_head turns into logits."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
@@ -147,8 +147,11 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) broadcasts
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy if targets."""
+        logits = self.lm_head(self.hidden(idx))
         loss = None
         if targets is not None:
             # reshape, not view: targets may be a slice such as idx[:, 1:], which view cannot flatten

@@ -210,7 +210,7 @@ def test_settings_that_make_no_sense_are_refused(args, message):
 @pytest.mark.parametrize("args, message", [
     (["sample.py", "-m", "x.pt", "--num_samples", "0"], "--num_samples must be at least 1 and --max_new_tokens at least 0"),
     (["sample.py", "-m", "x.pt", "--max_new_tokens", "-5"], "--num_samples must be at least 1 and --max_new_tokens at least 0, got 4 and -5"),
-    (["hellaswag.py", "-m", "x.pt", "--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["hellaswag.py", "-m", "x.pt", "--batch_tokens", "0"], "--batch_tokens must be at least 1, got 0"),
     (["bench.py", "--steps", "0"], "--steps must be at least 1, got 0"),
     (["bench.py", "--n_embd", "30", "--n_head", "4"], "--n_embd 30 must be a multiple of --n_head 4"),
     (["bench.py", "--device", "tpu"], "unknown device 'tpu'"),

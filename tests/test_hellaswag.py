@@ -4,10 +4,13 @@ import re
 import pytest
 import tiktoken
 import torch
+from torch.nn import functional as F
 
 import hellaswag
-from conftest import HELLASWAG_20 as EXAMPLES, INPUT, error_of, run
+from conftest import FIXTURES, HELLASWAG_20 as EXAMPLES, INPUT, error_of, run
 from train_gpt2 import GPT, GPTConfig
+
+HELLASWAG_64 = os.path.join(FIXTURES, "hellaswag_val_64.jsonl")  # lengths 17 to 123 tokens
 
 
 def tiny_model(seed=0):
@@ -18,27 +21,54 @@ def tiny_model(seed=0):
 def test_render_example():
     enc = tiktoken.get_encoding("gpt2")
     ex = next(hellaswag.iterate_examples(EXAMPLES))
-    tokens, mask, label = hellaswag.render_example(ex, enc)
+    rows = hellaswag.render_example(ex, enc)
     ctx = enc.encode(ex["ctx"])
-    assert label == ex["label"] == 3
-    assert tokens.shape == mask.shape and tokens.size(0) == 4
-    for i, ending in enumerate(ex["endings"]):
-        end = enc.encode(" " + ending)
-        assert tokens[i, :len(ctx) + len(end)].tolist() == ctx + end
-        assert mask[i].tolist() == [0] * len(ctx) + [1] * len(end) + [0] * (tokens.size(1) - len(ctx) - len(end))
+    assert ex["label"] == 3 and len(rows) == 4
+    for (tokens, start), ending in zip(rows, ex["endings"]):
+        assert start == len(ctx) and tokens[:start] == ctx
+        assert tokens[start:] == enc.encode(" " + ending)  # the leading space belongs to the ending
 
 
-def test_batched_scoring_equals_one_example_at_a_time():
+def reference_predictions(model, examples):
+    """The straightforward scorer: one example at a time, fp32, the full logits, the ending's tokens' losses."""
     enc = tiktoken.get_encoding("gpt2")
+    preds = []
+    for ex in examples:
+        ctx = enc.encode(ex["ctx"])
+        sums, means = [], []
+        for ending in ex["endings"]:
+            end = enc.encode(" " + ending)
+            tokens = torch.tensor([ctx + end])
+            with torch.no_grad():
+                logits = model(tokens)[0][0]
+            # token t of the ending is predicted at position len(ctx) + t - 1
+            losses = [F.cross_entropy(logits[len(ctx) + t - 1], torch.tensor(end[t])).item() for t in range(len(end))]
+            sums.append(sum(losses))
+            means.append(sum(losses) / len(losses))
+        preds.append((sums.index(min(sums)), means.index(min(means))))
+    return preds
+
+
+def test_the_fast_scorer_predicts_what_the_per_example_fp32_scorer_predicts():
+    examples = list(hellaswag.iterate_examples(HELLASWAG_64))  # 16 of the shortest, 16 of the longest, 32 others
     model = tiny_model()
-    rendered = [hellaswag.render_example(ex, enc) for ex in hellaswag.iterate_examples(EXAMPLES)]
-    assert len(rendered) == 20
-    batched = hellaswag.score(model, rendered, "cpu")
-    single = [hellaswag.score(model, [r], "cpu") for r in rendered]
-    assert batched[0] == [s[0][0] for s in single]  # acc predictions
-    assert batched[1] == [s[1][0] for s in single]  # acc_norm predictions
-    examples = list(hellaswag.iterate_examples(EXAMPLES))
-    assert hellaswag.evaluate(model, examples, "cpu", batch_size=8) == hellaswag.evaluate(model, examples, "cpu", batch_size=1)
+    expected = reference_predictions(model, examples)
+    assert len(set(expected)) > 4  # the tiny model's predictions vary: a scorer that always says 0 would fail
+    for budget in (hellaswag.BATCH_TOKENS, 300, 1):  # one batch of many rows, several, one row per batch
+        assert hellaswag.predict(model, examples, "cpu", budget) == expected, budget
+    c, cn, n = hellaswag.evaluate(model, examples, "cpu")
+    assert n == 64 and c == sum(p == ex["label"] for (p, _), ex in zip(expected, examples))
+    assert cn == sum(pn == ex["label"] for (_, pn), ex in zip(expected, examples))
+
+
+def test_batches_hold_rows_of_similar_length_within_the_token_budget():
+    lengths = [5, 90, 7, 40, 41, 6, 88, 200, 39]
+    batches = list(hellaswag.token_batches(lengths, 100))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every row, once
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert len(b) * longest <= 100 or len(b) == 1  # padded to its longest row, within budget
+    assert [sorted(lengths[i] for i in b) for b in batches] == [[5, 6, 7], [39, 40], [41], [88], [90], [200]]
 
 
 def test_cli_scores_a_local_checkpoint_on_a_local_file(hf_checkpoint):
