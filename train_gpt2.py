@@ -59,7 +59,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): each head attends independently
@@ -67,8 +67,9 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         # flash attention: softmax(q k^T / sqrt(head_size)) v, causal (no token sees the future),
-        # computed in tiles without ever writing the (T, T) attention matrix to memory
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # computed in tiles without ever writing the (T, T) attention matrix to memory; a mask
+        # (B, 1, T, T), True where a token may look, replaces causality (see hellaswag.py)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.c_proj(y)
 
@@ -93,9 +94,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         # pre-norm: the residual stream x is never normalised, only what branches off it
-        x = x + self.attn(self.ln_1(x))  # tokens talk to each other
+        x = x + self.attn(self.ln_1(x), mask)  # tokens talk to each other
         x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
         return x
 
@@ -138,15 +139,17 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden(self, idx):
-        """idx (B, T) token ids -> the last layer's normalised states (B, T, C), which lm_head turns into logits."""
+    def hidden(self, idx, pos=None, mask=None):
+        """idx (B, T) token ids -> the last layer's normalised states (B, T, C), which lm_head turns into logits.
+        By default token t is at position t and sees tokens 0..t; pos and mask say otherwise (see hellaswag.py)."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        if pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+            pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) broadcasts
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, mask)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):

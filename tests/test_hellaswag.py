@@ -18,15 +18,17 @@ def tiny_model(seed=0):
     return GPT(GPTConfig(block_size=256, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).eval()
 
 
-def test_render_example():
+def test_render_example_packs_the_context_once_then_the_four_endings():
     enc = tiktoken.get_encoding("gpt2")
     ex = next(hellaswag.iterate_examples(EXAMPLES))
-    rows = hellaswag.render_example(ex, enc)
+    tokens, positions, segments = hellaswag.render_example(ex, enc)
     ctx = enc.encode(ex["ctx"])
-    assert ex["label"] == 3 and len(rows) == 4
-    for (tokens, start), ending in zip(rows, ex["endings"]):
-        assert start == len(ctx) and tokens[:start] == ctx
-        assert tokens[start:] == enc.encode(" " + ending)  # the leading space belongs to the ending
+    ends = [enc.encode(" " + e) for e in ex["endings"]]  # the leading space belongs to the ending
+    assert ex["label"] == 3 and len(ctx) == 9 and [len(e) for e in ends] == [11, 6, 8, 9]
+    assert tokens == ctx + ends[0] + ends[1] + ends[2] + ends[3]
+    # every ending's positions continue the context's, as if it were alone after it
+    assert positions == list(range(9)) + list(range(9, 20)) + list(range(9, 15)) + list(range(9, 17)) + list(range(9, 18))
+    assert segments == [-1] * 9 + [0] * 11 + [1] * 6 + [2] * 8 + [3] * 9
 
 
 def reference_predictions(model, examples):
@@ -49,16 +51,56 @@ def reference_predictions(model, examples):
     return preds
 
 
+class Recorder:
+    """Wraps a model: hellaswag.predict calls hidden() and lm_head, and this notes their input shapes."""
+    def __init__(self, model):
+        self.model, self.config, self.hidden_shapes, self.head_rows = model, model.config, [], 0
+
+    def hidden(self, idx, pos, mask):
+        self.hidden_shapes.append(tuple(idx.shape))
+        return self.model.hidden(idx, pos, mask)
+
+    def lm_head(self, h):
+        self.head_rows += h.size(0)
+        return self.model.lm_head(h)
+
+
 def test_the_fast_scorer_predicts_what_the_per_example_fp32_scorer_predicts():
     examples = list(hellaswag.iterate_examples(HELLASWAG_64))  # 16 of the shortest, 16 of the longest, 32 others
     model = tiny_model()
     expected = reference_predictions(model, examples)
     assert len(set(expected)) > 4  # the tiny model's predictions vary: a scorer that always says 0 would fail
+    enc = tiktoken.get_encoding("gpt2")
+    ending_tokens = sum(len(enc.encode(" " + e)) for ex in examples for e in ex["endings"])
     for budget in (hellaswag.BATCH_TOKENS, 300, 1):  # one batch of many rows, several, one row per batch
-        assert hellaswag.predict(model, examples, "cpu", budget) == expected, budget
+        recorder = Recorder(model)
+        assert hellaswag.predict(recorder, examples, "cpu", budget) == expected, budget
+        # never padded beyond the budget (a row longer than the budget goes alone, unpadded)
+        assert all(B * T <= budget or B == 1 for B, T in recorder.hidden_shapes), recorder.hidden_shapes
+        assert sum(B for B, _ in recorder.hidden_shapes) == 64  # each example is one row
+        assert recorder.head_rows == ending_tokens  # the output layer runs at the endings' tokens only
     c, cn, n = hellaswag.evaluate(model, examples, "cpu")
     assert n == 64 and c == sum(p == ex["label"] for (p, _), ex in zip(expected, examples))
     assert cn == sum(pn == ex["label"] for (_, pn), ex in zip(expected, examples))
+
+
+def test_examples_of_very_different_lengths_share_batches_and_keep_their_predictions():
+    long_ctx = " ".join(["The old man walked slowly along the river and looked at the boats."] * 12)
+    examples = [  # a context of 169 tokens with one-word endings, a one-word context with long endings, and two of the 64
+        {"ctx": long_ctx, "endings": ["Then", "He", "Boats", "Rain"], "label": 1},
+        {"ctx": "She", "endings": [long_ctx[:150], long_ctx[:120], "smiled.", long_ctx[20:200]], "label": 2},
+    ] + list(hellaswag.iterate_examples(HELLASWAG_64, limit=2))
+    model = tiny_model(seed=1)
+    expected = reference_predictions(model, examples)
+    for budget in (hellaswag.BATCH_TOKENS, 200):
+        assert hellaswag.predict(model, examples, "cpu", budget) == expected
+    assert hellaswag.predict(model, [], "cpu") == []  # a rank's share of the last round may be empty
+
+
+def test_a_model_with_too_short_a_context_is_a_clear_error():
+    model = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=1, n_embd=8)).eval()
+    with pytest.raises(ValueError, match=r"HellaSwag needs 20 positions, more than the model's context \(16\)"):
+        hellaswag.predict(model, list(hellaswag.iterate_examples(EXAMPLES, limit=1)), "cpu")
 
 
 def test_batches_hold_rows_of_similar_length_within_the_token_budget():
