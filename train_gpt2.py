@@ -512,7 +512,7 @@ def load_hellaswag(cfg, world):
         world.print(f"hellaswag: no data ({reason or path + ' not found'}" + (" on some node" if world.ddp else "") +
                     "): training goes on without it")
         return None
-    return examples
+    return hellaswag.by_length(examples)  # each round of evaluate_hellaswag then holds rows of similar length
 
 
 @torch.no_grad()
@@ -959,12 +959,14 @@ def train(cfg, world, model, data, checkpoint=None):
                 world.print(f"validation loss: {val_loss:.4f}")
                 log(step, "val", f"{val_loss:.4f}")
                 if data.hellaswag is not None:  # scored with the eager model: its shapes vary from batch to batch
+                    t_hella = time.time()
                     acc_norm = evaluate_hellaswag(raw_model, data.hellaswag, world, cfg.bf16,
                                                   should_stop=lambda: stop["requested"])
                     if acc_norm is None:
                         world.print("HellaSwag: cut short, a stop was requested")
                     else:
-                        world.print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(data.hellaswag)} examples")
+                        world.print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(data.hellaswag)} examples "
+                                    f"({time.time() - t_hella:.1f} s)")
                         log(step, "hella", f"{acc_norm:.4f}")
             if world.master and ((step > 0 and step % cfg.sample_every == 0) or last_step):
                 # the eager model again: each new token makes a new shape, which would recompile every time

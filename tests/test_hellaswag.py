@@ -10,7 +10,7 @@ import hellaswag
 from conftest import FIXTURES, HELLASWAG_20 as EXAMPLES, INPUT, error_of, run
 from train_gpt2 import GPT, GPTConfig
 
-HELLASWAG_64 = os.path.join(FIXTURES, "hellaswag_val_64.jsonl")  # lengths 17 to 123 tokens
+HELLASWAG_64 = os.path.join(FIXTURES, "hellaswag_val_64.jsonl")  # rows of 17 to 123 tokens, 34 to 302 packed
 
 
 def tiny_model(seed=0):
@@ -101,6 +101,19 @@ def test_a_model_with_too_short_a_context_is_a_clear_error():
     model = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=1, n_embd=8)).eval()
     with pytest.raises(ValueError, match=r"HellaSwag needs 20 positions, more than the model's context \(16\)"):
         hellaswag.predict(model, list(hellaswag.iterate_examples(EXAMPLES, limit=1)), "cpu")
+
+
+def test_the_loop_scores_the_examples_shortest_first_so_its_rounds_pad_little():
+    from train_gpt2 import World, evaluate_hellaswag, load_hellaswag, parse_args
+    enc = tiktoken.get_encoding("gpt2")
+    examples = list(hellaswag.iterate_examples(HELLASWAG_64))
+    loaded = load_hellaswag(parse_args(["--hellaswag_file", HELLASWAG_64]), World())
+    lengths = [len(hellaswag.render_example(example, enc)[0]) for example in loaded]
+    assert lengths == sorted(lengths) and (lengths[0], lengths[-1]) == (34, 302)
+    assert sorted(e["ctx"] for e in loaded) == sorted(e["ctx"] for e in examples)  # each example, once
+    # the order changes nothing: the loop's acc_norm is the one hellaswag.py's scorer gives the file
+    model = tiny_model()
+    assert evaluate_hellaswag(model, loaded, World()) == hellaswag.evaluate(model, examples, "cpu")[1] / 64
 
 
 def test_batches_hold_rows_of_similar_length_within_the_token_budget():
