@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from train_gpt2 import (GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, init_device, maybe_compile, on_off,
-                        one_line_errors, run_script, synchronize)
+from train_gpt2 import (GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, auto_on_off, bf16_fast, init_device,
+                        maybe_compile, on_off, one_line_errors, run_script, synchronize)
 
 # dense bf16 tensor-core peaks from the datasheets, TFLOP/s (name as torch reports it)
 DATASHEET_BF16_TFLOPS = {"A100": 312, "H100 PCIe": 756, "H100": 989, "H200": 989, "L4": 121,
@@ -72,7 +72,7 @@ def main(argv=None):
     p.add_argument("--seq_len", type=int, default=1024)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", type=on_off, default=True)
-    p.add_argument("--bf16", type=on_off, default=True)
+    p.add_argument("--bf16", type=auto_on_off, default="auto", help="auto: on for CUDA GPUs with bf16, off elsewhere")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first: compilation, allocator warm-up")
     args = p.parse_args(argv)
@@ -85,9 +85,10 @@ def main(argv=None):
         if args.n_embd % args.n_head:
             raise ValueError(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head}")
         device = init_device(args.device)
+        use_bf16 = bf16_fast(device) if args.bf16 == "auto" else args.bf16
     device_type = device.split(":")[0]
     # the peak first, on an idle device (compile workers and the allocator not yet busy)
-    peak = measured_tflops(device, torch.bfloat16 if args.bf16 else torch.float32)
+    peak = measured_tflops(device, torch.bfloat16 if use_bf16 else torch.float32)
     torch.manual_seed(1337)
     B, T = args.batch_size, args.seq_len
     config = GPTConfig(block_size=max(1024, T), vocab_size=args.vocab_size,
@@ -105,7 +106,7 @@ def main(argv=None):
     for step in range(args.warmup + args.steps):
         t0 = time.time()
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16):
             _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -124,7 +125,7 @@ def main(argv=None):
     print(f"machine: {machine_name(device)} | torch {torch.__version__}")
     print(f"model: {n_params:,} parameters, {args.n_layer}L {args.n_head}H {args.n_embd}C, vocab {args.vocab_size}, "
           f"{flops_per_token / 1e9:.3f} GFLOP/token")
-    print(f"setting: B={B} T={T} device={device} compile={int(args.compile)} bf16={int(args.bf16)}")
+    print(f"setting: B={B} T={T} device={device} compile={int(args.compile)} bf16={int(use_bf16)}")
     print(f"step: {dt * 1000:.1f} ms (median of {len(times)}) | {tok_s:,.0f} tok/s | {achieved:.3f} TFLOP/s")
     print(f"MFU: {100 * achieved / peak:.1f}% of the measured matmul peak {peak:.3f} TFLOP/s"
           + (f" | {100 * achieved / sheet:.1f}% of the datasheet bf16 peak {sheet} TFLOP/s" if sheet else ""))

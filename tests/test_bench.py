@@ -7,10 +7,10 @@ from conftest import ROOT, run
 def test_bench_prints_throughput_mfu_and_memory():
     out = run(["bench.py", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
                           "--batch_size", "2", "--seq_len", "32", "--device", "cpu", "--compile", "0",
-                          "--bf16", "0", "--steps", "3", "--warmup", "1"])
+                          "--steps", "3", "--warmup", "1"])
     assert out.returncode == 0, out.stderr
     assert re.search(r"^machine: .+\| torch 2", out.stdout, re.M)
-    assert "setting: B=2 T=32 device=cpu compile=0 bf16=0" in out.stdout
+    assert "setting: B=2 T=32 device=cpu compile=0 bf16=0" in out.stdout  # --bf16 auto: off on a CPU
     ms, tok_s = re.search(r"step: ([0-9.]+) ms \(median of 3\) \| ([0-9,]+) tok/s", out.stdout).groups()
     assert abs(float(tok_s.replace(",", "")) - 64 / (float(ms) / 1000)) < 0.01 * float(tok_s.replace(",", "")) + 1
     mfu, peak = re.search(r"MFU: ([0-9.]+)% of the measured matmul peak ([0-9.]+) TFLOP/s", out.stdout).groups()
