@@ -1,20 +1,27 @@
-"""Training throughput of train_gpt2.py's model: tokens/s, MFU and peak memory for one setting.
+"""Throughput of train_gpt2.py's model: training tokens/s, MFU and peak memory for one setting, or
+HellaSwag examples/s.
 
     python bench.py --n_layer 12 --n_head 12 --n_embd 768 --batch_size 16 --seq_len 1024
+    python bench.py --hellaswag tests/fixtures/hellaswag_val_every50.jsonl --device cpu --n_layer 4 --n_head 4 --n_embd 128
 
 It times whole training steps (forward, backward, clipping, AdamW) on random tokens, so data
 loading is not measured. MFU is achieved FLOP/s over the device's peak: the peak is measured
 here with a large matmul in the step's precision, and also taken from the datasheet where the
-device is a GPU this file knows.
+device is a GPU this file knows. With --hellaswag it times scoring that file instead, with
+hellaswag.predict and with a plain loop that scores one example at a time, on the same model.
 """
 import argparse
+import os
 import platform
 import resource
 import statistics
 import time
 
+import tiktoken
 import torch
+from torch.nn import functional as F
 
+import hellaswag
 from train_gpt2 import (GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, auto_on_off, bf16_fast, init_device,
                         maybe_compile, on_off, one_line_errors, run_script, synchronize)
 
@@ -62,6 +69,56 @@ def machine_name(device):
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
+@torch.no_grad()
+def plain_predictions(model, examples, device, use_bf16):
+    """HellaSwag the straightforward way, to compare with hellaswag.predict: one example a forward pass, its
+    4 rows (context + ending) padded to the longest, logits and loss at every position, and a mask that
+    keeps the endings' tokens."""
+    enc = tiktoken.get_encoding("gpt2")
+    preds = []
+    for example in examples:
+        ctx = enc.encode_ordinary(example["ctx"])
+        rows = [ctx + enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+        tokens = torch.zeros((4, max(len(row) for row in rows)), dtype=torch.long)
+        mask = torch.zeros_like(tokens)
+        for i, row in enumerate(rows):
+            tokens[i, :len(row)] = torch.tensor(row)
+            mask[i, len(ctx):len(row)] = 1
+        tokens, mask = tokens.to(device), mask[:, 1:].to(device)  # position t predicts token t + 1
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+            logits, _ = model(tokens)
+        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+        sum_loss = (losses.view(4, -1) * mask).sum(1)
+        preds.append((sum_loss.argmin().item(), (sum_loss / mask.sum(1)).argmin().item()))
+    return preds
+
+
+def bench_hellaswag(model, examples, path, device, use_bf16):
+    """Examples/s of hellaswag.predict and of the plain loop, on the same model and examples."""
+    scorers = {"plain loop, an example a pass": lambda ex: plain_predictions(model, ex, device, use_bf16),
+               "hellaswag.predict": lambda ex: hellaswag.predict(model, ex, device, use_bf16=use_bf16)}
+    seconds, preds = {}, {}
+    for name, score in scorers.items():
+        score(examples[:4])  # warm-up: the allocator, the kernels' first calls
+        synchronize(device)
+        t0 = time.time()
+        preds[name] = score(examples)
+        synchronize(device)
+        seconds[name] = time.time() - t0
+    print(f"hellaswag: {len(examples)} examples of {path}, bf16={int(use_bf16)}")
+    plain = seconds["plain loop, an example a pass"]
+    for name, s in seconds.items():
+        print(f"{name:30s} {s:8.2f} s | {len(examples) / s:8.1f} examples/s | {plain / s:.2f}x the plain loop")
+    same = sum(a == b for a, b in zip(*preds.values()))
+    print(f"same predictions: {same} of {len(examples)}")
+
+
+def peak_memory(device):
+    if device.startswith("cuda"):
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (max allocated)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n_layer", type=int, default=12)
@@ -75,6 +132,7 @@ def main(argv=None):
     p.add_argument("--bf16", type=auto_on_off, default="auto", help="auto: on for CUDA GPUs with bf16, off elsewhere")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first: compilation, allocator warm-up")
+    p.add_argument("--hellaswag", default="", help="a HellaSwag jsonl: time scoring it instead of training")
     args = p.parse_args(argv)
     with one_line_errors():
         for name in ("n_layer", "n_head", "n_embd", "vocab_size", "batch_size", "seq_len", "steps"):
@@ -86,9 +144,13 @@ def main(argv=None):
             raise ValueError(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head}")
         device = init_device(args.device)
         use_bf16 = bf16_fast(device) if args.bf16 == "auto" else args.bf16
+        if args.hellaswag and not os.path.isfile(args.hellaswag):
+            raise ValueError(f"--hellaswag {args.hellaswag!r} not found: it takes a HellaSwag jsonl file")
+        examples = list(hellaswag.iterate_examples(args.hellaswag)) if args.hellaswag else None
     device_type = device.split(":")[0]
-    # the peak first, on an idle device (compile workers and the allocator not yet busy)
-    peak = measured_tflops(device, torch.bfloat16 if use_bf16 else torch.float32)
+    if examples is None:
+        # the peak first, on an idle device (compile workers and the allocator not yet busy)
+        peak = measured_tflops(device, torch.bfloat16 if use_bf16 else torch.float32)
     torch.manual_seed(1337)
     B, T = args.batch_size, args.seq_len
     config = GPTConfig(block_size=max(1024, T), vocab_size=args.vocab_size,
@@ -97,6 +159,13 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     # training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's scores
     flops_per_token = 6 * n_params + 12 * args.n_layer * T * args.n_embd
+    print(f"machine: {machine_name(device)} | torch {torch.__version__}")
+    print(f"model: {n_params:,} parameters, {args.n_layer}L {args.n_head}H {args.n_embd}C, vocab {args.vocab_size}"
+          + (f", {flops_per_token / 1e9:.3f} GFLOP/token" if examples is None else ""))
+    if examples is not None:
+        bench_hellaswag(model.eval(), examples, args.hellaswag, device, use_bf16)
+        print(f"peak memory: {peak_memory(device)}")
+        return
     optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type=device_type)
     model = maybe_compile(model, args.compile, device_type)
     x = torch.randint(0, min(args.vocab_size, GPT2_VOCAB_SIZE), (B, T + 1), device=device)
@@ -118,18 +187,11 @@ def main(argv=None):
     tok_s = B * T / dt
     achieved = tok_s * flops_per_token / 1e12
     sheet = datasheet_tflops(device)
-    if device_type == "cuda":
-        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (max allocated)"
-    else:
-        mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
-    print(f"machine: {machine_name(device)} | torch {torch.__version__}")
-    print(f"model: {n_params:,} parameters, {args.n_layer}L {args.n_head}H {args.n_embd}C, vocab {args.vocab_size}, "
-          f"{flops_per_token / 1e9:.3f} GFLOP/token")
     print(f"setting: B={B} T={T} device={device} compile={int(args.compile)} bf16={int(use_bf16)}")
     print(f"step: {dt * 1000:.1f} ms (median of {len(times)}) | {tok_s:,.0f} tok/s | {achieved:.3f} TFLOP/s")
     print(f"MFU: {100 * achieved / peak:.1f}% of the measured matmul peak {peak:.3f} TFLOP/s"
           + (f" | {100 * achieved / sheet:.1f}% of the datasheet bf16 peak {sheet} TFLOP/s" if sheet else ""))
-    print(f"peak memory: {mem}")
+    print(f"peak memory: {peak_memory(device)}")
 
 
 if __name__ == "__main__":

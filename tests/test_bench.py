@@ -1,7 +1,7 @@
 import os
 import re
 
-from conftest import ROOT, run
+from conftest import HELLASWAG_20, ROOT, error_of, run
 
 
 def test_bench_prints_throughput_mfu_and_memory():
@@ -16,6 +16,24 @@ def test_bench_prints_throughput_mfu_and_memory():
     mfu, peak = re.search(r"MFU: ([0-9.]+)% of the measured matmul peak ([0-9.]+) TFLOP/s", out.stdout).groups()
     assert 0 < float(mfu) < 100 and float(peak) > 0
     assert re.search(r"peak memory: [0-9.]+ GiB", out.stdout)
+
+
+def test_bench_times_hellaswag_with_the_fast_scorer_and_a_plain_loop_on_one_model():
+    out = run(["bench.py", "--hellaswag", HELLASWAG_20, "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--device", "cpu"])
+    assert out.returncode == 0, out.stderr
+    assert "model: 1,655,264 parameters, 1L 2H 32C, vocab 50304\n" in out.stdout
+    assert f"hellaswag: 20 examples of {HELLASWAG_20}, bf16=0\n" in out.stdout
+    rows = re.findall(r"^(.+?) +([0-9.]+) s \| +([0-9.]+) examples/s \| ([0-9.]+)x the plain loop$", out.stdout, re.M)
+    assert [name for name, *_ in rows] == ["plain loop, an example a pass", "hellaswag.predict"]
+    (_, plain, plain_rate, one), (_, fast, fast_rate, speedup) = [[n, *map(float, f)] for n, *f in rows]
+    # each figure lies within what the printed rounding of the seconds (to 0.01) allows
+    assert one == 1.0 and (plain - 0.005) / (fast + 0.005) - 0.005 <= speedup <= (plain + 0.005) / (fast - 0.005) + 0.005
+    for seconds, rate in ((plain, plain_rate), (fast, fast_rate)):
+        assert 20 / (seconds + 0.005) - 0.05 <= rate <= 20 / (seconds - 0.005) + 0.05
+    assert "same predictions: 20 of 20\n" in out.stdout  # the two scorers agree, example by example
+    import bench
+    assert error_of(bench.main, ["--hellaswag", "nope.jsonl"]) == \
+        "error: --hellaswag 'nope.jsonl' not found: it takes a HellaSwag jsonl file"
 
 
 def test_readme_documents_the_benchmark_with_its_machine():
