@@ -36,16 +36,31 @@ def test_bench_times_hellaswag_with_the_fast_scorer_and_a_plain_loop_on_one_mode
         "error: --hellaswag 'nope.jsonl' not found: it takes a HellaSwag jsonl file"
 
 
-def test_readme_documents_the_benchmark_with_its_machine():
+def test_readme_documents_the_benchmarks_with_their_machine():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     perf = readme[readme.index("## Performance"):]
     assert "python bench.py" in perf
-    rows = [[c.strip() for c in l.strip("|").split("|")] for l in perf.splitlines() if re.match(r"\| 20\d\d-", l)]
-    assert rows
-    for date, machine, command, step, tok_s, mfu, memory in rows:  # exactly the table's 7 columns
+    tables, header = {}, None
+    for line in perf.splitlines():
+        if line.startswith("| date |"):
+            header = line
+        elif re.match(r"\| 20\d\d-", line):
+            tables.setdefault(header, []).append([c.strip() for c in line.strip("|").split("|")])
+    training = [rows for h, rows in tables.items() if "| step |" in h]
+    hellaswag = [rows for h, rows in tables.items() if "| hellaswag.predict |" in h]
+    assert len(training) == 1 and len(hellaswag) == 1 and len(tables) == 2
+    for date, machine, command, step, tok_s, mfu, memory in training[0]:  # exactly the table's 7 columns
         assert re.fullmatch(r"20\d\d-\d\d-\d\d", date)
         assert machine == "same" or re.search(r"torch \d+\.\d+", machine)  # the machine and its torch
         assert command == "same" or command.startswith("`--") or command.startswith("same with `--")
         assert re.fullmatch(r"[\d,.]+ ms", step) and re.fullmatch(r"[\d,]+", tok_s)
         assert re.match(r"[\d.]+% of", mfu) and re.search(r"[\d.]+ GiB", memory)
+    for date, machine, command, examples, plain, fast, speedup in hellaswag[0]:
+        assert re.fullmatch(r"20\d\d-\d\d-\d\d", date)
+        assert machine == "same" or re.search(r"torch \d+\.\d+", machine)
+        assert command.startswith("`--hellaswag ") or command.startswith("same with ")
+        assert re.fullmatch(r"\d+", examples)
+        plain, fast, speedup = float(plain.removesuffix("/s")), float(fast.removesuffix("/s")), float(speedup.removesuffix("x"))
+        # the speed-up was printed from unrounded seconds: it agrees with the rates to their rounding
+        assert abs(speedup - fast / plain) <= 0.05 * fast / plain
