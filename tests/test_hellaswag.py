@@ -86,7 +86,7 @@ def test_the_fast_scorer_predicts_what_the_per_example_fp32_scorer_predicts():
 
 def test_examples_of_very_different_lengths_share_batches_and_keep_their_predictions():
     long_ctx = " ".join(["The old man walked slowly along the river and looked at the boats."] * 12)
-    examples = [  # a context of 169 tokens with one-word endings, a one-word context with long endings, and two of the 64
+    examples = [  # a context of 168 tokens with one-word endings, a one-word context with long endings, and two of the 64
         {"ctx": long_ctx, "endings": ["Then", "He", "Boats", "Rain"], "label": 1},
         {"ctx": "She", "endings": [long_ctx[:150], long_ctx[:120], "smiled.", long_ctx[20:200]], "label": 2},
     ] + list(hellaswag.iterate_examples(HELLASWAG_64, limit=2))
