@@ -83,15 +83,20 @@ def iterate_examples(path, limit=None):
         raise ValueError(f"{path} holds no HellaSwag examples")
 
 
-def render_example(example, enc):
+def render_example(example, enc, block_size=None):
     """The example as one row: its context once, then its 4 endings, each the tokens of " " + ending
     (GPT-2's tokens carry the space before a word). Returns (tokens, positions, segments): each ending's
     positions continue the context's, as if it followed the context alone; the segment is -1 on the
-    context and i on ending i."""
+    context and i on ending i. For a model whose context (block_size) is shorter than context + ending, the
+    context loses its first tokens until the longest ending fits, as generate() crops a prompt; an ending
+    longer than block_size - 1 keeps its first block_size - 1 tokens, after the context's last one."""
     ctx = enc.encode_ordinary(example["ctx"])
+    ends = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+    if block_size is not None:
+        ends = [end[:block_size - 1] for end in ends]
+        ctx = ctx[max(0, len(ctx) - (block_size - max(map(len, ends)))):]
     tokens, positions, segments = list(ctx), list(range(len(ctx))), [-1] * len(ctx)
-    for i, ending in enumerate(example["endings"]):
-        end = enc.encode_ordinary(" " + ending)
+    for i, end in enumerate(ends):
         tokens += end
         positions += range(len(ctx), len(ctx) + len(end))
         segments += [i] * len(end)
@@ -128,10 +133,7 @@ def predict(model, examples, device, budget=BATCH_TOKENS, use_bf16=False, progre
     - the output layer (GPT-2's largest matmul) and the loss run only where an ending's token is
       predicted, never at the context's positions or the padding's."""
     enc = tiktoken.get_encoding("gpt2")
-    rows = [render_example(example, enc) for example in examples]
-    longest = max((max(positions) + 1 for _, positions, _ in rows), default=0)
-    if longest > model.config.block_size:
-        raise ValueError(f"HellaSwag needs {longest} positions, more than the model's context ({model.config.block_size})")
+    rows = [render_example(example, enc, model.config.block_size) for example in examples]
     sum_loss = torch.zeros((len(rows), 4), device=device)
     n_scored = torch.zeros((len(rows), 4), device=device)
     for batch in tqdm(list(token_batches([len(r[0]) for r in rows], budget)), desc="hellaswag", disable=not progress):

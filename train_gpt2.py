@@ -765,7 +765,7 @@ class TrainConfig:
     # batch
     total_batch_size: int = flag(524288, "tokens per optimisation step (2**19, GPT-3 Small's 0.5M)")
     batch_size: int = flag(64, "B: sequences per micro-batch; accumulation makes up the rest")
-    seq_len: int = flag(1024, "T: tokens per sequence")
+    seq_len: int = flag(1024, "T: tokens per sequence, and a new model's context (block_size)")
     # optimisation schedule
     max_steps: int = flag(19073, "optimisation steps (19073 x 524288 tokens: one epoch of FineWeb-Edu 10B)")
     warmup_steps: int = flag(715, "linear learning-rate warmup steps (GPT-3: 375M tokens)")
@@ -874,7 +874,9 @@ def main(argv=None):
                     claim.enter_context(claim_log_dir(cfg.log_dir))
                 torch.manual_seed(cfg.seed)  # the same initial weights on every rank
                 if cfg.init_from == "scratch":
-                    model = GPT(GPTConfig(vocab_size=PADDED_VOCAB_SIZE, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+                    # the context is the sequence length trained on: position embeddings past it would never train
+                    model = GPT(GPTConfig(block_size=cfg.seq_len, vocab_size=PADDED_VOCAB_SIZE, n_layer=cfg.n_layer,
+                                          n_head=cfg.n_head, n_embd=cfg.n_embd))
                 else:  # fine-tuning: the weights only, with a fresh optimizer from step 0
                     model = load_model(cfg.init_from)
                 if cfg.seq_len > model.config.block_size:

@@ -31,15 +31,18 @@ def test_render_example_packs_the_context_once_then_the_four_endings():
     assert segments == [-1] * 9 + [0] * 11 + [1] * 6 + [2] * 8 + [3] * 9
 
 
-def reference_predictions(model, examples):
-    """The straightforward scorer: one example at a time, fp32, the full logits, the ending's tokens' losses."""
+def whole(ex):
     enc = tiktoken.get_encoding("gpt2")
+    return enc.encode(ex["ctx"]), [enc.encode(" " + e) for e in ex["endings"]]
+
+
+def reference_predictions(model, examples, render=whole):
+    """The straightforward scorer: one example at a time, fp32, the full logits, the ending's tokens' losses."""
     preds = []
     for ex in examples:
-        ctx = enc.encode(ex["ctx"])
+        ctx, ends = render(ex)
         sums, means = [], []
-        for ending in ex["endings"]:
-            end = enc.encode(" " + ending)
+        for end in ends:
             tokens = torch.tensor([ctx + end])
             with torch.no_grad():
                 logits = model(tokens)[0][0]
@@ -97,10 +100,24 @@ def test_examples_of_very_different_lengths_share_batches_and_keep_their_predict
     assert hellaswag.predict(model, [], "cpu") == []  # a rank's share of the last round may be empty
 
 
-def test_a_model_with_too_short_a_context_is_a_clear_error():
+def test_a_model_with_a_short_context_sees_the_end_of_the_context_as_generate_would():
+    enc = tiktoken.get_encoding("gpt2")
+    ex = next(hellaswag.iterate_examples(EXAMPLES))  # a context of 9 tokens, endings of 11, 6, 8 and 9
+    ctx = enc.encode(ex["ctx"])
+    tokens, positions, segments = hellaswag.render_example(ex, enc, block_size=16)
+    # the longest ending (11) fits after the context's last 5 tokens: positions 0..15
+    assert tokens[:5] == ctx[-5:] and segments == [-1] * 5 + [0] * 11 + [1] * 6 + [2] * 8 + [3] * 9
+    assert max(positions) == 15 and positions[5:16] == list(range(5, 16))
+    tokens, positions, segments = hellaswag.render_example(ex, enc, block_size=8)
+    assert tokens[:1] == ctx[-1:] and segments == [-1] + [0] * 7 + [1] * 6 + [2] * 7 + [3] * 7  # endings cut to 7
+    # scored on what is left, the same as the plain scorer on the rows cropped that way
+    examples = list(hellaswag.iterate_examples(EXAMPLES))
     model = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=1, n_embd=8)).eval()
-    with pytest.raises(ValueError, match=r"HellaSwag needs 20 positions, more than the model's context \(16\)"):
-        hellaswag.predict(model, list(hellaswag.iterate_examples(EXAMPLES, limit=1)), "cpu")
+    def cropped(ex):
+        ends = [enc.encode(" " + e)[:15] for e in ex["endings"]]
+        return enc.encode(ex["ctx"])[-(16 - max(map(len, ends))):], ends
+    expected = reference_predictions(model, examples, render=cropped)
+    assert hellaswag.predict(model, examples, "cpu") == expected and len(set(expected)) > 2
 
 
 def test_the_loop_scores_the_examples_shortest_first_so_its_rounds_pad_little():

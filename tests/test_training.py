@@ -81,8 +81,8 @@ def test_the_optimizer_steps_with_the_clipped_gradient(tmp_path, monkeypatch, ca
     monkeypatch.setattr(torch.optim.AdamW, "step", step_and_watch)
     train_gpt2.main([*SMALL, "--max_steps", "3", "--max_lr", "1e-3", "--device", "cpu", "--log_dir", str(tmp_path)])
     out = capsys.readouterr().out
-    # wte, wpe and 2 blocks of 4 matrices; 2 blocks of 2 LayerNorms (weight, bias) and 4 biases, and ln_f
-    assert "decayed tensors: 10, with 1,667,072 parameters" in out and "non-decayed tensors: 18, with 896 parameters" in out
+    # wte, wpe (16 positions: the context is --seq_len) and 2 blocks of 4 matrices; 2 blocks of 2 LayerNorms (weight, bias) and 4 biases, and ln_f
+    assert "decayed tensors: 10, with 1,634,816 parameters" in out and "non-decayed tensors: 18, with 896 parameters" in out
     printed = [float(n) for n in re.findall(r"\| norm ([0-9.]+) \|", out)]
     assert len(seen) == len(printed) == 3 and printed[0] > 1.0  # the printed norm is the one before clipping
     assert abs(seen[0] - 1.0) < 1e-4  # what the optimizer saw: scaled down to exactly 1

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from conftest import HELLASWAG_20, INPUT, NO_SHAPE, make_hf_checkpoint, read_log, run
+import train_gpt2
+from conftest import HELLASWAG_20, INPUT, NO_SHAPE, error_of, make_hf_checkpoint, read_log, run
 from train_gpt2 import DataLoaderLite, World, evaluate_loss, load_model
 
 
@@ -24,7 +25,7 @@ def test_export_loads_in_transformers_with_the_same_logits(checkpoint, tmp_path)
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     ours = load_model(checkpoint).eval()
     assert hf.config.vocab_size == 50257 and ours.config.vocab_size == 50304
-    idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))  # the context: 16
     with torch.no_grad():
         diff = (hf(idx).logits - ours(idx)[0][..., :50257]).abs().max().item()
     assert diff < 1e-5
@@ -51,6 +52,7 @@ def test_init_from_a_checkpoint_starts_from_its_weights(checkpoint, tmp_path):
     assert out.returncode == 0, out.stderr
     first_val = next(float(l) for s, k, l in read_log(tmp_path) if k == "val" and s == "0")
     model = load_model(checkpoint)
+    assert model.config.block_size == 16  # a model trained from scratch has the context it was trained with
     val = DataLoaderLite(2, 16, split="val", data_root=INPUT)
     assert abs(first_val - evaluate_loss(model, val, 3, World())) < 1e-4
 
@@ -63,3 +65,10 @@ def test_fine_tune_a_hugging_face_checkpoint_on_input_txt(tmp_path):
     train = [float(l) for _, k, l in read_log(tmp_path / "log") if k == "train"]
     assert train[-1] < train[0] - 0.3  # it learns
     assert torch.load(tmp_path / "log" / "model_00014.pt", weights_only=True)["model_config"]["vocab_size"] == 50257
+
+
+def test_a_sequence_longer_than_a_pretrained_models_context_is_a_clear_error(tmp_path):
+    path = make_hf_checkpoint(tmp_path / "hf", vocab_size=50257, n_embd=32, n_positions=64)
+    argv = [*NO_SHAPE, "--init_from", path, "--seq_len", "128", "--total_batch_size", "256", "--log_dir", str(tmp_path / "log")]
+    assert error_of(train_gpt2.main, argv) == "error: --seq_len 128 is longer than the model's context of 64"
+    assert not (tmp_path / "log").exists()
