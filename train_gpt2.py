@@ -752,11 +752,41 @@ def flag(default, help):
     return field(default=default, metadata={"help": help})
 
 
+def gpt3(n_layer, n_head, n_embd, total_batch_size, max_lr, batch_size):
+    """A GPT-3 size (its paper's Table 2.1) with the paper's recipe: context 2048, its tokens per step and peak
+    learning rate, the floor at 10% of the peak, 375M tokens of warmup; run, like GPT-2, for 10B tokens."""
+    return dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, seq_len=2048, total_batch_size=total_batch_size,
+                batch_size=batch_size, max_lr=max_lr, min_lr=float(f"{max_lr / 10:.3g}"),
+                warmup_steps=round(375e6 / total_batch_size), max_steps=round(10e9 / total_batch_size))
+
+
+# --model: what each model changes from the defaults (GPT-2 124M's recipe); batch_size is the micro-batch
+# that keeps the 124M run's 64K tokens per GPU pass, halved as the width grows (see --dry_run 1 for memory)
+MODELS = {
+    "gpt2": {},
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, batch_size=32),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, batch_size=16),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, batch_size=8),
+    "gpt3-small": gpt3(12, 12, 768, 2**19, 6e-4, batch_size=32),
+    "gpt3-medium": gpt3(24, 16, 1024, 2**19, 3e-4, batch_size=16),
+    "gpt3-large": gpt3(24, 16, 1536, 2**19, 2.5e-4, batch_size=8),
+    # the paper prints 24 heads of 128 for a width of 2048, and a width of 5140 for 13B, which 40 heads do
+    # not divide: implementations use 16 heads of 128, and 5120
+    "gpt3-xl": gpt3(24, 16, 2048, 2**20, 2e-4, batch_size=8),
+    "gpt3-2.7b": gpt3(32, 32, 2560, 2**20, 1.6e-4, batch_size=4),
+    "gpt3-6.7b": gpt3(32, 32, 4096, 2**21, 1.2e-4, batch_size=2),
+    "gpt3-13b": gpt3(40, 40, 5120, 2**21, 1e-4, batch_size=1),
+    "gpt3-175b": gpt3(96, 96, 12288, 1536 * 2048, 6e-5, batch_size=1),  # 3.2M tokens: 1536 sequences
+}
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a run. The defaults reproduce GPT-2 124M; each one is a flag of the same name."""
     # data and model
     data: str = flag("edu_fineweb10B", "a directory of fineweb.py shards, or a text file (90% train, 10% val)")
+    model: str = flag("gpt2", f"the shape and recipe to train from scratch: {', '.join(MODELS)}; "
+                              "the flags below that are given explicitly override it")
     init_from: str = flag("scratch", "scratch (random GPT-2 init), or start from weights: gpt2 ... gpt2-xl, "
                                      "a Hugging Face GPT-2 directory, or a .pt checkpoint of this project")
     n_layer: int = flag(12, "transformer blocks (scratch only)")
@@ -811,16 +841,22 @@ def parse_args(argv=None):
     # exit_on_error=False: argparse raises its errors, to end in one line like any; --max is no abbreviation
     parser = argparse.ArgumentParser(description="Train GPT-2 (124M by default), then sample from it.",
                                      exit_on_error=False, allow_abbrev=False)
-    for f in fields(TrainConfig):
+    preset = set().union(*MODELS.values())  # the flags whose default --model sets
+    for f in fields(TrainConfig):  # default None: a flag left out takes the model's value, else the field's
         parser.add_argument(f"--{f.name}", type=on_off if f.type is bool else auto_on_off if f.name == "bf16" else f.type,
-                            default=f.default, help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"))
+                            default=None, help=f"{f.metadata['help']} (default: {f.default}{' for gpt2; other models set their own' if f.name in preset else ''})"
+                            .replace("%", "%%"))
     try:
         args, unknown = parser.parse_known_args(argv)
     except argparse.ArgumentError as e:
         raise ValueError(f"{e} (see --help)") from None
     if unknown:
         raise ValueError(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
-    return TrainConfig(**vars(args))
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    model = given.get("model", TrainConfig.model)
+    if model not in MODELS:
+        raise ValueError(f"--model {model!r} is not one of {', '.join(MODELS)}")
+    return TrainConfig(**{**MODELS[model], **given})
 
 
 def check_config(cfg, world_size=1):

@@ -42,6 +42,7 @@ def test_readme_main_command_trains_and_samples(tmp_path):
     (["--warmup_steps", "-1"], "--warmup_steps must be at least 0"),
     (["--total_batch_size", "100"], "--total_batch_size 100 is not a multiple of --batch_size x --seq_len x processes = 2 x 16 x 1"),
     (["--init_from", "gpt3"], "unknown model 'gpt3'"),
+    (["--model", "gpt3"], "--model 'gpt3' is not one of gpt2, gpt2-medium,"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cuda"], "sees no CUDA GPU"),
 ])
@@ -83,7 +84,36 @@ def test_help_lists_every_flag_with_its_default():
     assert len(fields(TrainConfig)) >= 25
     for f in fields(TrainConfig):
         assert f"--{f.name} {f.name.upper()}" in helps, f.name
-        assert f"(default: {f.default})" in helps, f.name
+        assert f"(default: {f.default})" in helps or f"(default: {f.default} for gpt2; other models" in helps, f.name
+    assert "--n_embd N_EMBD channels (scratch only) (default: 768 for gpt2; other models set their own)" in helps
+
+
+def test_a_model_sets_its_shape_and_recipe_and_explicit_flags_win():
+    from train_gpt2 import TrainConfig, parse_args
+    assert parse_args([]) == parse_args(["--model", "gpt2"]) == TrainConfig()  # the defaults are GPT-2 124M's
+    c = parse_args(["--model", "gpt3-xl"])  # GPT-3 XL: 24 layers of 2048, 1M tokens a step, lr 2e-4, context 2048
+    assert (c.n_layer, c.n_head, c.n_embd, c.seq_len, c.total_batch_size) == (24, 16, 2048, 2048, 2**20)
+    assert (c.max_lr, c.min_lr, c.warmup_steps, c.max_steps) == (2e-4, 2e-5, 358, 9537)  # 375M and 10B tokens
+    assert (parse_args(["--model", "gpt3-13b"]).n_embd, parse_args(["--model", "gpt3-175b"]).total_batch_size) == (5120, 3145728)
+    c = parse_args(["--model", "gpt2-medium"])  # GPT-2's shape, the 124M recipe
+    assert (c.n_layer, c.n_head, c.n_embd, c.seq_len, c.max_lr, c.warmup_steps) == (24, 16, 1024, 1024, 6e-4, 715)
+    c = parse_args(["--max_lr", "1e-3", "--model", "gpt3-medium", "--seq_len", "1024", "--n_layer", "2"])
+    assert (c.max_lr, c.min_lr, c.seq_len, c.n_layer, c.n_embd) == (1e-3, 3e-5, 1024, 2, 1024)
+
+
+def test_the_readme_lists_every_model_as_the_trainer_resolves_it():
+    from train_gpt2 import MODELS, parse_args
+    with open(os.path.join(ROOT, "README.md")) as f:
+        rows = re.findall(r"^\| `([\w.-]+)`(?: \(default\))? \| ([\d,]+)M \|(.*)\|$", f.read(), re.M)
+    assert [name for name, _, _ in rows] == list(MODELS)
+    for name, millions, rest in rows:
+        c = parse_args(["--model", name])
+        V, T, L, C = 50304, c.seq_len, c.n_layer, c.n_embd
+        assert int(millions.replace(",", "")) == round((V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C) / 1e6), name
+        cells = [cell.strip().replace(",", "") for cell in rest.split("|")]
+        assert cells[:5] == [str(v) for v in (L, c.n_head, C, T, c.total_batch_size)], name
+        assert [float(x) for x in cells[5].split(" / ")] == [c.max_lr, c.min_lr], name
+        assert cells[6:] == [str(v) for v in (c.warmup_steps, c.max_steps, c.batch_size)], name
 
 
 def help_of(script):
