@@ -22,6 +22,7 @@ import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -124,6 +125,7 @@ class GPT(nn.Module):
         # vocab_size * n_embd = 38.6M parameters, 30% of the 124M model)
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
+        self.activation_checkpointing = False  # see hidden()
 
     def _init_weights(self, module):
         """GPT-2's initialisation: normal(0, 0.02) weights, zero biases (LayerNorm keeps 1 and 0)."""
@@ -149,7 +151,11 @@ class GPT(nn.Module):
             pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) broadcasts
         for block in self.transformer.h:
-            x = block(x, mask)
+            if self.activation_checkpointing and self.training:
+                # keep only the block's input; backward runs the block again for what it needs: memory for compute
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -817,6 +823,8 @@ class TrainConfig:
     bf16: str = flag("auto", "bfloat16 autocast for the forward pass and loss: 1, 0, or auto (on for CUDA GPUs "
                              "that support it; off elsewhere: most CPUs and older Macs run it slower or not at all)")
     compile: bool = flag(True, "torch.compile the model (slow to start, faster steps)")
+    activation_checkpointing: bool = flag(False, "keep only each block's input for backward, recomputing the rest: "
+                                                 "far less activation memory for about a third more compute")
 
 
 def on_off(text):
@@ -967,6 +975,7 @@ def train(cfg, world, model, data, checkpoint=None):
     # compile fuses the model's elementwise ops into a few kernels and cuts Python overhead; the
     # compiled module shares raw_model's weights, and raw_model stays for sampling (other shapes)
     raw_model = model
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
     model = eval_model = maybe_compile(model, cfg.compile, world.device_type, log=world.print)  # eval_model: no DDP
     if world.ddp:
         # DDP averages the gradients of all processes during backward, bucket by bucket

@@ -3,7 +3,7 @@ import re
 
 import torch
 
-from conftest import HELLASWAG_20, INPUT, SMALL
+from conftest import HELLASWAG_20, INPUT, SMALL, read_log
 from train_gpt2 import GPT, GPTConfig, DataLoaderLite
 
 
@@ -179,3 +179,23 @@ def test_bf16_defaults_to_auto_which_is_off_on_the_cpu(tmp_path):
                      "--compile", "0", "--device", "cpu", "--log_dir", str(tmp_path)])
     saved = torch.load(tmp_path / "model_00000.pt", weights_only=True)["config"]
     assert saved["bf16"] is False  # the checkpoint records what auto meant here, so a resume compares like with like
+
+
+def test_activation_checkpointing_runs_each_block_again_in_backward_and_changes_no_loss(tmp_path, monkeypatch):
+    import train_gpt2
+    calls = []
+    real_forward = train_gpt2.Block.forward
+    def counted(self, *args):
+        calls.append(1)
+        return real_forward(self, *args)
+    monkeypatch.setattr(train_gpt2.Block, "forward", counted)
+    runs = {}
+    for flag in ("0", "1"):
+        calls.clear()
+        train_gpt2.main([*SMALL, "--max_steps", "3", "--eval_every", "2", "--val_steps", "2",
+                         "--activation_checkpointing", flag, "--log_dir", str(tmp_path / flag)])
+        runs[flag] = (read_log(tmp_path / flag), len(calls))
+    (plain, n_plain), (recomputed, n_recomputed) = runs["0"], runs["1"]
+    assert n_recomputed - n_plain == 2 * 3  # 2 blocks run again in each of 3 backward passes
+    assert [l[:2] for l in plain] == [l[:2] for l in recomputed] and len(plain) == 5  # 3 train, 2 val
+    assert all(abs(float(a[2]) - float(b[2])) <= 1e-6 for a, b in zip(plain, recomputed)), (plain, recomputed)
