@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -471,17 +473,20 @@ def evaluate_loss(model, val_loader, val_steps, world, use_bf16=False):
     """Mean loss over the first val_steps chunks of the val split, the same on any number of processes.
 
     val_loader's process r reads chunks r, r + N, r + 2N, ...: together the processes cover
-    chunks 0 .. val_steps-1 once each, so 1 GPU and 8 GPUs measure the same tokens.
+    chunks 0 .. val_steps-1 once each, so 1 GPU and 8 GPUs measure the same tokens. Every process
+    runs as many forward passes (under FSDP each one is a collective); past val_steps, one is not counted.
     """
     model.eval()
     val_loader.reset()
     loss_sum = torch.zeros((), device=world.device)
-    for _ in range(val_loader.process_rank, val_steps, val_loader.num_processes):  # this process's chunks
+    N = val_loader.num_processes
+    for chunk in range(val_loader.process_rank, -(-val_steps // N) * N, N):  # this process's chunks
         x, y = val_loader.next_batch()
         x, y = x.to(world.device), y.to(world.device)
         with torch.autocast(device_type=world.device_type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(x, y)[1]  # the logits are dropped at once, not kept until the next batch
-        loss_sum += loss.float()
+        if chunk < val_steps:
+            loss_sum += loss.float()
     if world.ddp:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)  # sum, then divide: gloo lacks AVG
     model.train()
@@ -522,22 +527,31 @@ def load_hellaswag(cfg, world):
 
 
 @torch.no_grad()
-def evaluate_hellaswag(model, examples, world, use_bf16=False, should_stop=lambda: False):
+def evaluate_hellaswag(model, examples, world, use_bf16=False, should_stop=lambda: False, sharded=False):
     """acc_norm over all examples: each rank scores every world_size-th one, then the counts add up. They go
     in rounds of 64 per rank, and between rounds the ranks ask each other whether to stop: a pre-empted run
-    (torchrun kills ~30 s after SIGTERM) never waits for a whole pass. None when it stopped early."""
+    (torchrun kills ~30 s after SIGTERM) never waits for a whole pass. None when it stopped early.
+    A sharded (FSDP) model gathers its weights in every forward pass, with every rank: there, every rank
+    scores every example, in step with the others."""
     model.eval()
+    if sharded:
+        model.unshard()  # the root's weights (embeddings, lm_head): hellaswag.predict uses them outside forward()
+    ranks = 1 if sharded else world.world_size  # how many ranks share the examples
     counts = torch.zeros(2, dtype=torch.long, device=world.device)  # correct (acc_norm), total
-    per_round = 64 * world.world_size  # a multiple of world_size: rank r still scores examples r, r + N, ...
+    per_round = 64 * ranks  # a multiple of the ranks: rank r still scores examples r, r + N, ...
+    stopped = False
     for start in range(0, len(examples), per_round):
-        if world.any(should_stop()):
-            model.train()
-            return None
-        mine = examples[start:start + per_round][world.rank::world.world_size]  # may be empty in the last round
+        if stopped := world.any(should_stop()):
+            break
+        mine = examples[start:start + per_round][world.rank % ranks::ranks]  # may be empty in the last round
         _, correct_norm, total = hellaswag.evaluate(model, mine, world.device, use_bf16=use_bf16)
         counts += torch.tensor([correct_norm, total], device=world.device)
+    if sharded:
+        model.reshard()
     model.train()
-    if world.ddp:
+    if stopped:
+        return None
+    if ranks > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     return counts[0].item() / counts[1].item()
 
@@ -691,12 +705,28 @@ def load_checkpoint(path, cfg, model):
     return checkpoint
 
 
+def shard_like(whole, tensor):
+    """A whole tensor from a checkpoint, cut as tensor is: this rank's shard if FSDP shards it (a DTensor).
+    Every rank read the same file, so each cuts its own part (src_data_rank=None: nothing is sent)."""
+    if not isinstance(tensor, DTensor):
+        return whole
+    return distribute_tensor(whole.to(tensor.device), tensor.device_mesh, tensor.placements, src_data_rank=None)
+
+
 def restore_checkpoint(checkpoint, model, optimizer, train_loader):
     """Continue where a checkpoint left off (weights, optimizer, data position, random state): the step to run
-    next. The checkpoint is emptied as it is used: it is 1.5 GB at 124M."""
-    model.load_state_dict(checkpoint.pop("model"))
+    next. The checkpoint holds whole tensors, whether DDP, FSDP or one process wrote it; a model sharded by
+    FSDP takes its shards of them. The checkpoint is emptied as it is used: it is 1.5 GB at 124M."""
+    current = model.state_dict()
+    model.load_state_dict({k: shard_like(v, current[k]) for k, v in checkpoint.pop("model").items()})
+    optimizer_state = checkpoint.pop("optimizer")
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the state's keys index these
+    for i, state in optimizer_state["state"].items():
+        for k, v in state.items():
+            if k != "step":  # AdamW's moments have their parameter's shape; the step count is a scalar
+                state[k] = shard_like(v, params[i])
     fused = [group["fused"] for group in optimizer.param_groups]  # this device's choice, not the saving one's
-    optimizer.load_state_dict(checkpoint.pop("optimizer"))
+    optimizer.load_state_dict(optimizer_state)
     for group, f in zip(optimizer.param_groups, fused):
         group["fused"] = f
     train_loader.load_state_dict(checkpoint["train_loader"])
@@ -708,12 +738,32 @@ def restore_checkpoint(checkpoint, model, optimizer, train_loader):
     return step
 
 
-def save_checkpoint(path, step, model, optimizer, train_loader, cfg):
+def whole_state(model, optimizer, keep):
+    """The model's and the optimizer's state dicts, with every tensor whole: FSDP's shards (DTensors) are
+    gathered onto the CPU, tensor by tensor. Gathering is a collective, so every rank calls this, in the same
+    order; the tensors are kept where keep (rank 0, which writes them). One file, whoever wrote it."""
+    def whole(x):
+        if not isinstance(x, DTensor):
+            return x
+        x = x.full_tensor()
+        return x.cpu() if keep else None
+    tied = {}  # wte and lm_head are one parameter: gathered, and saved, once
+    first_name = {name: tied.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
+    model_state = {}
+    for k, v in model.state_dict().items():
+        model_state[k] = model_state[first_name[k]] if first_name.get(k, k) != k else whole(v)
+    optimizer_state = optimizer.state_dict()
+    optimizer_state["state"] = {i: {k: whole(v) for k, v in state.items()} for i, state in optimizer_state["state"].items()}
+    return model_state, optimizer_state
+
+
+def save_checkpoint(path, step, model_config, state, train_loader, cfg):
     """Everything needed to continue exactly, as tensors and plain data (loads with weights_only=True)."""
+    model_state, optimizer_state = state
     checkpoint = {
-        "model": model.state_dict(),
-        "model_config": asdict(model.config),
-        "optimizer": optimizer.state_dict(),
+        "model": model_state,
+        "model_config": asdict(model_config),
+        "optimizer": optimizer_state,
         "step": step,  # the next step to run
         "train_loader": train_loader.state_dict(),
         # the CPU generator only: nothing in training draws CUDA random numbers (sampling has its own)
@@ -823,6 +873,8 @@ class TrainConfig:
     bf16: str = flag("auto", "bfloat16 autocast for the forward pass and loss: 1, 0, or auto (on for CUDA GPUs "
                              "that support it; off elsewhere: most CPUs and older Macs run it slower or not at all)")
     compile: bool = flag(True, "torch.compile the model (slow to start, faster steps)")
+    fsdp: bool = flag(False, "shard weights, gradients and optimizer state across the processes (FSDP2) instead of "
+                             "copying them to each (DDP): for models that do not fit one GPU; needs torchrun")
     activation_checkpointing: bool = flag(False, "keep only each block's input for backward, recomputing the rest: "
                                                  "far less activation memory for about a third more compute")
 
@@ -903,6 +955,9 @@ def main(argv=None):
         cfg = parse_args(argv)
         world = World.from_env(cfg.device)
         check_config(cfg, world.world_size)
+        if cfg.fsdp and not world.ddp:
+            raise ValueError("--fsdp 1 shards the model across the processes torchrun starts: launch with torchrun "
+                             "(--nproc_per_node=N), or pass --fsdp 0")
         if cfg.bf16 == "auto":  # decided once, here: the checkpoint records what the run really did
             cfg.bf16 = bf16_fast(world.device)
     if world.ddp:
@@ -964,6 +1019,12 @@ def train(cfg, world, model, data, checkpoint=None):
     world.print(f"total batch {cfg.total_batch_size:,} tokens = {grad_accum_steps} micro-batches of "
                 f"{cfg.batch_size} x {cfg.seq_len} on each of {world.world_size} processes")
     model.to(device)
+    if cfg.fsdp:
+        # FSDP2: each block, then the root (embeddings, ln_f, lm_head), is a unit whose weights, gradients and
+        # AdamW moments are split across the processes, and gathered whole only while the unit computes
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
     # GPT-3's AdamW: beta2 0.95 (not 0.999) lets the second moment follow the gradients' scale faster
     optimizer = model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
                                            device_type=world.device_type)
@@ -977,7 +1038,7 @@ def train(cfg, world, model, data, checkpoint=None):
     raw_model = model
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     model = eval_model = maybe_compile(model, cfg.compile, world.device_type, log=world.print)  # eval_model: no DDP
-    if world.ddp:
+    if world.ddp and not cfg.fsdp:
         # DDP averages the gradients of all processes during backward, bucket by bucket
         model = DDP(model, device_ids=[world.local_rank] if world.device_type == "cuda" else None)
 
@@ -1008,17 +1069,18 @@ def train(cfg, world, model, data, checkpoint=None):
                 if data.hellaswag is not None:  # scored with the eager model: its shapes vary from batch to batch
                     t_hella = time.time()
                     acc_norm = evaluate_hellaswag(raw_model, data.hellaswag, world, cfg.bf16,
-                                                  should_stop=lambda: stop["requested"])
+                                                  should_stop=lambda: stop["requested"], sharded=cfg.fsdp)
                     if acc_norm is None:
                         world.print("HellaSwag: cut short, a stop was requested")
                     else:
                         world.print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(data.hellaswag)} examples "
                                     f"({time.time() - t_hella:.1f} s)")
                         log(step, "hella", f"{acc_norm:.4f}")
-            if world.master and ((step > 0 and step % cfg.sample_every == 0) or last_step):
+            # under FSDP every rank takes part in each forward pass, so every rank samples (the same text)
+            if (world.master or cfg.fsdp) and ((step > 0 and step % cfg.sample_every == 0) or last_step):
                 # the eager model again: each new token makes a new shape, which would recompile every time
                 for i, text in enumerate(sample(raw_model, device)):
-                    print(f"sample {i}: {text}")
+                    world.print(f"sample {i}: {text}")
 
             t0 = time.time()
             optimizer.zero_grad()
@@ -1029,7 +1091,9 @@ def train(cfg, world, model, data, checkpoint=None):
                 # DDP would average gradients after every backward; only the last micro-step's is needed.
                 # no_sync() must wrap the forward too: DDP decides during the forward what backward does
                 last = micro_step == grad_accum_steps - 1
-                with model.no_sync() if world.ddp and not last else contextlib.nullcontext():
+                if cfg.fsdp:  # keep the gathered weights until the last micro-step: the next forward needs them
+                    raw_model.set_reshard_after_backward(last)
+                with model.no_sync() if world.ddp and not cfg.fsdp and not last else contextlib.nullcontext():
                     # bf16 autocast: matmuls run in bfloat16 (fp32's range, 8 bits of mantissa); weights and loss stay fp32
                     with torch.autocast(device_type=world.device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
                         # [1], not `logits, loss =`: a name would keep this step's (B, T, vocab) logits
@@ -1047,7 +1111,9 @@ def train(cfg, world, model, data, checkpoint=None):
                 sys.exit(f"error: the loss is {loss_accum.item()} at step {step}: stopping before the weights are "
                          f"updated; the checkpoints already in {cfg.log_dir} are untouched (try a lower --max_lr)")
             # clip the global gradient norm at 1.0: one unlucky batch cannot shock the weights
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # under FSDP, over every rank's shards
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
             lr = get_lr(step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
@@ -1063,16 +1129,18 @@ def train(cfg, world, model, data, checkpoint=None):
             stopping = world.any(stop["requested"])
             if (step + 1) % cfg.checkpoint_every == 0 or last_step or stopping:
                 path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
+                state = whole_state(raw_model, optimizer, keep=world.master)  # every rank gathers FSDP's shards
                 error = None
                 if world.master:
                     try:
-                        save_checkpoint(path, step + 1, raw_model, optimizer, data.train, cfg)
+                        save_checkpoint(path, step + 1, raw_model.config, state, data.train, cfg)
                         print(f"saved {path}")
                         last_saved = path
                     except (OSError, RuntimeError) as e:  # a full disk, say: the temporary file is already gone
                         error = (f"cannot write checkpoint {path} ({error_text(e)}): free some space; " +
                                  (f"the last good checkpoint is {last_saved}" if last_saved else
                                   f"this run wrote none yet, and those already in {cfg.log_dir} are untouched"))
+                del state  # under FSDP, a whole copy on the CPU: not kept until the next checkpoint
                 # every rank waits here for rank 0's write, so none tears the process group down while it writes
                 if world.any(error is not None):
                     sys.exit(f"error: {error}" if error else 1)

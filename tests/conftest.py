@@ -84,6 +84,13 @@ def run(args, cwd=ROOT, timeout=600, env=None):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def torchrun(nproc, args, timeout=600):
+    """train_gpt2.py on nproc processes of this machine, started by torchrun (gloo on the CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "train_gpt2.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def read_log(log_dir):
     """log_dir/log.txt as a list of [step, kind, value] lines."""
     with open(os.path.join(log_dir, "log.txt")) as f:

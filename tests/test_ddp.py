@@ -3,13 +3,7 @@ import os
 import subprocess
 import sys
 
-from conftest import DDP, HELLASWAG_20, ROOT, read_log, run
-
-
-def torchrun(nproc, args, timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "train_gpt2.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+from conftest import DDP, HELLASWAG_20, ROOT, read_log, run, torchrun
 
 
 def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path):
