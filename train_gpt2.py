@@ -877,6 +877,8 @@ class TrainConfig:
                              "copying them to each (DDP): for models that do not fit one GPU; needs torchrun")
     activation_checkpointing: bool = flag(False, "keep only each block's input for backward, recomputing the rest: "
                                                  "far less activation memory for about a third more compute")
+    dry_run: bool = flag(False, "print the settings, the parameter count, the batch and an estimate of memory per "
+                                "GPU for DDP and FSDP on WORLD_SIZE processes (default 1), then exit")
 
 
 def on_off(text):
@@ -945,6 +947,78 @@ def check_config(cfg, world_size=1):
         raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
 
 
+def scratch_config(cfg):
+    """The shape of a model trained from scratch: its context is the sequence length it trains with."""
+    return GPTConfig(block_size=cfg.seq_len, vocab_size=PADDED_VOCAB_SIZE, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd)
+
+
+def batch_plan(cfg, world_size):
+    """How a step's tokens are made up: (micro-steps per process, the line that says so)."""
+    # a 0.5M-token batch does not fit in memory at once: add up the gradients of several micro-batches
+    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * world_size)
+    return grad_accum_steps, (f"total batch {cfg.total_batch_size:,} tokens = {grad_accum_steps} micro-batches of "
+                              f"{cfg.batch_size} x {cfg.seq_len} on each of {world_size} processes")
+
+
+def memory_estimate(config, n_params, cfg, world_size, fsdp, grad_accum_steps):
+    """One training process's peak memory in bytes, part by part: a planning figure for a GPU with flash attention,
+    eager (torch.compile fuses the loss and usually needs less). Weights and gradients are fp32, as are AdamW's
+    two moments; activations are bf16 under autocast, else fp32."""
+    B, T, C, L, V = cfg.batch_size, config.block_size, config.n_embd, config.n_layer, config.vocab_size
+    bf16 = cfg.bf16 != False  # auto is on for the GPUs this estimates
+    block = 12 * C * C + 13 * C  # one block's parameters
+    if fsdp:
+        # 1/N of everything, plus what is whole at a time: the root's weights (embeddings, lm_head) and two blocks'
+        # (the one computing and the next, fetched ahead), all of them kept between micro-steps; two blocks' gradients
+        gathered = n_params if grad_accum_steps > 1 else n_params - L * block + 2 * block
+        weights, gradients = 4 * (n_params / world_size + gathered), 4 * (n_params / world_size + 2 * block)
+        optimizer = 8 * n_params / world_size
+    else:  # a whole copy on every process, and DDP's buckets: a second copy of the gradients to reduce in
+        weights, gradients, optimizer = 4 * n_params, 4 * n_params * (2 if world_size > 1 else 1), 8 * n_params
+    # saved for backward, per token and layer: both LayerNorms' inputs (fp32), the 4 matmuls' inputs, q, k, v, the
+    # attention's output and the MLP's 4C-wide hidden layer: 38 C bytes with the matmuls in bf16, 68 C in fp32
+    per_layer = (38 if bf16 else 68) * C
+    # --activation_checkpointing: each block's input (fp32), and one block's insides while it is recomputed
+    activations = B * T * (L * 4 * C + per_layer if cfg.activation_checkpointing else L * per_layer)
+    # the logits (bf16 under autocast), the loss's fp32 log-softmax of them, and its gradient
+    logits = B * T * V * (10 if bf16 else 12)
+    return dict(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, logits=logits)
+
+
+def dry_run(cfg, world):
+    """Say what a run would be, without reading data beyond its shards' headers or making the model's weights:
+    the settings, the parameter count, the batch, and the memory per GPU under DDP and under FSDP."""
+    if cfg.init_from != "scratch":
+        raise ValueError("--dry_run 1 plans a model trained from scratch: leave out --init_from")
+    world.print("dry run: the settings, the model and its memory; nothing is trained")
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        world.print(f"  --{f.name} {int(value) if isinstance(value, bool) else value if value != '' else repr('')}")
+    config = scratch_config(cfg)
+    with torch.device("meta"):  # shapes without storage: even 175B parameters take no memory here
+        model = GPT(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    world.print(f"model: {n_params:,} parameters")
+    grad_accum_steps, plan = batch_plan(cfg, world.world_size)
+    world.print(plan)
+    if os.path.isdir(cfg.data):
+        paths, _ = shard_paths(cfg.data, "train")
+        tokens = sum(len(open_shard(path)) for path in paths)  # memory-mapped: only the headers are read
+        world.print(f"data: {tokens:,} train tokens in {len(paths)} shards: the run reads "
+                    f"{cfg.max_steps * cfg.total_batch_size / tokens:.2f} epochs")
+    else:
+        world.print(f"data: {cfg.data} is {'a text file' if os.path.isfile(cfg.data) else 'not here'}: not read by a dry run")
+    precision = "fp32" if cfg.bf16 is False else "bf16 autocast"
+    world.print(f"memory per GPU, estimated (GiB; {precision}, flash attention, eager; "
+                f"WORLD_SIZE={world.world_size} processes):")
+    world.print(f"  {'':10} {'weights':>9} {'gradients':>9} {'optimizer':>9} {'activations':>11} {'logits':>9} {'total':>9}")
+    for name, fsdp in (("DDP", False), ("FSDP", True)):
+        parts = memory_estimate(config, n_params, cfg, world.world_size, fsdp, grad_accum_steps)
+        cells = [f"{v / 2**30:{11 if k == 'activations' else 9}.2f}" for k, v in parts.items()]
+        world.print(f"  {name:10} {' '.join(cells)} {sum(parts.values()) / 2**30:9.2f}")
+
+
 # the exit code of a run that stopped because it was asked to (SIGTERM, Ctrl-C) after writing its
 # checkpoint: not 0, so a script can tell it from a finished run; 75 is EX_TEMPFAIL, "try again later"
 STOPPED = 75
@@ -955,6 +1029,8 @@ def main(argv=None):
         cfg = parse_args(argv)
         world = World.from_env(cfg.device)
         check_config(cfg, world.world_size)
+        if cfg.dry_run:
+            return dry_run(cfg, world)
         if cfg.fsdp and not world.ddp:
             raise ValueError("--fsdp 1 shards the model across the processes torchrun starts: launch with torchrun "
                              "(--nproc_per_node=N), or pass --fsdp 0")
@@ -973,9 +1049,7 @@ def main(argv=None):
                     claim.enter_context(claim_log_dir(cfg.log_dir))
                 torch.manual_seed(cfg.seed)  # the same initial weights on every rank
                 if cfg.init_from == "scratch":
-                    # the context is the sequence length trained on: position embeddings past it would never train
-                    model = GPT(GPTConfig(block_size=cfg.seq_len, vocab_size=PADDED_VOCAB_SIZE, n_layer=cfg.n_layer,
-                                          n_head=cfg.n_head, n_embd=cfg.n_embd))
+                    model = GPT(scratch_config(cfg))
                 else:  # fine-tuning: the weights only, with a fresh optimizer from step 0
                     model = load_model(cfg.init_from)
                 if cfg.seq_len > model.config.block_size:
@@ -1014,10 +1088,8 @@ def train(cfg, world, model, data, checkpoint=None):
     device = world.device
     world.print(f"using device: {device}" + (f", {world.world_size} processes" if world.ddp else ""))
     world.print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
-    # a 0.5M-token batch does not fit in memory at once: add up the gradients of several micro-batches
-    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * world.world_size)
-    world.print(f"total batch {cfg.total_batch_size:,} tokens = {grad_accum_steps} micro-batches of "
-                f"{cfg.batch_size} x {cfg.seq_len} on each of {world.world_size} processes")
+    grad_accum_steps, plan = batch_plan(cfg, world.world_size)
+    world.print(plan)
     model.to(device)
     if cfg.fsdp:
         # FSDP2: each block, then the root (embeddings, ln_f, lm_head), is a unit whose weights, gradients and

@@ -277,3 +277,33 @@ def test_every_script_ends_a_ctrl_c_with_one_line_and_code_130(capsys):
     for script in ("fineweb.py", "hellaswag.py", "sample.py", "export_hf.py", "bench.py", "train_gpt2.py"):
         with open(os.path.join(ROOT, script)) as f:
             assert "    run_script(main" in f.read().split('if __name__ == "__main__":')[1], script
+
+
+def test_a_dry_run_prints_every_models_exact_size_and_plans_memory_without_training(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    import train_gpt2
+    for i, n in enumerate((1000, 3000), start=1):  # shards of 1,000 and 3,000 tokens: only their headers are read
+        np.save(tmp_path / f"edufineweb_train_{i:06d}.npy", np.arange(n, dtype=np.uint16))
+    def no_loader(*args, **kwargs):
+        raise AssertionError("a dry run reads no data")
+    monkeypatch.setattr(train_gpt2, "DataLoaderLite", no_loader)
+    for name in train_gpt2.MODELS:
+        cfg = train_gpt2.parse_args(["--model", name])
+        V, T, L, C = 50304, cfg.seq_len, cfg.n_layer, cfg.n_embd
+        expected = V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
+        assert train_gpt2.main(["--model", name, "--dry_run", "1", "--log_dir", str(tmp_path / "log")]) is None
+        out = capsys.readouterr().out
+        assert f"model: {expected:,} parameters\n" in out, name
+        assert f"  --model {name}\n  --init_from scratch\n  --n_layer {L}\n" in out and "  --hellaswag_file ''\n" in out
+    assert "model: 174,604,836,864 parameters" in out  # GPT-3 175B, shapes only: no memory was allocated
+    assert not (tmp_path / "log").exists()  # nothing written, no log_dir claimed
+    monkeypatch.setenv("WORLD_SIZE", "8")  # the world size to plan for, as torchrun would set it
+    train_gpt2.main(["--model", "gpt3-6.7b", "--dry_run", "1", "--data", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "total batch 2,097,152 tokens = 64 micro-batches of 2 x 2048 on each of 8 processes" in out
+    assert "data: 4,000 train tokens in 2 shards: the run reads 2499805.18 epochs" in out
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out.splitlines()[-2:]}
+    ddp, fsdp = rows["DDP"], rows["FSDP"]  # weights, gradients, optimizer, activations, logits, total (GiB)
+    n = 6_658_596_864
+    assert abs(ddp[2] - 8 * n / 2**30) < 0.01 and abs(fsdp[2] - 8 * n / 8 / 2**30) < 0.01  # AdamW: 8 bytes, sharded 8 ways
+    assert ddp[3:5] == fsdp[3:5] and abs(sum(ddp[:5]) - ddp[5]) < 0.03 and fsdp[5] < 0.5 * ddp[5]
