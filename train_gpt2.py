@@ -463,6 +463,26 @@ class World:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def broadcast(self, obj):
+        """Rank 0's obj (plain data), on every process."""
+        if self.ddp:
+            box = [obj]
+            dist.broadcast_object_list(box, src=0)
+            obj = box[0]
+        return obj
+
+    @contextlib.contextmanager
+    def together(self):
+        """A stage that may fail on some processes only (a node that cannot read a file, say): if it fails on any,
+        all of them stop, the one that failed saying why, instead of the others waiting for it forever."""
+        error = None
+        try:
+            yield
+        except (ValueError, OSError) as e:
+            error = error_text(e)
+        if self.any(error is not None):
+            sys.exit(f"error: {error}" if error else 1)
+
 
 # -----------------------------------------------------------------------------
 # Evaluation
@@ -1041,10 +1061,8 @@ def main(argv=None):
         dist.init_process_group(backend="nccl" if world.device_type == "cuda" else "gloo")
     try:
         with one_line_errors(), contextlib.ExitStack() as claim:  # claim holds the log_dir for the run (rank 0)
-            # from here a step may fail on one rank only (a checkpoint one node cannot read, say): the
-            # ranks agree after each stage, so all stop with the error instead of waiting for each other
-            error = None
-            try:
+            # from here a step may fail on one rank only: the ranks agree after each stage
+            with world.together():
                 if world.master:  # before any work: a log_dir that cannot be used fails now, not after an hour
                     claim.enter_context(claim_log_dir(cfg.log_dir))
                 torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -1058,7 +1076,10 @@ def main(argv=None):
                                                            split, cfg.data) for split in ("train", "val"))
                 for loader in (train_loader, val_loader):
                     check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
-                path = find_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume else None
+                path = find_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume and world.master else None
+            # every rank resumes rank 0's checkpoint: a node that sees another log_dir must not continue another run
+            path = world.broadcast(path)
+            with world.together():
                 checkpoint = load_checkpoint(path, cfg, model) if path else None
                 if cfg.resume and not path:  # killed before its first checkpoint: there is nothing to continue
                     world.print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
@@ -1067,10 +1088,6 @@ def main(argv=None):
                                      "auto, or start this one in another --log_dir")
                 if world.master:
                     start_log(os.path.join(cfg.log_dir, "log.txt"), checkpoint["step"] if checkpoint else 0)
-            except (ValueError, OSError) as e:
-                error = error_text(e)
-            if world.any(error is not None):
-                sys.exit(f"error: {error}" if error else 1)  # the rank that failed says why
             data = Data(train_loader, val_loader, hellaswag=load_hellaswag(cfg, world))
             stopped = train(cfg, world, model, data, checkpoint)
     except torch._dynamo.exc.TorchDynamoException as e:

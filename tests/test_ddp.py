@@ -3,14 +3,28 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import DDP, HELLASWAG_20, ROOT, read_log, run, torchrun
 
 
-def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    out1 = run(["train_gpt2.py", *DDP, "--log_dir", str(one)])  # 2 micro-batches, 1 process
-    assert out1.returncode == 0, out1.stderr
-    assert "= 2 micro-batches of 2 x 16 on each of 1 processes" in out1.stdout
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    """DDP's run in one process, 2 micro-batches a step: what 2 processes of 1 micro-batch each must log."""
+    d = tmp_path_factory.mktemp("one")
+    out = run(["train_gpt2.py", *DDP, "--log_dir", str(d)])
+    assert out.returncode == 0, out.stderr
+    assert "= 2 micro-batches of 2 x 16 on each of 1 processes" in out.stdout
+    return d
+
+
+def assert_same_losses(log1, log2):
+    assert [(s, k) for s, k, _ in log1] == [(s, k) for s, k, _ in log2] and len(log1) == 11
+    assert all(abs(float(a) - float(b)) < 1e-5 for (_, _, a), (_, _, b) in zip(log1, log2)), (log1, log2)
+
+
+def test_two_processes_match_one_process_with_twice_the_accumulation(one, tmp_path):
+    two = tmp_path / "two"
     out2 = torchrun(2, [*DDP, "--log_dir", str(two)])  # 1 micro-batch on each of 2 processes
     assert out2.returncode == 0, out2.stderr
     assert "= 1 micro-batches of 2 x 16 on each of 2 processes" in out2.stdout
@@ -52,6 +66,28 @@ def two_nodes(args, cwds, envs, timeout=180):
                               stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     outputs = [p.communicate(timeout=timeout) for p in procs]  # a hang fails here
     return [(p.returncode, *o) for p, o in zip(procs, outputs)]
+
+
+def test_two_nodes_of_one_process_each_log_what_one_process_logs(one, tmp_path):
+    out = two_nodes([*DDP, "--log_dir", str(tmp_path / "log")], [ROOT, ROOT], [{}, {}])
+    assert [code for code, _, _ in out] == [0, 0], out[0][2] + out[1][2]
+    assert "using device: cpu, 2 processes" in out[0][1] and out[1][1].count("step ") == 0  # global rank 0 prints
+    assert_same_losses(read_log(one), read_log(tmp_path / "log"))
+
+
+def test_every_node_resumes_rank_0s_checkpoint_or_none_does(tmp_path):
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"  # each node's own disk: --log_dir log is not shared
+    node0.mkdir(), node1.mkdir()
+    out = run([os.path.join(ROOT, "train_gpt2.py"), *DDP, "--log_dir", "log"], cwd=node0)
+    assert out.returncode == 0, out.stderr
+    assert sorted(os.listdir(node0 / "log")) == ["log.txt", "model_00004.pt"]
+    # node 1 finds no checkpoint in its log: were it to start from step 0 while node 0 resumes, the run would mix two
+    out = two_nodes([*DDP, "--log_dir", "log", "--resume", "auto"], [node0, node1], [{}, {}])
+    (code0, _, err0), (code1, _, err1) = out
+    assert code0 != 0 and code1 != 0
+    assert err1.startswith("error: checkpoint 'log/model_00004.pt' not found\n"), err1  # then torchrun's report
+    assert 'train_gpt2.py", line' not in err0 + err1  # no traceback from the trainer on either node
+    assert not os.path.exists(node1 / "log" / "log.txt")
 
 
 def test_nodes_agree_on_hellaswag_when_one_cannot_download_it(tmp_path):
