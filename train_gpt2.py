@@ -339,12 +339,15 @@ class DataLoaderLite:
     data_root is a directory of fineweb.py shards (the split's shards, in order, are one
     continuous stream: a batch may straddle two of them) or a text file (first 90% train,
     last 10% val). Process r of N reads chunk s * N + r at step s, so N processes together
-    read exactly what one process would, and runs on 1 or 8 GPUs see the same data.
+    read exactly what one process would, and runs on 1 or 8 GPUs see the same data. With a
+    shuffle_seed, each epoch after the first reads the shards in another order, drawn from the
+    seed and the epoch: the same on every process, and after a resume.
     """
 
-    def __init__(self, B, T, process_rank=0, num_processes=1, split="train", data_root="edu_fineweb10B"):
+    def __init__(self, B, T, process_rank=0, num_processes=1, split="train", data_root="edu_fineweb10B",
+                 shuffle_seed=None):
         assert split in ("train", "val")
-        self.B, self.T, self.split = B, T, split
+        self.B, self.T, self.split, self.shuffle_seed = B, T, split, shuffle_seed
         self.process_rank, self.num_processes = process_rank, num_processes
         if os.path.isfile(data_root):  # a text file, tokenized whole and split 90/10
             tokens = load_text_tokens(data_root)
@@ -362,7 +365,6 @@ class DataLoaderLite:
         # the largest token id, to check against the model's vocabulary before training: from the
         # manifest, else read (a memory-mapped max: 0.013 s for 100M cached tokens, disk speed when cold)
         self.max_id = max(m if m is not None else int(s.max()) for s, m in zip(self.shards, max_ids))
-        self.starts = np.cumsum([0] + self.lengths[:-1]).tolist()  # where each shard begins in the stream
         self.total = sum(self.lengths)
         if self.total < B * T * num_processes + 1:
             raise ValueError(f"{data_root} ({split}) has {self.total} tokens, fewer than one step of "
@@ -373,7 +375,7 @@ class DataLoaderLite:
         self.reset()
 
     def reset(self):
-        self.offset = 0  # where the current step's chunk 0 starts in the stream
+        self.offset = 0  # where the current step's chunk 0 starts in the stream, counted from the first epoch's start
 
     def state_dict(self):
         return {"offset": self.offset}  # the position in the stream is all a resume needs
@@ -381,16 +383,27 @@ class DataLoaderLite:
     def load_state_dict(self, state):
         self.offset = state["offset"]
 
+    def shard_order(self, epoch):
+        """The shards in the order an epoch reads them: as listed, or, with a shuffle_seed, after the first epoch,
+        in an order drawn from the seed and the epoch (reading the same order every epoch, a long run's loss
+        repeats a pattern each epoch)."""
+        if self.shuffle_seed is None or epoch == 0:
+            return list(range(len(self.shards)))
+        return np.random.default_rng((self.shuffle_seed, epoch)).permutation(len(self.shards)).tolist()
+
     def read(self, start, n):
-        """n tokens of the stream from position start, across shard ends and around the end."""
-        pieces, pos = [], start % self.total
+        """n tokens of the stream from position start, across shard ends and into the next epoch."""
+        pieces = []
         while n:
-            i = bisect.bisect_right(self.starts, pos) - 1
-            offset = pos - self.starts[i]
-            piece = self.shards[i][offset:offset + n]
+            epoch, pos = divmod(start, self.total)
+            order = self.shard_order(epoch)
+            starts = np.cumsum([0] + [self.lengths[i] for i in order[:-1]]).tolist()  # where each shard begins
+            k = bisect.bisect_right(starts, pos) - 1
+            offset = pos - starts[k]
+            piece = self.shards[order[k]][offset:offset + n]
             pieces.append(piece)
             n -= len(piece)
-            pos = (pos + len(piece)) % self.total
+            start += len(piece)
         return np.concatenate(pieces)
 
     def next_batch(self):
@@ -400,7 +413,7 @@ class DataLoaderLite:
         buf = torch.from_numpy(self.read(start, B * T + 1).astype(np.int64))  # +1: the last input's target
         x = buf[:-1].view(B, T)  # inputs
         y = buf[1:].view(B, T)  # targets: each input's next token
-        self.offset = (self.offset + B * T * self.num_processes) % self.total  # past every process's chunk
+        self.offset += B * T * self.num_processes  # past every process's chunk
         return x, y
 
 
@@ -699,7 +712,7 @@ def claim_log_dir(log_dir):
 
 
 # settings that change what is computed: a resumed run must use the checkpoint's
-RESUME_MUST_MATCH = ("data", "init_from", "n_layer", "n_head", "n_embd", "total_batch_size", "batch_size",
+RESUME_MUST_MATCH = ("data", "shuffle_shards", "init_from", "n_layer", "n_head", "n_embd", "total_batch_size", "batch_size",
                      "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "seed", "bf16")
 
 
@@ -718,8 +731,10 @@ def load_checkpoint(path, cfg, model):
     checkpoint = read_checkpoint(path, keys=("model", "model_config", "optimizer", "step", "train_loader",
                                              "rng", "config"))
     for name in RESUME_MUST_MATCH:
-        if checkpoint["config"].get(name) != getattr(cfg, name):
-            raise ValueError(f"checkpoint {path} was made with --{name} {checkpoint['config'].get(name)}, not "
+        # a setting newer than the checkpoint: the run that wrote it did what the default does
+        saved = checkpoint["config"].get(name, getattr(TrainConfig(), name))
+        if saved != getattr(cfg, name):
+            raise ValueError(f"checkpoint {path} was made with --{name} {saved}, not "
                              f"{getattr(cfg, name)}: resume with the run's own settings")
     check_weights(model, checkpoint["model"], path)
     return checkpoint
@@ -861,6 +876,8 @@ class TrainConfig:
     """Every setting of a run. The defaults reproduce GPT-2 124M; each one is a flag of the same name."""
     # data and model
     data: str = flag("edu_fineweb10B", "a directory of fineweb.py shards, or a text file (90% train, 10% val)")
+    shuffle_shards: bool = flag(False, "read the train shards in a new seeded order each epoch after the first "
+                                       "(the lecture's run repeated the same order, and its loss a pattern, each epoch)")
     model: str = flag("gpt2", f"the shape and recipe to train from scratch: {', '.join(MODELS)}; "
                               "the flags below that are given explicitly override it")
     init_from: str = flag("scratch", "scratch (random GPT-2 init), or start from weights: gpt2 ... gpt2-xl, "
@@ -1073,7 +1090,8 @@ def main(argv=None):
                 if cfg.seq_len > model.config.block_size:
                     raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
                 train_loader, val_loader = (DataLoaderLite(cfg.batch_size, cfg.seq_len, world.rank, world.world_size,
-                                                           split, cfg.data) for split in ("train", "val"))
+                                                           split, cfg.data, cfg.seed if shuffle else None)
+                                            for split, shuffle in (("train", cfg.shuffle_shards), ("val", False)))
                 for loader in (train_loader, val_loader):
                     check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
                 path = find_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume and world.master else None

@@ -3,7 +3,7 @@ import pytest
 import tiktoken
 import torch
 
-from conftest import INPUT, error_of
+from conftest import INPUT, SMALL, error_of
 from train_gpt2 import DataLoaderLite, load_text_tokens
 
 
@@ -158,3 +158,58 @@ def test_a_data_file_that_is_not_text_is_named_in_one_line(tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(ValueError, match=r"empty.txt is empty: pass a text file"):
         load_text_tokens(str(tmp_path / "empty.txt"))
+
+
+def epoch_orders(loader, epochs, shards):
+    """Which shard each epoch read, in order, from loader's stream (chunks of 10 tokens: 15 an epoch)."""
+    stream = np.concatenate([loader.next_batch()[0].reshape(-1).numpy() for _ in range(15 * epochs)])
+    orders = []
+    for e in range(epochs):
+        rest, order = stream[150 * e:150 * (e + 1)], []
+        while len(rest):
+            i = next(i for i, s in enumerate(shards) if np.array_equal(rest[:len(s)], s))
+            order.append(i)
+            rest = rest[len(shards[i]):]
+        orders.append(order)
+    return orders
+
+
+def test_shuffled_shards_change_order_each_epoch_the_same_on_any_number_of_processes(shard_dir):
+    d, stream = shard_dir
+    shards = [stream[:50], stream[50:80], stream[80:]]
+    assert epoch_orders(DataLoaderLite(2, 5, split="train", data_root=str(d)), 3, shards) == [[0, 1, 2]] * 3
+    loader = DataLoaderLite(2, 5, split="train", data_root=str(d), shuffle_seed=1337)
+    orders = epoch_orders(loader, 3, shards)
+    assert orders == [[0, 1, 2], [0, 2, 1], [1, 0, 2]]  # epoch 0 as listed, then a new order each epoch
+    # 2 processes: rank r reads chunks 2s + r, which together are the 1-process stream
+    one = DataLoaderLite(2, 5, split="train", data_root=str(d), shuffle_seed=1337)
+    ranks = [DataLoaderLite(2, 5, r, 2, "train", str(d), shuffle_seed=1337) for r in (0, 1)]
+    for step in range(25):  # past 3 epochs of 150 tokens, 20 a step
+        assert [r.next_batch()[1].tolist() for r in ranks] == [one.next_batch()[1].tolist() for _ in range(2)], step
+    # a resume mid-epoch continues the same order: 22 chunks in is 7 chunks into epoch 1
+    first = DataLoaderLite(2, 5, split="train", data_root=str(d), shuffle_seed=1337)
+    for _ in range(22):
+        first.next_batch()
+    resumed = DataLoaderLite(2, 5, split="train", data_root=str(d), shuffle_seed=1337)
+    resumed.load_state_dict(first.state_dict())
+    assert first.state_dict() == {"offset": 220}
+    for _ in range(30):
+        assert torch.equal(resumed.next_batch()[0], first.next_batch()[0])
+
+
+def test_shuffle_shards_shuffles_the_train_split_only_with_the_runs_seed(tmp_path, monkeypatch):
+    import train_gpt2
+    for split, n in (("train", 3), ("val", 1)):
+        for i in range(n):
+            np.save(tmp_path / f"edufineweb_{split}_{i:06d}.npy", np.arange(100, dtype=np.uint16) + i)
+    seeds = {}
+    class Recording(train_gpt2.DataLoaderLite):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seeds[self.split] = self.shuffle_seed
+    monkeypatch.setattr(train_gpt2, "DataLoaderLite", Recording)
+    args = [*SMALL, "--data", str(tmp_path), "--max_steps", "1", "--seed", "7", "--log_dir", str(tmp_path / "log")]
+    train_gpt2.main([*args, "--shuffle_shards", "1"])
+    assert seeds == {"train": 7, "val": None}
+    error = error_of(train_gpt2.main, [*args, "--resume", str(tmp_path / "log" / "model_00000.pt")])
+    assert "was made with --shuffle_shards True, not False: resume with the run's own settings" in error
