@@ -712,8 +712,8 @@ def claim_log_dir(log_dir):
 
 
 # settings that change what is computed: a resumed run must use the checkpoint's
-RESUME_MUST_MATCH = ("data", "shuffle_shards", "init_from", "n_layer", "n_head", "n_embd", "total_batch_size", "batch_size",
-                     "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "seed", "bf16")
+RESUME_MUST_MATCH = ("data", "shuffle_shards", "init_from", "n_layer", "n_head", "n_embd", "total_batch_size",
+                     "batch_size", "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "seed", "bf16")
 
 
 def find_checkpoint(resume, log_dir):
@@ -788,7 +788,8 @@ def whole_state(model, optimizer, keep):
     for k, v in model.state_dict().items():
         model_state[k] = model_state[first_name[k]] if first_name.get(k, k) != k else whole(v)
     optimizer_state = optimizer.state_dict()
-    optimizer_state["state"] = {i: {k: whole(v) for k, v in state.items()} for i, state in optimizer_state["state"].items()}
+    optimizer_state["state"] = {i: {k: whole(v) for k, v in state.items()}
+                                for i, state in optimizer_state["state"].items()}
     return model_state, optimizer_state
 
 
@@ -942,9 +943,9 @@ def parse_args(argv=None):
                                      exit_on_error=False, allow_abbrev=False)
     preset = set().union(*MODELS.values())  # the flags whose default --model sets
     for f in fields(TrainConfig):  # default None: a flag left out takes the model's value, else the field's
+        default = f"{f.default} for gpt2; other models set their own" if f.name in preset else f.default
         parser.add_argument(f"--{f.name}", type=on_off if f.type is bool else auto_on_off if f.name == "bf16" else f.type,
-                            default=None, help=f"{f.metadata['help']} (default: {f.default}{' for gpt2; other models set their own' if f.name in preset else ''})"
-                            .replace("%", "%%"))
+                            default=None, help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
     try:
         args, unknown = parser.parse_known_args(argv)
     except argparse.ArgumentError as e:
