@@ -17,11 +17,11 @@ import resource
 import statistics
 import time
 
-import tiktoken
 import torch
 from torch.nn import functional as F
 
 import hellaswag
+from tokenizer import gpt2_encoding
 from train_gpt2 import (GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, auto_on_off, bf16_fast, init_device,
                         maybe_compile, on_off, one_line_errors, run_script, synchronize)
 
@@ -74,7 +74,7 @@ def plain_predictions(model, examples, device, use_bf16):
     """HellaSwag the straightforward way, to compare with hellaswag.predict: one example a forward pass, its
     4 rows (context + ending) padded to the longest, logits and loss at every position, and a mask that
     keeps the endings' tokens."""
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     preds = []
     for example in examples:
         ctx = enc.encode_ordinary(example["ctx"])

@@ -27,15 +27,15 @@ import sys
 import time
 
 import numpy as np
-import tiktoken
 from tqdm import tqdm
 
+from tokenizer import gpt2_encoding
 from train_gpt2 import EOT, MANIFEST, error_text, one_line_errors, run_script
 
 
 def tokenize(text):
     """One document -> uint16 tokens, <|endoftext|> first. Runs in the worker processes."""
-    enc = tiktoken.get_encoding("gpt2")  # cached per process after the first call
+    enc = gpt2_encoding()  # cached per process after the first call
     tokens = np.array([EOT] + enc.encode_ordinary(text), dtype=np.int64)
     assert (0 <= tokens).all() and (tokens < 2**16).all(), "GPT-2 ids must fit in uint16"
     return tokens.astype(np.uint16)

@@ -16,10 +16,11 @@ import os
 import sys
 import urllib.request
 
-import tiktoken
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
+
+from tokenizer import gpt2_encoding
 
 DATA_CACHE_DIR = os.environ.get("HELLASWAG_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag"))
 # tokens per forward pass, padding included: rows of similar length are batched up to this many
@@ -120,7 +121,7 @@ def token_batches(lengths, budget):
 def by_length(examples):
     """The examples, shortest row first. In rounds of a few dozen (the training loop's), examples of similar
     length pad little: rounds of 64 val examples in file order hold 21% padding, sorted ones 0.4%."""
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     return sorted(examples, key=lambda example: len(render_example(example, enc)[0]))
 
 
@@ -132,7 +133,7 @@ def predict(model, examples, device, budget=BATCH_TOKENS, use_bf16=False, progre
       attention mask lets each ending see the context and itself, never another ending;
     - the output layer (GPT-2's largest matmul) and the loss run only where an ending's token is
       predicted, never at the context's positions or the padding's."""
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     rows = [render_example(example, enc, model.config.block_size) for example in examples]
     sum_loss = torch.zeros((len(rows), 4), device=device)
     n_scored = torch.zeros((len(rows), 4), device=device)

@@ -18,7 +18,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
-import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -28,7 +27,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import hellaswag  # downloads, renders and scores HellaSwag; it imports nothing of ours
+import hellaswag  # downloads, renders and scores HellaSwag; of ours, it imports only the tokenizer
+from tokenizer import gpt2_encoding  # GPT-2's BPE, read from files in this repo: never downloaded
 
 # -----------------------------------------------------------------------------
 # The model
@@ -288,7 +288,7 @@ def load_text_tokens(path):
     if "\0" in text or not text.strip():
         raise ValueError(f"data {path} is {'binary (it holds NUL bytes)' if text.strip() else 'empty'}: "
                          "pass a text file, or a directory of fineweb.py shards")
-    return np.array(tiktoken.get_encoding("gpt2").encode(text), dtype=np.uint16)
+    return np.array(gpt2_encoding().encode(text), dtype=np.uint16)
 
 
 # fineweb.py's record of a shard set: written when it starts, marked complete when it ends
@@ -593,7 +593,7 @@ def evaluate_hellaswag(model, examples, world, use_bf16=False, should_stop=lambd
 def sample(model, device, num_samples=4, max_new_tokens=32, seed=42, prompt="Hello, I'm a language model,"):
     """num_samples continuations of prompt (top-k 50), from a generator of their own."""
     model.eval()
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     # no prompt: start where every training document starts, after <|endoftext|> (not printed)
     tokens = enc.encode(prompt) if prompt else [enc.eot_token]
     x = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)

@@ -1,8 +1,7 @@
 """What every test shares: the repo on sys.path, no network ever, the small runs' flags, and helpers.
 
-tiktoken reads GPT-2's BPE files from the vendored cache in tests/fixtures/tiktoken_cache
-(the files are named by the sha1 of their download URL, as tiktoken expects), and the
-Hugging Face libraries are told to stay offline. Any attempt to open a non-local socket
+tiktoken reads GPT-2's BPE files from the repo's tiktoken_cache/ (tokenizer.py), as it does for
+a user, and the Hugging Face libraries are told to stay offline. Any attempt to open a non-local socket
 fails the test, so a hidden download cannot slip in.
 
 Test modules import what they need from here (`from conftest import ROOT, TINY, run`), never
@@ -38,8 +37,9 @@ DDP = ["--data", INPUT, "--hellaswag_file", HELLASWAG_20, "--n_layer", "2", "--n
 NO_SHAPE = ["--data", INPUT, "--hellaswag", "0", "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "32",
             "--warmup_steps", "1", "--eval_every", "1000", "--val_steps", "3", "--compile", "0", "--bf16", "0", "--device", "cpu"]
 
-# set before anything imports tiktoken / transformers; subprocesses inherit them
-os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(FIXTURES, "tiktoken_cache")
+# set before anything imports transformers; subprocesses inherit them. tiktoken reads the repo's own
+# BPE files (tokenizer.py), as it does for a user: a cache set elsewhere must not stand in for them
+os.environ.pop("TIKTOKEN_CACHE_DIR", None)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

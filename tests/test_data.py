@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-import tiktoken
+from tokenizer import gpt2_encoding
 import torch
 
 from conftest import INPUT, SMALL, error_of
@@ -13,7 +13,7 @@ def test_input_txt_tokenizes_with_gpt2():
     with open(INPUT, encoding="utf-8") as f:
         text = f.read()
     assert len(text) == 1115394  # the bytes are ASCII: characters == bytes
-    assert tokens[:8].tolist() == tiktoken.get_encoding("gpt2").encode(text[:40])[:8]
+    assert tokens[:8].tolist() == gpt2_encoding().encode(text[:40])[:8]
     assert len(tokens) == 338025
 
 

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-import tiktoken
+from tokenizer import gpt2_encoding
 
 from conftest import FIXTURES, ROOT, error_of
 from train_gpt2 import DataLoaderLite
@@ -21,7 +21,7 @@ def fineweb(*args):
 
 
 def expected_stream(path):
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     out = []
     with open(path) as f:
         for line in f:

@@ -2,7 +2,7 @@ import os
 import re
 
 import pytest
-import tiktoken
+from tokenizer import gpt2_encoding
 import torch
 from torch.nn import functional as F
 
@@ -19,7 +19,7 @@ def tiny_model(seed=0):
 
 
 def test_render_example_packs_the_context_once_then_the_four_endings():
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     ex = next(hellaswag.iterate_examples(EXAMPLES))
     tokens, positions, segments = hellaswag.render_example(ex, enc)
     ctx = enc.encode(ex["ctx"])
@@ -32,7 +32,7 @@ def test_render_example_packs_the_context_once_then_the_four_endings():
 
 
 def whole(ex):
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     return enc.encode(ex["ctx"]), [enc.encode(" " + e) for e in ex["endings"]]
 
 
@@ -73,7 +73,7 @@ def test_the_fast_scorer_predicts_what_the_per_example_fp32_scorer_predicts():
     model = tiny_model()
     expected = reference_predictions(model, examples)
     assert len(set(expected)) > 4  # the tiny model's predictions vary: a scorer that always says 0 would fail
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     ending_tokens = sum(len(enc.encode(" " + e)) for ex in examples for e in ex["endings"])
     for budget in (hellaswag.BATCH_TOKENS, 300, 1):  # one batch of many rows, several, one row per batch
         recorder = Recorder(model)
@@ -101,7 +101,7 @@ def test_examples_of_very_different_lengths_share_batches_and_keep_their_predict
 
 
 def test_a_model_with_a_short_context_sees_the_end_of_the_context_as_generate_would():
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     ex = next(hellaswag.iterate_examples(EXAMPLES))  # a context of 9 tokens, endings of 11, 6, 8 and 9
     ctx = enc.encode(ex["ctx"])
     tokens, positions, segments = hellaswag.render_example(ex, enc, block_size=16)
@@ -122,7 +122,7 @@ def test_a_model_with_a_short_context_sees_the_end_of_the_context_as_generate_wo
 
 def test_the_loop_scores_the_examples_shortest_first_so_its_rounds_pad_little():
     from train_gpt2 import World, evaluate_hellaswag, load_hellaswag, parse_args
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     examples = list(hellaswag.iterate_examples(HELLASWAG_64))
     loaded = load_hellaswag(parse_args(["--hellaswag_file", HELLASWAG_64]), World())
     lengths = [len(hellaswag.render_example(example, enc)[0]) for example in loaded]

@@ -1,14 +1,44 @@
-import tiktoken
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+from tokenizer import gpt2_encoding
 
 PROMPT = "Hello, I'm a language model,"
 PROMPT_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # the lecture's prompt, as GPT-2 tokenizes it
 
 
-def test_gpt2_encoding_offline_from_vendored_cache():
+def test_gpt2_encoding_offline_from_the_repos_files():
     from train_gpt2 import EOT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     assert enc.n_vocab == GPT2_VOCAB_SIZE == 50257
     assert enc.eot_token == EOT == 50256
     assert PADDED_VOCAB_SIZE == 50304 and PADDED_VOCAB_SIZE % 128 == 0
     assert enc.encode(PROMPT) == PROMPT_IDS
     assert enc.decode(PROMPT_IDS) == PROMPT
+
+
+# a fresh process in which any connection fails, as on a machine without internet
+OFFLINE = """import socket
+def refuse(*args):
+    raise OSError(f"no network: {args[-1]}")
+socket.socket.connect = socket.getaddrinfo = refuse
+from tokenizer import gpt2_encoding
+print(gpt2_encoding().encode("Hello, I'm a language model,"))
+"""
+
+
+def test_nothing_is_downloaded_and_an_explicit_cache_still_wins(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
+    env["TMPDIR"] = str(tmp_path)  # not even tiktoken's own cache in the temp dir could help
+    out = subprocess.run([sys.executable, "-c", OFFLINE], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(PROMPT_IDS)
+    assert os.listdir(tmp_path) == []  # nothing was fetched or cached
+    empty = tmp_path / "cache"
+    empty.mkdir()
+    out = subprocess.run([sys.executable, "-c", OFFLINE], cwd=ROOT, env=dict(env, TIKTOKEN_CACHE_DIR=str(empty)),
+                         capture_output=True, text=True)
+    # the user's cache was used: empty, so tiktoken tried to download the files
+    assert out.returncode != 0 and "no network" in out.stderr and "openaipublic" in out.stderr

@@ -1,0 +1,17 @@
+"""GPT-2's tokenizer without the network: tiktoken's "gpt2" encoding, from the BPE files in tiktoken_cache/.
+
+tiktoken downloads GPT-2's two BPE files once into its cache (TIKTOKEN_CACHE_DIR), each named by the
+sha1 of its URL, and checks their sha256 when it reads them. This repo ships the two files so named,
+so a machine without internet tokenizes too; a TIKTOKEN_CACHE_DIR set by the user still wins.
+"""
+import os
+
+import tiktoken
+
+CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiktoken_cache")
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 encoding (50,257 tokens), read from this repo's files unless TIKTOKEN_CACHE_DIR is set."""
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", CACHE_DIR)
+    return tiktoken.get_encoding("gpt2")
