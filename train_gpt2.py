@@ -206,6 +206,10 @@ class GPT(nn.Module):
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         except Exception as e:
+            if name_or_path in PRETRAINED and not os.path.isdir(name_or_path):  # a download that failed: offline?
+                raise ValueError(f"cannot download {name_or_path!r} from Hugging Face (offline?): on a machine online, "
+                                 f"save it with GPT2LMHeadModel.from_pretrained({name_or_path!r}).save_pretrained("
+                                 f"'{name_or_path}-local'), copy that directory here and pass it instead") from None
             raise ValueError(f"cannot load a GPT-2 checkpoint from {name_or_path!r}: {error_text(e)}") from e
         c = hf.config  # the shape comes from the checkpoint, not from our defaults
         model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,

@@ -72,3 +72,12 @@ def test_a_sequence_longer_than_a_pretrained_models_context_is_a_clear_error(tmp
     argv = [*NO_SHAPE, "--init_from", path, "--seq_len", "128", "--total_batch_size", "256", "--log_dir", str(tmp_path / "log")]
     assert error_of(train_gpt2.main, argv) == "error: --seq_len 128 is longer than the model's context of 64"
     assert not (tmp_path / "log").exists()
+
+
+def test_published_weights_offline_are_one_line_that_says_how_to_use_a_local_copy(tmp_path):
+    # the tests run with Hugging Face offline, as a machine without internet would be
+    error = error_of(train_gpt2.main, [*NO_SHAPE, "--init_from", "gpt2", "--log_dir", str(tmp_path / "log")])
+    assert error == ("error: cannot download 'gpt2' from Hugging Face (offline?): on a machine online, save it with "
+                     "GPT2LMHeadModel.from_pretrained('gpt2').save_pretrained('gpt2-local'), copy that directory "
+                     "here and pass it instead")
+    assert not (tmp_path / "log").exists()
