@@ -4,13 +4,14 @@
 """
 import argparse
 
-from train_gpt2 import GPT2_VOCAB_SIZE, check_vocab, init_device, load_model, one_line_errors, run_script, sample
+from train_gpt2 import (GPT2_PROMPT, GPT2_VOCAB_SIZE, check_vocab, init_device, load_model, one_line_errors, run_script,
+                        sample)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-m", "--model", required=True, help="a .pt checkpoint, a Hugging Face GPT-2 directory, or gpt2 ... gpt2-xl")
-    p.add_argument("--prompt", default="Hello, I'm a language model,")
+    p.add_argument("--prompt", default=GPT2_PROMPT)
     p.add_argument("--num_samples", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=42)

@@ -593,8 +593,12 @@ def evaluate_hellaswag(model, examples, world, use_bf16=False, should_stop=lambd
     return counts[0].item() / counts[1].item()
 
 
+# the lecture's prompt for samples of a model trained on the web
+GPT2_PROMPT = "Hello, I'm a language model,"
+
+
 @torch.no_grad()
-def sample(model, device, num_samples=4, max_new_tokens=32, seed=42, prompt="Hello, I'm a language model,"):
+def sample(model, device, num_samples=4, max_new_tokens=32, seed=42, prompt=GPT2_PROMPT):
     """num_samples continuations of prompt (top-k 50), from a generator of their own."""
     model.eval()
     enc = gpt2_encoding()
@@ -906,6 +910,8 @@ class TrainConfig:
     hellaswag: bool = flag(True, "evaluate HellaSwag acc_norm every --eval_every steps")
     hellaswag_file: str = flag("", "a local HellaSwag jsonl (default: the val split, downloaded once by hellaswag.py)")
     sample_every: int = flag(250, "print 4 samples every this many steps, and at the last step")
+    prompt: str = flag("auto", "the samples' prompt; auto: the first line of a text --data, so the samples show the "
+                               f"text's form, else the lecture's {GPT2_PROMPT!r}")
     log_dir: str = flag("log", "where log.txt and the checkpoints are written")
     checkpoint_every: int = flag(5000, "write log_dir/model_{step:05d}.pt every this many steps, and at the last")
     resume: str = flag("", "continue a run exactly from a checkpoint: a path, or 'auto' (the newest in --log_dir)")
@@ -1123,9 +1129,21 @@ def main(argv=None):
         sys.exit(STOPPED)
 
 
+def samples_prompt(cfg):
+    """What --prompt auto means: a text file's first line (in Shakespeare, a speaker's name and a line break),
+    or for FineWeb's shards the lecture's prompt."""
+    if cfg.prompt != "auto":
+        return cfg.prompt
+    if os.path.isfile(cfg.data):
+        with open(cfg.data, encoding="utf-8") as f:
+            return f.readline()
+    return GPT2_PROMPT
+
+
 def train(cfg, world, model, data, checkpoint=None):
     """The training loop: from step 0, or from where checkpoint left off. True if it stopped on request."""
     device = world.device
+    prompt = samples_prompt(cfg)
     world.print(f"using device: {device}" + (f", {world.world_size} processes" if world.ddp else ""))
     world.print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     grad_accum_steps, plan = batch_plan(cfg, world.world_size)
@@ -1191,7 +1209,7 @@ def train(cfg, world, model, data, checkpoint=None):
             # under FSDP every rank takes part in each forward pass, so every rank samples (the same text)
             if (world.master or cfg.fsdp) and ((step > 0 and step % cfg.sample_every == 0) or last_step):
                 # the eager model again: each new token makes a new shape, which would recompile every time
-                for i, text in enumerate(sample(raw_model, device)):
+                for i, text in enumerate(sample(raw_model, device, prompt=prompt)):
                     world.print(f"sample {i}: {text}")
 
             t0 = time.time()

@@ -28,9 +28,16 @@ def test_readme_main_command_trains_and_samples(tmp_path):
     train = [float(loss) for step, kind, loss in read_log(tmp_path) if kind == "train"]
     assert len(train) == 30
     assert train[0] - train[-1] > 1.5, train  # 10.82 -> 8.94 measured: it learns (a broken step stays near 10.8)
-    samples = re.findall(r"^sample \d: (Hello, I'm a language model,.*)$", out.stdout, re.M)
-    assert len(samples) == 4
-    assert all(s.isprintable() for s in samples)
+    # the samples start from the text's first line, "First Citizen:", then go on on the next line
+    samples = re.findall(r"^sample \d: First Citizen:\n(.*)$", out.stdout, re.M)
+    assert len(samples) == 4 and all(s.isprintable() for s in samples)
+
+
+def test_samples_start_from_the_texts_first_line_or_the_lectures_prompt(tmp_path):
+    from train_gpt2 import GPT2_PROMPT, parse_args, samples_prompt
+    assert samples_prompt(parse_args(["--data", INPUT])) == "First Citizen:\n"
+    assert samples_prompt(parse_args(["--data", INPUT, "--prompt", "ROMEO:"])) == "ROMEO:"
+    assert samples_prompt(parse_args(["--data", str(tmp_path)])) == GPT2_PROMPT == "Hello, I'm a language model,"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -143,7 +143,7 @@ def test_compiled_run_with_hellaswag_and_sampling_in_the_loop(tmp_path, capsys):
     out = capsys.readouterr().out
     kinds = [line.split()[1] for line in (tmp_path / "log.txt").read_text().splitlines()]
     assert (kinds.count("train"), kinds.count("val"), kinds.count("hella")) == (4, 4, 4)
-    assert out.count("sample 3: Hello, I'm a language model,") == 3  # steps 1, 2, 3
+    assert out.count("sample 3: First Citizen:\n") == 3  # steps 1, 2, 3; the prompt: input.txt's first line
     assert len(re.findall(r"^HellaSwag accuracy: 0\.\d{4} over 20 examples \(\d+\.\d s\)$", out, re.M)) == 4
     # 4 HellaSwag passes of varied shapes and 3 rounds of 32-token sampling, yet only the
     # training and validation graphs were compiled: eval runs on the eager model
