@@ -22,40 +22,9 @@ from torch.nn import functional as F
 
 import hellaswag
 from tokenizer import gpt2_encoding
-from train_gpt2 import (GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, auto_on_off, bf16_fast, init_device,
-                        maybe_compile, on_off, one_line_errors, run_script, synchronize)
-
-# dense bf16 tensor-core peaks from the datasheets, TFLOP/s (name as torch reports it)
-DATASHEET_BF16_TFLOPS = {"A100": 312, "H100 PCIe": 756, "H100": 989, "H200": 989, "L4": 121,
-                         "A10G": 125, "RTX 4090": 165, "RTX 3090": 71}
-
-
-def datasheet_tflops(device):
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in DATASHEET_BF16_TFLOPS.items():  # the first key found in the name wins
-        if key in name:
-            return tflops
-    return None
-
-
-def measured_tflops(device, dtype, n=4096, reps=10):
-    """The device's matmul peak in practice: TFLOP/s of a large square matmul."""
-    if not device.startswith("cuda"):
-        n, reps = 2048, 5  # a CPU is ~1000x slower: keep this short
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(reps):  # the fastest repetition: the ceiling, not the average under noise
-        synchronize(device)
-        t0 = time.time()
-        a @ b
-        synchronize(device)
-        best = min(best, time.time() - t0)
-    return 2 * n ** 3 / best / 1e12
-
+from train_gpt2 import (GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, auto_on_off, bf16_fast, datasheet_tflops,
+                        flops_per_token, init_device, maybe_compile, measured_tflops, on_off, one_line_errors,
+                        run_script, synchronize)
 
 def machine_name(device):
     if device.startswith("cuda"):
@@ -150,18 +119,17 @@ def main(argv=None):
     device_type = device.split(":")[0]
     if examples is None:
         # the peak first, on an idle device (compile workers and the allocator not yet busy)
-        peak = measured_tflops(device, torch.bfloat16 if use_bf16 else torch.float32)
+        peak = measured_tflops(device, torch.bfloat16 if use_bf16 else torch.float32, n=4096 if device_type == "cuda" else 2048)
     torch.manual_seed(1337)
     B, T = args.batch_size, args.seq_len
     config = GPTConfig(block_size=max(1024, T), vocab_size=args.vocab_size,
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    # training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's scores
-    flops_per_token = 6 * n_params + 12 * args.n_layer * T * args.n_embd
+    flops = flops_per_token(n_params, config, T)
     print(f"machine: {machine_name(device)} | torch {torch.__version__}")
     print(f"model: {n_params:,} parameters, {args.n_layer}L {args.n_head}H {args.n_embd}C, vocab {args.vocab_size}"
-          + (f", {flops_per_token / 1e9:.3f} GFLOP/token" if examples is None else ""))
+          + (f", {flops / 1e9:.3f} GFLOP/token" if examples is None else ""))
     if examples is not None:
         bench_hellaswag(model.eval(), examples, args.hellaswag, device, use_bf16)
         print(f"peak memory: {peak_memory(device)}")
@@ -185,7 +153,7 @@ def main(argv=None):
             times.append(time.time() - t0)
     dt = statistics.median(times)
     tok_s = B * T / dt
-    achieved = tok_s * flops_per_token / 1e12
+    achieved = tok_s * flops / 1e12
     sheet = datasheet_tflops(device)
     print(f"setting: B={B} T={T} device={device} compile={int(args.compile)} bf16={int(use_bf16)}")
     print(f"step: {dt * 1000:.1f} ms (median of {len(times)}) | {tok_s:,.0f} tok/s | {achieved:.3f} TFLOP/s")

@@ -630,6 +630,12 @@ def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
 # Running it
 
 
+def duration(seconds):
+    """A duration as a person reads it: 42s, 5m07s, 3h02m."""
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def error_text(e):
     """An exception as one line for an error message: its first line, or its type if it says nothing."""
     lines = str(e).strip().splitlines()
@@ -660,6 +666,54 @@ def synchronize(device):
         torch.cuda.synchronize(device)
     elif device == "mps":
         torch.mps.synchronize()
+
+
+# dense bf16 tensor-core peaks from the datasheets, TFLOP/s (name as torch reports it)
+DATASHEET_BF16_TFLOPS = {"A100": 312, "H100 PCIe": 756, "H100": 989, "H200": 989, "L4": 121,
+                         "A10G": 125, "RTX 4090": 165, "RTX 3090": 71}
+
+
+def datasheet_tflops(device):
+    """A CUDA GPU's dense bf16 peak from its datasheet, or None for a device not in the table."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in DATASHEET_BF16_TFLOPS.items():  # the first key found in the name wins
+        if key in name:
+            return tflops
+    return None
+
+
+def measured_tflops(device, dtype, n=None, reps=None):
+    """The device's matmul peak in practice: TFLOP/s of the fastest of a few large square matmuls."""
+    on_gpu = device.startswith("cuda")
+    n, reps = n or (4096 if on_gpu else 1024), reps or (10 if on_gpu else 3)  # a CPU is ~1000x slower: keep it short
+    g = torch.Generator(device=device).manual_seed(0)  # random numbers of its own: training's stream is untouched
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):  # the fastest repetition: the ceiling, not the average under noise
+        synchronize(device)
+        t0 = time.time()
+        a @ b
+        synchronize(device)
+        best = min(best, time.time() - t0)
+    return 2 * n ** 3 / best / 1e12
+
+
+def flops_per_token(n_params, config, T):
+    """Training FLOPs per token: 6 per parameter (2 in the forward pass, 4 in the backward) plus attention's
+    scores and mixing, 12 per layer, position and channel."""
+    return 6 * n_params + 12 * config.n_layer * T * config.n_embd
+
+
+def peak_tflops(device, bf16):
+    """What MFU is measured against, and its name: a known GPU's datasheet bf16 peak, else this device's own."""
+    sheet = datasheet_tflops(device) if bf16 else None
+    if sheet:
+        return sheet, f"the datasheet bf16 peak of {torch.cuda.get_device_name(device)}"
+    dtype, name = (torch.bfloat16, "bf16") if bf16 else (torch.float32, "fp32")
+    return measured_tflops(device, dtype), f"this device's measured {name} matmul peak"
 
 
 def maybe_compile(model, enabled, device_type, log=print):
@@ -1145,9 +1199,13 @@ def train(cfg, world, model, data, checkpoint=None):
     device = world.device
     prompt = samples_prompt(cfg)
     world.print(f"using device: {device}" + (f", {world.world_size} processes" if world.ddp else ""))
-    world.print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
+    n_params = sum(p.numel() for p in model.parameters())
+    world.print(f"model: {n_params:,} parameters")
     grad_accum_steps, plan = batch_plan(cfg, world.world_size)
     world.print(plan)
+    # MFU: the FLOP/s a process achieves, as a share of what its device could do at most
+    flops, (peak, peak_name) = flops_per_token(n_params, model.config, cfg.seq_len), peak_tflops(device, cfg.bf16)
+    world.print(f"MFU is measured against {peak_name}: {peak:,.3f} TFLOP/s")
     model.to(device)
     if cfg.fsdp:
         # FSDP2: each block, then the root (embeddings, ln_f, lm_head), is a unit whose weights, gradients and
@@ -1251,8 +1309,15 @@ def train(cfg, world, model, data, checkpoint=None):
             synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
             dt = time.time() - t0
             tokens_per_sec = cfg.batch_size * cfg.seq_len * grad_accum_steps * world.world_size / dt
+            mfu = tokens_per_sec / world.world_size * flops / (peak * 1e12)
+            # the ETA follows the pace since this run's first step (compiling) ended, evaluations included
+            if step == start_step:
+                t_first, pace = time.time(), dt
+            else:
+                pace = (time.time() - t_first) / (step - start_step)
             world.print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
-                        f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}")
+                        f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f} | mfu {100 * mfu:.1f}% "
+                        f"| eta {duration(pace * (cfg.max_steps - step - 1))}")
             log(step, "train", f"{loss_accum.item():.6f}")
 
             # the signal may reach the ranks at different steps: stop when any of them got it

@@ -69,17 +69,26 @@ def test_a_bad_input_in_a_real_process_is_one_line_on_stderr_and_exit_code_1(tmp
     assert out.stderr == "error: --n_embd 30 must be a multiple of --n_head 4\n"
 
 
-def test_each_step_prints_loss_lr_norm_time_and_throughput(tmp_path):
+def test_each_step_prints_loss_lr_norm_time_throughput_mfu_and_eta(tmp_path):
+    from train_gpt2 import duration
     out = run(["train_gpt2.py", *SMALL, "--max_steps", "3", "--log_dir", str(tmp_path)])
     assert out.returncode == 0, out.stderr
     steps = re.findall(r"^step +(\d+) \| loss ([0-9.]+) \| lr ([0-9.e+-]+) \| norm ([0-9.]+) "
-                       r"\| dt ([0-9.]+)ms \| tok/sec ([0-9.]+)$", out.stdout, re.M)
+                       r"\| dt ([0-9.]+)ms \| tok/sec ([0-9.]+) \| mfu ([0-9.]+)% \| eta (\w+)$", out.stdout, re.M)
     assert [int(s[0]) for s in steps] == [0, 1, 2]
+    # printed once: the peak MFU is a share of (a CPU's is measured), and the model's FLOPs per token
+    peak = float(re.search(r"^MFU is measured against this device's measured fp32 matmul peak: ([0-9.]+) TFLOP/s$",
+                           out.stdout, re.M).group(1))
+    n_params = int(re.search(r"^model: ([0-9,]+) parameters$", out.stdout, re.M).group(1).replace(",", ""))
+    flops = 6 * n_params + 12 * 2 * 16 * 32  # 2 layers, T=16, 32 channels
     logged = [float(loss) for _, kind, loss in read_log(tmp_path) if kind == "train"]
-    for (step, loss, lr, norm, dt, tps), log_loss in zip(steps, logged):
+    for (step, loss, lr, norm, dt, tps, mfu, eta), log_loss in zip(steps, logged):
         assert float(loss) == log_loss
         assert float(norm) > 0
         assert abs(float(tps) - 2 * 16 / (float(dt) / 1000)) / float(tps) < 0.01  # B*T*accum / dt
+        assert abs(float(mfu) - 100 * float(tps) * flops / (peak * 1e12)) <= 0.05 + 0.01 * float(mfu)
+    assert steps[-1][-1] == "0s"  # nothing left after the last step
+    assert [duration(s) for s in (0, 42.4, 307, 10920, 86399)] == ["0s", "42s", "5m07s", "3h02m", "23h59m"]
 
 
 def test_help_lists_every_flag_with_its_default():

@@ -4,7 +4,6 @@ from conftest import INPUT, run
 from train_gpt2 import GPT
 
 
-
 def test_generate_is_reproducible_with_a_seeded_generator(hf_checkpoint):
     model = GPT.from_pretrained(hf_checkpoint()).eval()
     idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
