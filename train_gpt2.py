@@ -612,6 +612,50 @@ def sample(model, device, num_samples=4, max_new_tokens=32, seed=42, prompt=GPT2
 
 
 # -----------------------------------------------------------------------------
+# Watching a run
+
+# what a GPT-2 124M run aims for: OpenAI's checkpoint's val loss on the FineWeb-Edu val shard, and the
+# HellaSwag acc_norm of GPT-2 124M and of GPT-3 Small (from its paper)
+BASELINES = {"val": [("OpenAI GPT-2 124M (FineWeb-Edu val)", 3.2924)],
+             "hella": [("OpenAI GPT-2 124M", 0.2945), ("GPT-3 Small (paper)", 0.337)]}
+
+
+def read_curves(log_file):
+    """A run's log.txt as {kind: {step: value}}, for train (loss), val (loss) and hella (acc_norm)."""
+    curves = {"train": {}, "val": {}, "hella": {}}
+    with open(log_file) as f:
+        for line in f:
+            step, kind, value = line.split()
+            curves[kind][int(step)] = float(value)
+    return curves
+
+
+def plot_curves(curves):
+    """The train and val loss, and HellaSwag, each against its BASELINES: a matplotlib Figure."""
+    from matplotlib.figure import Figure  # imported here: only plotting needs matplotlib, and it takes 0.6 s
+    fig = Figure(figsize=(12, 4.5), layout="tight")
+    for ax, kinds, baselines, title in zip(fig.subplots(1, 2), (("train", "val"), ("hella",)),
+                                           (BASELINES["val"], BASELINES["hella"]), ("loss", "HellaSwag acc_norm")):
+        for kind in kinds:
+            steps = sorted(curves[kind])
+            ax.plot(steps, [curves[kind][s] for s in steps], marker="." if kind != "train" else None, label=kind)
+        for (name, value), color in zip(baselines, ("tab:red", "tab:green")):
+            ax.axhline(value, color=color, linestyle="--", label=name)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend()
+    return fig
+
+
+def write_curves(log_dir):
+    """log_dir/curves.png, drawn from log_dir/log.txt: a run on a remote machine can be looked at as an image."""
+    fig = plot_curves(read_curves(os.path.join(log_dir, "log.txt")))
+    tmp = os.path.join(log_dir, "curves.png.tmp")  # then renamed: a viewer never opens half an image
+    fig.savefig(tmp, format="png", dpi=80)
+    os.replace(tmp, os.path.join(log_dir, "curves.png"))
+
+
+# -----------------------------------------------------------------------------
 # The optimisation schedule
 
 
@@ -1264,6 +1308,8 @@ def train(cfg, world, model, data, checkpoint=None):
                         world.print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(data.hellaswag)} examples "
                                     f"({time.time() - t_hella:.1f} s)")
                         log(step, "hella", f"{acc_norm:.4f}")
+                if world.master:
+                    write_curves(cfg.log_dir)
             # under FSDP every rank takes part in each forward pass, so every rank samples (the same text)
             if (world.master or cfg.fsdp) and ((step > 0 and step % cfg.sample_every == 0) or last_step):
                 # the eager model again: each new token makes a new shape, which would recompile every time
