@@ -28,7 +28,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_a_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(tmp_path, uninterrupted):
     a, b = uninterrupted, tmp_path / "b"
-    assert sorted(os.listdir(a)) == ["log.txt", "model_00002.pt", "model_00005.pt"]
+    assert sorted(os.listdir(a)) == ["curves.png", "log.txt", "model_00002.pt", "model_00005.pt"]
     # b: the same run stopped after step 2; its log so far, then a resume from step 2's checkpoint
     b.mkdir()
     before = [l for l in log_text(a).splitlines(keepends=True) if int(l.split()[0]) <= 2]
@@ -56,7 +56,7 @@ def test_resume_with_other_settings_or_a_fresh_run_over_a_log_is_refused(tmp_pat
     error = error_of(train_gpt2.main, [*TINY, "--max_steps", "2", "--log_dir", str(tmp_path)])
     assert "log.txt exists: continue that run with --resume auto, or start this one in another --log_dir" in error
     assert log_text(tmp_path) == log  # never truncated
-    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00001.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["curves.png", "log.txt", "model_00001.pt"]
 
 
 def test_sigterm_writes_a_checkpoint_that_resumes_exactly(tmp_path):
@@ -208,7 +208,7 @@ def test_a_full_disk_while_checkpointing_leaves_no_partial_file_and_names_the_la
         train_gpt2.main([*TINY, "--max_steps", "6", "--checkpoint_every", "2", "--log_dir", str(tmp_path)])
     assert e.value.code == (f"error: cannot write checkpoint {tmp_path}/model_00003.pt ([Errno 28] No space left on "
                             f"device): free some space; the last good checkpoint is {tmp_path}/model_00001.pt")
-    assert sorted(os.listdir(tmp_path)) == ["log.txt", "model_00001.pt"]  # no .tmp: neither the old nor the new
+    assert sorted(os.listdir(tmp_path)) == ["curves.png", "log.txt", "model_00001.pt"]  # no .tmp: neither the old nor the new
     assert torch.load(tmp_path / "model_00001.pt", weights_only=True)["step"] == 2
 
 
@@ -247,7 +247,7 @@ def test_a_stop_during_hellaswag_does_not_wait_for_the_whole_pass(tmp_path):
     code, stdout, stderr, log = start_and_signal_during_hellaswag(tmp_path, [signal.SIGTERM])
     assert code == 75, stderr
     assert "HellaSwag: cut short, a stop was requested" in stdout and "hella" not in log_text(log)
-    assert "stopped at step 0" in stdout and os.listdir(log) == ["log.txt", "model_00000.pt"]
+    assert "stopped at step 0" in stdout and sorted(os.listdir(log)) == ["curves.png", "log.txt", "model_00000.pt"]
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):

@@ -47,7 +47,7 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(one, tmp_pa
     assert [s for s, _ in hella1] == ["0", "2", "4"]
     assert hella1 == [(s, l) for s, k, l in log2 if k == "hella"]
     assert all(float(l) * 20 == round(float(l) * 20) for _, l in hella1)  # a count out of 20
-    assert sorted(os.listdir(two)) == ["log.txt", "model_00004.pt"]  # rank 0 alone writes: one log, one checkpoint
+    assert sorted(os.listdir(two)) == ["curves.png", "log.txt", "model_00004.pt"]  # rank 0 alone writes
     for line in ("step     0 |", "input.txt (train):", "non-decayed tensors:", "sample 3:", "saved "):
         assert out2.stdout.count(line) == 1, line  # rank 0 alone prints (and samples)
     assert "destroy_process_group" not in out2.stderr  # the process group was torn down cleanly
@@ -80,7 +80,7 @@ def test_every_node_resumes_rank_0s_checkpoint_or_none_does(tmp_path):
     node0.mkdir(), node1.mkdir()
     out = run([os.path.join(ROOT, "train_gpt2.py"), *DDP, "--log_dir", "log"], cwd=node0)
     assert out.returncode == 0, out.stderr
-    assert sorted(os.listdir(node0 / "log")) == ["log.txt", "model_00004.pt"]
+    assert sorted(os.listdir(node0 / "log")) == ["curves.png", "log.txt", "model_00004.pt"]
     # node 1 finds no checkpoint in its log: were it to start from step 0 while node 0 resumes, the run would mix two
     out = two_nodes([*DDP, "--log_dir", "log", "--resume", "auto"], [node0, node1], [{}, {}])
     (code0, _, err0), (code1, _, err1) = out

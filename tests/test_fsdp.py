@@ -43,7 +43,7 @@ def test_fsdp_on_two_processes_logs_what_one_process_logs(one, fsdp):
     assert "= 1 micro-batches of 2 x 16 on each of 2 processes" in stdout
     for line in ("step     4 |", "sample 3:", "saved "):  # every rank samples under FSDP; rank 0 alone prints
         assert stdout.count(line) == (2 if line == "saved " else 1), line
-    assert sorted(os.listdir(d)) == ["log.txt", "model_00002.pt", "model_00004.pt"]
+    assert sorted(os.listdir(d)) == ["curves.png", "log.txt", "model_00002.pt", "model_00004.pt"]
 
 
 def test_fsdp_compiled_logs_what_one_process_logs(one, tmp_path):
