@@ -1309,7 +1309,10 @@ def train(cfg, world, model, data, checkpoint=None):
                                     f"({time.time() - t_hella:.1f} s)")
                         log(step, "hella", f"{acc_norm:.4f}")
                 if world.master:
-                    write_curves(cfg.log_dir)
+                    try:
+                        write_curves(cfg.log_dir)
+                    except Exception as e:  # a full disk, a broken matplotlib: a picture is never worth the run
+                        print(f"curves.png: not drawn ({error_text(e)}); training goes on")
             # under FSDP every rank takes part in each forward pass, so every rank samples (the same text)
             if (world.master or cfg.fsdp) and ((step > 0 and step % cfg.sample_every == 0) or last_step):
                 # the eager model again: each new token makes a new shape, which would recompile every time

@@ -222,3 +222,14 @@ def test_each_evaluation_draws_the_curves_as_a_png(tmp_path):
         assert drawn[kind] == [[int(s), float(v)] for s, k, v in log if k == kind], kind
     assert [line.get_ydata()[0] for line in hella.lines[1:]] == [0.2945, 0.337]
     assert loss.lines[2].get_ydata()[0] == 3.2924 and len(drawn["train"]) == 5
+
+
+def test_a_curves_png_that_cannot_be_drawn_is_one_line_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    import train_gpt2
+    def full_disk(log_dir):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train_gpt2, "write_curves", full_disk)
+    train_gpt2.main([*SMALL, "--max_steps", "3", "--eval_every", "1", "--val_steps", "1", "--log_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.count("curves.png: not drawn ([Errno 28] No space left on device); training goes on") == 3
+    assert [k for _, k, _ in read_log(tmp_path)].count("train") == 3  # every step ran
