@@ -61,7 +61,10 @@ def tables():
 
 
 def history():
-    """Every commit's hash, oldest first (CI and users work in a full clone)."""
+    """Every commit's hash, oldest first."""
+    shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True, text=True)
+    if shallow.returncode != 0 or shallow.stdout.strip() != "false":  # an export, or a clone of the last commits
+        pytest.skip("the table is checked against the whole history: run the tests in a full git clone")
     out = subprocess.run(["git", "rev-list", "--reverse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return out.stdout.split()
