@@ -54,10 +54,12 @@ def seconds(t):
 def tables():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
-    # a row: number, commit, lecture moment, what it adds (where a | is written \|)
-    steps = re.findall(r"^\| (\d+) \| (`[0-9a-f]{7}`|\(this commit\)) \| ([^|]+) \| (?:\\\||[^|])+ \|$", readme, re.M)
+    # a step of the lecture's build: number, commit, lecture moment, what it adds (where a | is written \|)
+    steps = re.findall(r"^\| (\d+) \| `([0-9a-f]{7})` \| ([^|]+) \| (?:\\\||[^|])+ \|$", readme, re.M)
+    # a theme after it: name, the range of its commits in git's notation (after..up to), their count
+    themes = re.findall(r"^\| ([^|`]+) \| `([0-9a-f]{7})\.\.([0-9a-f]{7}|HEAD)` \|\s*(\d*)\s*\| [^|]+ \|$", readme, re.M)
     chapters = re.findall(rf"^\| {LINK} \| ([^|]+) \| ([^|]+) \|$", readme, re.M)
-    return steps, chapters
+    return steps, themes, chapters
 
 
 def history():
@@ -70,21 +72,28 @@ def history():
     return out.stdout.split()
 
 
-def test_every_commit_has_its_row_in_order_and_the_newest_is_this_commit(tables):
-    steps, _ = tables
+def test_the_lectures_build_has_a_row_a_commit_and_every_later_commit_is_in_one_theme(tables):
+    steps, themes, _ = tables
     commits = history()
-    rows = [(int(n), h.strip("`")) for n, h, _ in steps]
-    assert [n for n, _ in rows] == list(range(1, len(rows) + 1))
-    assert rows[-1][1] == "(this commit)" and [h for _, h in rows].count("(this commit)") == 1
-    # each row names the commit at its place in the history; the last row is HEAD (or, right after it was
-    # made, a commit that added its own row: then the table is one row ahead of this checkout's history)
-    assert len(rows) in (len(commits), len(commits) + 1), (len(rows), len(commits))
-    for (n, h), full in zip(rows[:-1], commits):
+    # the lecture's build: a row a commit, each naming the commit at its place in the history
+    assert [int(n) for n, _, _ in steps] == list(range(1, LECTURE_BUILD + 1))
+    for (n, h, _), full in zip(steps, commits):
         assert full.startswith(h), (n, h, full[:7])
+    assert steps[-1][1] == "8ac1ff1"  # the README's `git checkout 8ac1ff1` is the build's last commit
+    # the themes: ranges that follow each other from the build's end, the newest up to HEAD
+    position = {full[:7]: i for i, full in enumerate(commits)}
+    start = LECTURE_BUILD - 1
+    for name, after, upto, count in themes:
+        assert position[after] == start, name  # each theme starts where the previous one ended
+        end = len(commits) - 1 if upto == "HEAD" else position[upto]
+        assert end > start, name  # a theme holds at least one commit
+        assert count == ("" if upto == "HEAD" else str(end - start)), name  # the newest one is still growing
+        start = end
+    assert themes[-1][2] == "HEAD" and [t[2] for t in themes].count("HEAD") == 1
 
 
 def test_each_lecture_commit_links_a_real_chapter_and_each_chapter_lists_its_commits(tables):
-    steps, chapters = tables
+    steps, _, chapters = tables
     assert [t for t, *_ in chapters] == list(CHAPTERS)  # the whole chapter list, in order
     listed = {}
     for t, s, name, commits in chapters:
@@ -93,15 +102,12 @@ def test_each_lecture_commit_links_a_real_chapter_and_each_chapter_lists_its_com
     moments = {}
     for n, h, lecture in steps:
         link = re.match(LINK + r" (.+)$", lecture.strip())
-        if int(n) <= LECTURE_BUILD:
-            assert link or lecture.startswith("beyond the lecture"), n  # every commit of the build is placed
-        else:
-            assert lecture.startswith("beyond the lecture: "), n
+        assert link or lecture.startswith("beyond the lecture: "), n  # every commit of the build is placed
         if link:
             t, s, name = link.groups()
             assert int(s) == seconds(t) and name == CHAPTERS[t], n  # a real chapter, its own time and title
-            assert h.strip("`") in listed[t], (n, t)  # and the chapter's row lists the commit
-            moments[h.strip("`")] = t
+            assert h in listed[t], (n, t)  # and the chapter's row lists the commit
+            moments[h] = t
     assert len(moments) >= 30  # most of the build follows the video closely
     every = set().union(*listed.values())
-    assert every <= {h.strip("`") for _, h, _ in steps} and set(moments) <= every
+    assert every <= {h for _, h, _ in steps} and set(moments) <= every
