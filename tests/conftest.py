@@ -8,6 +8,7 @@ Test modules import what they need from here (`from conftest import ROOT, TINY, 
 from each other.
 """
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,6 +45,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# a shell starts a background job (`pytest &`, some CI runners) with SIGINT ignored, and a child process inherits
+# that: the Ctrl-C tests would then send a signal nobody hears. Handled here, it is reset to the default in
+# every child, as in a terminal, however the suite was started
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _LOCAL = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 _connect = socket.socket.connect
