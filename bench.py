@@ -21,10 +21,10 @@ import torch
 from torch.nn import functional as F
 
 import hellaswag
-from tokenizer import gpt2_encoding
-from train_gpt2 import (GPT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, GPTConfig, auto_on_off, bf16_fast, datasheet_tflops,
-                        flops_per_token, init_device, maybe_compile, measured_tflops, on_off, one_line_errors,
-                        run_script, synchronize)
+from machinery.cli import auto_on_off, on_off, one_line_errors, run_script
+from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding
+from train_gpt2 import (GPT, PADDED_VOCAB_SIZE, GPTConfig, bf16_fast, datasheet_tflops, flops_per_token, init_device,
+                        maybe_compile, measured_tflops, synchronize)
 
 def machine_name(device):
     if device.startswith("cuda"):

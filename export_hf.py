@@ -12,7 +12,9 @@ import os
 import shutil
 import sys
 
-from train_gpt2 import CONV1D_WEIGHTS, EOT, GPT2_VOCAB_SIZE, HF_MASK_BUFFERS, load_model, one_line_errors, run_script
+from machinery.cli import one_line_errors, run_script
+from tokenizer import EOT, GPT2_VOCAB_SIZE
+from train_gpt2 import CONV1D_WEIGHTS, HF_MASK_BUFFERS, load_model
 
 
 def export(model, out_dir):

@@ -29,8 +29,9 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from tokenizer import gpt2_encoding
-from train_gpt2 import EOT, MANIFEST, error_text, one_line_errors, run_script
+from machinery.cli import error_text, one_line_errors, run_script
+from machinery.shards import MANIFEST, PREFIX, read_manifest, write_manifest, write_shard
+from tokenizer import EOT, gpt2_encoding
 
 
 def tokenize(text):
@@ -41,42 +42,17 @@ def tokenize(text):
     return tokens.astype(np.uint16)
 
 
-def write_shard(local_dir, index, tokens):
-    """Write a complete shard atomically: to a temporary file first, then rename."""
-    split = "val" if index == 0 else "train"
-    path = os.path.join(local_dir, f"edufineweb_{split}_{index:06d}.npy")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, tokens)
-    os.replace(tmp, path)  # atomic: the shard appears whole or not at all
-    return {"name": os.path.basename(path), "tokens": len(tokens), "max_id": int(tokens.max())}
-
-
-def write_manifest(local_dir, settings, shards=None):
-    """fineweb.json: the run's settings, and once it is complete, each shard's name and length."""
-    manifest = {"settings": settings, "complete": shards is not None, "shards": shards or []}
-    path = os.path.join(local_dir, MANIFEST)
-    with open(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def prepare_local_dir(local_dir, settings):
     """True if local_dir is ready for this run's shards, False if it already holds them all; else an error."""
     if os.path.exists(local_dir) and not os.path.isdir(local_dir):
         raise ValueError(f"--local_dir {local_dir} is a file: pass a directory")
-    shards = glob.glob(os.path.join(local_dir, "edufineweb_*.npy"))
-    path = os.path.join(local_dir, MANIFEST)
-    if not os.path.exists(path):
+    shards = glob.glob(os.path.join(local_dir, f"{PREFIX}_*.npy"))
+    manifest = read_manifest(local_dir)
+    if manifest is None:
         if shards:
             raise ValueError(f"{local_dir} holds shards but no {MANIFEST} (made by another tool?): "
                              "choose another --local_dir, or delete them")
         return True
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} ({e}): delete {local_dir} to remake its shards") from None
     if not manifest.get("complete"):  # an interrupted run: its shards are a partial set
         for stale in shards + glob.glob(os.path.join(local_dir, "*.tmp")):
             os.remove(stale)
@@ -191,7 +167,7 @@ def main(argv=None):
             raise ValueError("the documents hold no text: there is nothing to tokenize")
     except (ValueError, OSError, KeyboardInterrupt) as e:
         # a bad document or a Ctrl-C: leave nothing of this run behind, not even a partial set
-        for path in glob.glob(os.path.join(args.local_dir, "edufineweb_*")) + [os.path.join(args.local_dir, MANIFEST)]:
+        for path in glob.glob(os.path.join(args.local_dir, f"{PREFIX}_*")) + [os.path.join(args.local_dir, MANIFEST)]:
             os.remove(path)
         if created:
             os.rmdir(args.local_dir)

@@ -175,7 +175,9 @@ def evaluate(model, examples, device, budget=BATCH_TOKENS, use_bf16=False, progr
 def main(argv=None):
     # the command line needs the trainer's model loader; the trainer imports this file, so the
     # import is made here, when the command runs, and importing hellaswag stays free of it
-    from train_gpt2 import GPT2_VOCAB_SIZE, bf16_fast, check_vocab, init_device, load_model, one_line_errors
+    from machinery.cli import one_line_errors
+    from tokenizer import GPT2_VOCAB_SIZE
+    from train_gpt2 import bf16_fast, check_vocab, init_device, load_model
     p = argparse.ArgumentParser(description="Score a model on HellaSwag (completion style).")
     p.add_argument("-m", "--model", default="gpt2", help="gpt2 ... gpt2-xl, a Hugging Face GPT-2 directory, or a .pt checkpoint")
     p.add_argument("-d", "--device", default="auto")
@@ -204,5 +206,5 @@ if __name__ == "__main__":
     # run as a script, this file is the module __main__: the trainer's `import hellaswag` must find
     # this module, not load the file a second time as another
     sys.modules["hellaswag"] = sys.modules[__name__]
-    from train_gpt2 import run_script
+    from machinery.cli import run_script
     run_script(main)

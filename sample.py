@@ -4,8 +4,9 @@
 """
 import argparse
 
-from train_gpt2 import (GPT2_PROMPT, GPT2_VOCAB_SIZE, check_vocab, init_device, load_model, one_line_errors, run_script,
-                        sample)
+from machinery.cli import one_line_errors, run_script
+from tokenizer import GPT2_VOCAB_SIZE
+from train_gpt2 import GPT2_PROMPT, check_vocab, init_device, load_model, sample
 
 
 def main(argv=None):

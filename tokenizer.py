@@ -8,6 +8,10 @@ import os
 
 import tiktoken
 
+# GPT-2's vocabulary: 50,000 BPE merges + 256 byte tokens + <|endoftext|>, the last id
+GPT2_VOCAB_SIZE = 50257
+EOT = 50256  # <|endoftext|>: GPT-2 saw it between documents
+
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiktoken_cache")
 
 

@@ -7,7 +7,6 @@ import bisect
 import collections
 import contextlib
 import glob
-import json
 import math
 import os
 import shutil
@@ -28,14 +27,13 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag  # downloads, renders and scores HellaSwag; of ours, it imports only the tokenizer
-from tokenizer import gpt2_encoding  # GPT-2's BPE, read from files in this repo: never downloaded
+from machinery.cli import auto_on_off, error_text, on_off, one_line_errors, run_script
+from machinery.shards import open_shard, shard_paths
+from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding  # GPT-2's BPE, read from files in this repo: never downloaded
 
 # -----------------------------------------------------------------------------
 # The model
 
-# GPT-2's vocabulary: 50,000 BPE merges + 256 byte tokens + <|endoftext|>, the last id
-GPT2_VOCAB_SIZE = 50257
-EOT = 50256  # <|endoftext|>: GPT-2 saw it between documents
 # for a model trained from scratch, 50257 padded up to a multiple of 128: GPU kernels work in power-of-two
 # tiles, and a ragged vocabulary costs more than the 47 extra rows (93 vs 96 ms a step, A100). The padded
 # rows never appear as targets: training drives their logits down
@@ -293,48 +291,6 @@ def load_text_tokens(path):
         raise ValueError(f"data {path} is {'binary (it holds NUL bytes)' if text.strip() else 'empty'}: "
                          "pass a text file, or a directory of fineweb.py shards")
     return np.array(gpt2_encoding().encode(text), dtype=np.uint16)
-
-
-# fineweb.py's record of a shard set: written when it starts, marked complete when it ends
-MANIFEST = "fineweb.json"
-
-
-def shard_paths(data_root, split):
-    """The split's shards in data_root, in order, checked against the manifest where fineweb.py wrote one,
-    and each one's largest token id where the manifest records it (else None)."""
-    names = sorted(f for f in os.listdir(data_root) if f"_{split}_" in f and f.endswith(".npy"))
-    max_ids = {}  # the largest token id of each shard, where the manifest says
-    path = os.path.join(data_root, MANIFEST)
-    if os.path.exists(path):  # else shards from another tool (the lecture's fineweb.py, say): taken as they are
-        try:
-            with open(path) as f:
-                manifest = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read {path} ({e}): remake the shards with fineweb.py") from None
-        if not manifest.get("complete"):
-            raise ValueError(f"the shards in {data_root} are incomplete ({MANIFEST} says fineweb.py did not "
-                             "finish): rerun fineweb.py the same way to remake them")
-        listed = sorted(s["name"] for s in manifest["shards"] if f"_{split}_" in s["name"])
-        max_ids = {s["name"]: s.get("max_id") for s in manifest["shards"]}
-        if names != listed:
-            extra, lost = sorted(set(names) - set(listed)), sorted(set(listed) - set(names))
-            problem = f"{extra[0]} is not in {MANIFEST} (left by another run?)" if extra else f"{lost[0]} is missing"
-            raise ValueError(f"{data_root} is not the shard set fineweb.py made: {problem}: remake it with fineweb.py")
-    if not names:
-        raise ValueError(f"no {split} shards (*_{split}_*.npy) in {data_root}: run `python fineweb.py` to make them")
-    return [os.path.join(data_root, name) for name in names], [max_ids.get(name) for name in names]
-
-
-def open_shard(path):
-    """A token shard written by fineweb.py, memory-mapped: a 1-D uint16 array, checked."""
-    try:
-        tokens = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read shard {path}: {e}") from e
-    if tokens.ndim != 1 or tokens.dtype != np.uint16:
-        raise ValueError(f"shard {path} is not a 1-D uint16 token array (dtype {tokens.dtype}, "
-                         f"shape {tokens.shape}): remake it with fineweb.py")
-    return tokens
 
 
 class DataLoaderLite:
@@ -680,30 +636,6 @@ def duration(seconds):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def error_text(e):
-    """An exception as one line for an error message: its first line, or its type if it says nothing."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
-def run_script(main, interrupted="interrupted"):
-    """Run a script's main(): a Ctrl-C ends it with one line and exit code 130, never a traceback."""
-    try:
-        main()
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        sys.exit(130)  # 128 + SIGINT, as a shell reports it
-
-
-@contextlib.contextmanager
-def one_line_errors():
-    """What a user sees of a ValueError or OSError: one line on stderr and exit code 1, no traceback."""
-    try:
-        yield
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {error_text(e)}")
-
-
 def synchronize(device):
     """Wait for the accelerator to finish its queued work (a no-op on the CPU)."""
     if device.startswith("cuda"):
@@ -1025,18 +957,6 @@ class TrainConfig:
                                                  "far less activation memory for about a third more compute")
     dry_run: bool = flag(False, "print the settings, the parameter count, the batch and an estimate of memory per "
                                 "GPU for DDP and FSDP on WORLD_SIZE processes (default 1), then exit")
-
-
-def on_off(text):
-    """On/off flags take 1 or 0."""
-    if text not in ("0", "1"):
-        raise argparse.ArgumentTypeError(f"expected 1 or 0, got {text!r}")
-    return text == "1"
-
-
-def auto_on_off(text):
-    """--bf16 takes auto, 1 or 0; main() decides what auto means on the device at hand."""
-    return text if text == "auto" else on_off(text)
 
 
 def bf16_fast(device):

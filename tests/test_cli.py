@@ -158,9 +158,10 @@ def test_every_command_in_the_readme_names_real_scripts_and_flags():
 def test_an_exception_becomes_one_line_even_when_it_says_nothing(monkeypatch, capsys):
     import torch
     import train_gpt2
-    assert train_gpt2.error_text(ValueError("first\nsecond")) == "first"
-    assert train_gpt2.error_text(RuntimeError()) == "RuntimeError"  # str(e) is '': no IndexError
-    assert train_gpt2.error_text(OSError("  \n")) == "OSError"
+    from machinery.cli import error_text
+    assert error_text(ValueError("first\nsecond")) == "first"
+    assert error_text(RuntimeError()) == "RuntimeError"  # str(e) is '': no IndexError
+    assert error_text(OSError("  \n")) == "OSError"
 
     def broken_compile(model):
         raise RuntimeError()
@@ -284,7 +285,7 @@ def test_ctrl_c_during_startup_ends_in_one_line_not_a_traceback(tmp_path):
 
 
 def test_every_script_ends_a_ctrl_c_with_one_line_and_code_130(capsys):
-    from train_gpt2 import run_script
+    from machinery.cli import run_script
     def interrupted():
         raise KeyboardInterrupt
     with pytest.raises(SystemExit) as e:

@@ -153,3 +153,10 @@ def test_ctrl_c_stops_the_pool_without_a_traceback_and_leaves_nothing(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == "interrupted: stopped, and this run's shards removed"
     assert not d.exists()
+
+
+def test_fineweb_needs_neither_the_trainer_nor_torch():
+    # it writes the shard format that machinery/shards.py defines; importing the trainer would load torch for nothing
+    code = "import sys, fineweb; print(sorted(m for m in ('torch', 'train_gpt2') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

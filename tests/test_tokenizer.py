@@ -10,7 +10,8 @@ PROMPT_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # the lecture's prompt
 
 
 def test_gpt2_encoding_offline_from_the_repos_files():
-    from train_gpt2 import EOT, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE
+    from tokenizer import EOT, GPT2_VOCAB_SIZE
+    from train_gpt2 import PADDED_VOCAB_SIZE
     enc = gpt2_encoding()
     assert enc.n_vocab == GPT2_VOCAB_SIZE == 50257
     assert enc.eot_token == EOT == 50256

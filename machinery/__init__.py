@@ -1,0 +1,10 @@
+"""What a production run needs beyond the lecture: the run's machinery, kept out of the lesson.
+
+train_gpt2.py is the lesson (the model, its data, its training loop); this package holds the rest, one
+module a concern, each usable on its own:
+
+- cli.py: one-line errors and exit codes, the on/off flag types, shared by every script
+- shards.py: the token shard format that fineweb.py writes and the loader reads
+
+Nothing here imports train_gpt2.py: where a module needs the model, it is handed the class or a model.
+"""

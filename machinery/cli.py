@@ -1,0 +1,40 @@
+"""How every script talks to a person: one line for an error, exit codes a shell understands, on/off flags."""
+import argparse
+import contextlib
+import sys
+
+
+def error_text(e):
+    """An exception as one line for an error message: its first line, or its type if it says nothing."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """What a user sees of a ValueError or OSError: one line on stderr and exit code 1, no traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {error_text(e)}")
+
+
+def run_script(main, interrupted="interrupted"):
+    """Run a script's main(): a Ctrl-C ends it with one line and exit code 130, never a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports it
+
+
+def on_off(text):
+    """On/off flags take 1 or 0."""
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"expected 1 or 0, got {text!r}")
+    return text == "1"
+
+
+def auto_on_off(text):
+    """--bf16 takes auto, 1 or 0; the script decides what auto means on the device at hand."""
+    return text if text == "auto" else on_off(text)
