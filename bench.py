@@ -22,9 +22,10 @@ from torch.nn import functional as F
 
 import hellaswag
 from machinery.cli import auto_on_off, on_off, one_line_errors, run_script
+from machinery.perf import datasheet_tflops, flops_per_token, measured_tflops
+from machinery.world import bf16_fast, init_device, maybe_compile, synchronize
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding
-from train_gpt2 import (GPT, PADDED_VOCAB_SIZE, GPTConfig, bf16_fast, datasheet_tflops, flops_per_token, init_device,
-                        maybe_compile, measured_tflops, synchronize)
+from train_gpt2 import GPT, PADDED_VOCAB_SIZE, GPTConfig
 
 def machine_name(device):
     if device.startswith("cuda"):

@@ -176,8 +176,9 @@ def main(argv=None):
     # the command line needs the trainer's model loader; the trainer imports this file, so the
     # import is made here, when the command runs, and importing hellaswag stays free of it
     from machinery.cli import one_line_errors
+    from machinery.world import bf16_fast, init_device
     from tokenizer import GPT2_VOCAB_SIZE
-    from train_gpt2 import bf16_fast, check_vocab, init_device, load_model
+    from train_gpt2 import check_vocab, load_model
     p = argparse.ArgumentParser(description="Score a model on HellaSwag (completion style).")
     p.add_argument("-m", "--model", default="gpt2", help="gpt2 ... gpt2-xl, a Hugging Face GPT-2 directory, or a .pt checkpoint")
     p.add_argument("-d", "--device", default="auto")

@@ -9,7 +9,6 @@ import contextlib
 import glob
 import math
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -28,7 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag  # downloads, renders and scores HellaSwag; of ours, it imports only the tokenizer
 from machinery.cli import auto_on_off, error_text, on_off, one_line_errors, run_script
+from machinery.perf import duration, flops_per_token, peak_tflops
 from machinery.shards import open_shard, shard_paths
+from machinery.world import World, bf16_fast, maybe_compile, synchronize
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding  # GPT-2's BPE, read from files in this repo: never downloaded
 
 # -----------------------------------------------------------------------------
@@ -382,82 +383,6 @@ Data = collections.namedtuple("Data", "train val hellaswag")
 
 
 # -----------------------------------------------------------------------------
-# The processes: one, or many started by torchrun
-
-
-def init_device(requested="auto", local_rank=None):
-    """The device to run on, set up: the fastest there is (cuda, then Apple's mps, then cpu), or the one asked for."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    device = next(kind for kind, ok in available.items() if ok) if requested == "auto" else requested
-    kind = device.split(":")[0]
-    if kind not in available:
-        raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
-    if not available[kind]:
-        raise ValueError(f"device {requested!r} asked for, but this torch sees no {'CUDA GPU' if kind == 'cuda' else 'MPS'} "
-                         "here: use --device cpu")
-    if kind == "cuda":
-        if local_rank is not None:  # under torchrun: each process drives one GPU, its local rank's
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa, ~3x faster on A100/H100; the
-        # weights and activations stay fp32 and training does not notice the lost precision
-        torch.set_float32_matmul_precision("high")
-    return device
-
-
-@dataclass
-class World:
-    """This process's place in the run: which process it is, of how many, on which device."""
-    rank: int = 0  # among all the processes, on every machine
-    local_rank: int = 0  # among the processes on this machine: which GPU it drives
-    world_size: int = 1
-    ddp: bool = False  # started by torchrun: the processes train one model together
-    device: str = "cpu"
-
-    def __post_init__(self):
-        self.device_type = self.device.split(":")[0]  # cuda, mps or cpu: what autocast wants, never 'cuda:3'
-        self.master = self.rank == 0  # rank 0 alone prints, logs and writes files
-
-    @classmethod
-    def from_env(cls, requested_device="auto"):
-        """torchrun tells each process who it is in environment variables; a plain run is a world of one."""
-        ddp = "RANK" in os.environ
-        rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-        return cls(rank, local_rank, world_size, ddp, init_device(requested_device, local_rank if ddp else None))
-
-    def print(self, *args):
-        if self.master:
-            print(*args)
-
-    def any(self, flag):
-        """True on every process if flag is true on any of them: how the processes agree to stop or fail together."""
-        t = torch.tensor(float(flag), device=self.device)
-        if self.ddp:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def broadcast(self, obj):
-        """Rank 0's obj (plain data), on every process."""
-        if self.ddp:
-            box = [obj]
-            dist.broadcast_object_list(box, src=0)
-            obj = box[0]
-        return obj
-
-    @contextlib.contextmanager
-    def together(self):
-        """A stage that may fail on some processes only (a node that cannot read a file, say): if it fails on any,
-        all of them stop, the one that failed saying why, instead of the others waiting for it forever."""
-        error = None
-        try:
-            yield
-        except (ValueError, OSError) as e:
-            error = error_text(e)
-        if self.any(error is not None):
-            sys.exit(f"error: {error}" if error else 1)
-
-
-# -----------------------------------------------------------------------------
 # Evaluation
 
 
@@ -628,83 +553,6 @@ def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
 
 # -----------------------------------------------------------------------------
 # Running it
-
-
-def duration(seconds):
-    """A duration as a person reads it: 42s, 5m07s, 3h02m."""
-    s = round(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def synchronize(device):
-    """Wait for the accelerator to finish its queued work (a no-op on the CPU)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    elif device == "mps":
-        torch.mps.synchronize()
-
-
-# dense bf16 tensor-core peaks from the datasheets, TFLOP/s (name as torch reports it)
-DATASHEET_BF16_TFLOPS = {"A100": 312, "H100 PCIe": 756, "H100": 989, "H200": 989, "L4": 121,
-                         "A10G": 125, "RTX 4090": 165, "RTX 3090": 71}
-
-
-def datasheet_tflops(device):
-    """A CUDA GPU's dense bf16 peak from its datasheet, or None for a device not in the table."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in DATASHEET_BF16_TFLOPS.items():  # the first key found in the name wins
-        if key in name:
-            return tflops
-    return None
-
-
-def measured_tflops(device, dtype, n=None, reps=None):
-    """The device's matmul peak in practice: TFLOP/s of the fastest of a few large square matmuls."""
-    on_gpu = device.startswith("cuda")
-    n, reps = n or (4096 if on_gpu else 1024), reps or (10 if on_gpu else 3)  # a CPU is ~1000x slower: keep it short
-    g = torch.Generator(device=device).manual_seed(0)  # random numbers of its own: training's stream is untouched
-    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(reps):  # the fastest repetition: the ceiling, not the average under noise
-        synchronize(device)
-        t0 = time.time()
-        a @ b
-        synchronize(device)
-        best = min(best, time.time() - t0)
-    return 2 * n ** 3 / best / 1e12
-
-
-def flops_per_token(n_params, config, T):
-    """Training FLOPs per token: 6 per parameter (2 in the forward pass, 4 in the backward) plus attention's
-    scores and mixing, 12 per layer, position and channel."""
-    return 6 * n_params + 12 * config.n_layer * T * config.n_embd
-
-
-def peak_tflops(device, bf16):
-    """What MFU is measured against, and its name: a known GPU's datasheet bf16 peak, else this device's own."""
-    sheet = datasheet_tflops(device) if bf16 else None
-    if sheet:
-        return sheet, f"the datasheet bf16 peak of {torch.cuda.get_device_name(device)}"
-    dtype, name = (torch.bfloat16, "bf16") if bf16 else (torch.float32, "fp32")
-    return measured_tflops(device, dtype), f"this device's measured {name} matmul peak"
-
-
-def maybe_compile(model, enabled, device_type, log=print):
-    """torch.compile the model where it can run; where it cannot, say why (through log) and stay eager."""
-    if not enabled:
-        return model
-    if device_type == "cpu" and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "c++", "g++")):
-        log("compile: no C/C++ compiler found (the CPU backend needs one): running eager; "
-            "install gcc or pass --compile 0")
-        return model
-    try:
-        return torch.compile(model)
-    except Exception as e:  # e.g. a Python release torch.compile does not support yet
-        log(f"compile: unavailable ({error_text(e)}): running eager; pass --compile 0")
-        return model
 
 
 @contextlib.contextmanager
@@ -957,11 +805,6 @@ class TrainConfig:
                                                  "far less activation memory for about a third more compute")
     dry_run: bool = flag(False, "print the settings, the parameter count, the batch and an estimate of memory per "
                                 "GPU for DDP and FSDP on WORLD_SIZE processes (default 1), then exit")
-
-
-def bf16_fast(device):
-    """Whether bf16 autocast pays off here: on CUDA GPUs with bf16 (Ampere and later) only."""
-    return device.startswith("cuda") and torch.cuda.is_bf16_supported()
 
 
 def parse_args(argv=None):

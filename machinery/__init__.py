@@ -5,6 +5,8 @@ module a concern, each usable on its own:
 
 - cli.py: one-line errors and exit codes, the on/off flag types, shared by every script
 - shards.py: the token shard format that fineweb.py writes and the loader reads
+- world.py: the device, and the processes torchrun starts: who is who, and how they agree
+- perf.py: FLOPs per token, device peaks, MFU's measure, durations
 
 Nothing here imports train_gpt2.py: where a module needs the model, it is handed the class or a model.
 """

@@ -70,7 +70,7 @@ def test_a_bad_input_in_a_real_process_is_one_line_on_stderr_and_exit_code_1(tmp
 
 
 def test_each_step_prints_loss_lr_norm_time_throughput_mfu_and_eta(tmp_path):
-    from train_gpt2 import duration
+    from machinery.perf import duration
     out = run(["train_gpt2.py", *SMALL, "--max_steps", "3", "--log_dir", str(tmp_path)])
     assert out.returncode == 0, out.stderr
     steps = re.findall(r"^step +(\d+) \| loss ([0-9.]+) \| lr ([0-9.e+-]+) \| norm ([0-9.]+) "
@@ -157,8 +157,8 @@ def test_every_command_in_the_readme_names_real_scripts_and_flags():
 
 def test_an_exception_becomes_one_line_even_when_it_says_nothing(monkeypatch, capsys):
     import torch
-    import train_gpt2
     from machinery.cli import error_text
+    from machinery.world import maybe_compile
     assert error_text(ValueError("first\nsecond")) == "first"
     assert error_text(RuntimeError()) == "RuntimeError"  # str(e) is '': no IndexError
     assert error_text(OSError("  \n")) == "OSError"
@@ -167,7 +167,7 @@ def test_an_exception_becomes_one_line_even_when_it_says_nothing(monkeypatch, ca
         raise RuntimeError()
     monkeypatch.setattr(torch, "compile", broken_compile)
     model = torch.nn.Linear(2, 2)
-    assert train_gpt2.maybe_compile(model, True, "cuda") is model
+    assert maybe_compile(model, True, "cuda") is model
     assert "compile: unavailable (RuntimeError): running eager" in capsys.readouterr().out
 
 

@@ -121,7 +121,8 @@ def test_missing_or_bad_data_is_a_clear_error(tmp_path, shard_dir):
 
 
 def test_val_loss_is_the_mean_over_the_first_val_steps_chunks(shard_dir):
-    from train_gpt2 import GPT, GPTConfig, World, evaluate_loss
+    from machinery.world import World
+    from train_gpt2 import GPT, GPTConfig, evaluate_loss
     d, _ = shard_dir
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=65536, n_layer=1, n_head=1, n_embd=8))

@@ -92,7 +92,7 @@ def test_sequence_longer_than_block_size_is_a_clear_error(hf_checkpoint):
 
 
 def test_init_device_picks_cpu_without_a_gpu_and_honours_an_override(monkeypatch):
-    from train_gpt2 import init_device
+    from machinery.world import init_device
     assert init_device("auto") == "cpu"  # the tests hide any GPU
     assert init_device("cpu") == "cpu"
     assert torch.get_float32_matmul_precision() == "highest"  # full fp32 on the CPU

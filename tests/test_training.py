@@ -40,7 +40,7 @@ def test_bf16_autocast_runs_matmuls_in_bf16_and_keeps_the_loss_close():
 
 
 def test_compiled_model_computes_the_eager_loss_and_trains():
-    from train_gpt2 import maybe_compile
+    from machinery.world import maybe_compile
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=512, n_layer=2, n_head=4, n_embd=32))
     compiled = maybe_compile(model, True, "cpu")
@@ -62,12 +62,12 @@ def test_compiled_model_computes_the_eager_loss_and_trains():
 
 
 def test_compile_falls_back_to_eager_without_a_c_compiler(monkeypatch, capsys):
-    import train_gpt2
-    monkeypatch.setattr(train_gpt2.shutil, "which", lambda name: None)
+    from machinery import world
+    monkeypatch.setattr(world.shutil, "which", lambda name: None)
     model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
-    assert train_gpt2.maybe_compile(model, True, "cpu") is model
+    assert world.maybe_compile(model, True, "cpu") is model
     assert "no C/C++ compiler found" in capsys.readouterr().out
-    assert train_gpt2.maybe_compile(model, False, "cpu") is model
+    assert world.maybe_compile(model, False, "cpu") is model
 
 
 def test_the_optimizer_steps_with_the_clipped_gradient(tmp_path, monkeypatch, capsys):
@@ -173,7 +173,8 @@ def test_bf16_defaults_to_auto_which_is_off_on_the_cpu(tmp_path):
     import train_gpt2
     assert train_gpt2.parse_args([]).bf16 == "auto"
     assert (train_gpt2.parse_args(["--bf16", "1"]).bf16, train_gpt2.parse_args(["--bf16", "0"]).bf16) == (True, False)
-    assert train_gpt2.bf16_fast("cpu") is False and train_gpt2.bf16_fast("mps") is False
+    from machinery.world import bf16_fast
+    assert bf16_fast("cpu") is False and bf16_fast("mps") is False
     train_gpt2.main(["--data", INPUT, "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--batch_size", "2", "--seq_len", "8",
                      "--total_batch_size", "16", "--max_steps", "1", "--warmup_steps", "1", "--hellaswag", "0",
                      "--compile", "0", "--device", "cpu", "--log_dir", str(tmp_path)])

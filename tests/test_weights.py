@@ -7,7 +7,8 @@ from transformers import GPT2LMHeadModel
 
 import train_gpt2
 from conftest import HELLASWAG_20, INPUT, NO_SHAPE, error_of, make_hf_checkpoint, read_log, run
-from train_gpt2 import DataLoaderLite, World, evaluate_loss, load_model
+from machinery.world import World
+from train_gpt2 import DataLoaderLite, evaluate_loss, load_model
 
 
 @pytest.fixture(scope="module")

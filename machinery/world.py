@@ -1,0 +1,111 @@
+"""Where a run computes: the device, and the processes torchrun starts (who is who, and how they agree)."""
+import contextlib
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from machinery.cli import error_text
+
+
+def init_device(requested="auto", local_rank=None):
+    """The device to run on, set up: the fastest there is (cuda, then Apple's mps, then cpu), or the one asked for."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    device = next(kind for kind, ok in available.items() if ok) if requested == "auto" else requested
+    kind = device.split(":")[0]
+    if kind not in available:
+        raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
+    if not available[kind]:
+        raise ValueError(f"device {requested!r} asked for, but this torch sees no {'CUDA GPU' if kind == 'cuda' else 'MPS'} "
+                         "here: use --device cpu")
+    if kind == "cuda":
+        if local_rank is not None:  # under torchrun: each process drives one GPU, its local rank's
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa, ~3x faster on A100/H100; the
+        # weights and activations stay fp32 and training does not notice the lost precision
+        torch.set_float32_matmul_precision("high")
+    return device
+
+
+def bf16_fast(device):
+    """Whether bf16 autocast pays off here: on CUDA GPUs with bf16 (Ampere and later) only."""
+    return device.startswith("cuda") and torch.cuda.is_bf16_supported()
+
+
+def synchronize(device):
+    """Wait for the accelerator to finish its queued work (a no-op on the CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+def maybe_compile(model, enabled, device_type, log=print):
+    """torch.compile the model where it can run; where it cannot, say why (through log) and stay eager."""
+    if not enabled:
+        return model
+    if device_type == "cpu" and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "c++", "g++")):
+        log("compile: no C/C++ compiler found (the CPU backend needs one): running eager; "
+            "install gcc or pass --compile 0")
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as e:  # e.g. a Python release torch.compile does not support yet
+        log(f"compile: unavailable ({error_text(e)}): running eager; pass --compile 0")
+        return model
+
+
+@dataclass
+class World:
+    """This process's place in the run: which process it is, of how many, on which device."""
+    rank: int = 0  # among all the processes, on every machine
+    local_rank: int = 0  # among the processes on this machine: which GPU it drives
+    world_size: int = 1
+    ddp: bool = False  # started by torchrun: the processes train one model together
+    device: str = "cpu"
+
+    def __post_init__(self):
+        self.device_type = self.device.split(":")[0]  # cuda, mps or cpu: what autocast wants, never 'cuda:3'
+        self.master = self.rank == 0  # rank 0 alone prints, logs and writes files
+
+    @classmethod
+    def from_env(cls, requested_device="auto"):
+        """torchrun tells each process who it is in environment variables; a plain run is a world of one."""
+        ddp = "RANK" in os.environ
+        rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+        return cls(rank, local_rank, world_size, ddp, init_device(requested_device, local_rank if ddp else None))
+
+    def print(self, *args):
+        if self.master:
+            print(*args)
+
+    def any(self, flag):
+        """True on every process if flag is true on any of them: how the processes agree to stop or fail together."""
+        t = torch.tensor(float(flag), device=self.device)
+        if self.ddp:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast(self, obj):
+        """Rank 0's obj (plain data), on every process."""
+        if self.ddp:
+            box = [obj]
+            dist.broadcast_object_list(box, src=0)
+            obj = box[0]
+        return obj
+
+    @contextlib.contextmanager
+    def together(self):
+        """A stage that may fail on some processes only (a node that cannot read a file, say): if it fails on any,
+        all of them stop, the one that failed saying why, instead of the others waiting for it forever."""
+        error = None
+        try:
+            yield
+        except (ValueError, OSError) as e:
+            error = error_text(e)
+        if self.any(error is not None):
+            sys.exit(f"error: {error}" if error else 1)
