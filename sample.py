@@ -5,9 +5,10 @@
 import argparse
 
 from machinery.cli import one_line_errors, run_script
+from machinery.settings import GPT2_PROMPT
 from machinery.world import init_device
 from tokenizer import GPT2_VOCAB_SIZE
-from train_gpt2 import GPT2_PROMPT, check_vocab, load_model, sample
+from train_gpt2 import check_vocab, load_model, sample
 
 
 def main(argv=None):

@@ -7,6 +7,7 @@ module a concern, each usable on its own:
 - shards.py: the token shard format that fineweb.py writes and the loader reads
 - world.py: the device, and the processes torchrun starts: who is who, and how they agree
 - perf.py: FLOPs per token, device peaks, MFU's measure, durations
+- settings.py: every setting of a run (TrainConfig), the --model presets, their checks, the dry run
 
 Nothing here imports train_gpt2.py: where a module needs the model, it is handed the class or a model.
 """

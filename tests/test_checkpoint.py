@@ -93,7 +93,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
 def tiny_checkpoint(path):
     """A real checkpoint of a tiny model after one training step, as the trainer writes it."""
-    from train_gpt2 import GPT, DataLoaderLite, GPTConfig, TrainConfig, save_checkpoint, whole_state
+    from machinery.settings import TrainConfig
+    from train_gpt2 import GPT, DataLoaderLite, GPTConfig, save_checkpoint, whole_state
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
     optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")

@@ -34,7 +34,7 @@ def test_readme_main_command_trains_and_samples(tmp_path):
 
 
 def test_samples_start_from_the_texts_first_line_or_the_lectures_prompt(tmp_path):
-    from train_gpt2 import GPT2_PROMPT, parse_args, samples_prompt
+    from machinery.settings import GPT2_PROMPT, parse_args, samples_prompt
     assert samples_prompt(parse_args(["--data", INPUT])) == "First Citizen:\n"
     assert samples_prompt(parse_args(["--data", INPUT, "--prompt", "ROMEO:"])) == "ROMEO:"
     assert samples_prompt(parse_args(["--data", str(tmp_path)])) == GPT2_PROMPT == "Hello, I'm a language model,"
@@ -93,7 +93,7 @@ def test_each_step_prints_loss_lr_norm_time_throughput_mfu_and_eta(tmp_path):
 
 def test_help_lists_every_flag_with_its_default():
     from dataclasses import fields
-    from train_gpt2 import TrainConfig
+    from machinery.settings import TrainConfig
     out = run(["train_gpt2.py", "--help"])
     assert out.returncode == 0, out.stderr
     helps = " ".join(out.stdout.split())  # argparse wraps lines
@@ -105,7 +105,7 @@ def test_help_lists_every_flag_with_its_default():
 
 
 def test_a_model_sets_its_shape_and_recipe_and_explicit_flags_win():
-    from train_gpt2 import TrainConfig, parse_args
+    from machinery.settings import TrainConfig, parse_args
     assert parse_args([]) == parse_args(["--model", "gpt2"]) == TrainConfig()  # the defaults are GPT-2 124M's
     c = parse_args(["--model", "gpt3-xl"])  # GPT-3 XL: 24 layers of 2048, 1M tokens a step, lr 2e-4, context 2048
     assert (c.n_layer, c.n_head, c.n_embd, c.seq_len, c.total_batch_size) == (24, 16, 2048, 2048, 2**20)
@@ -118,7 +118,7 @@ def test_a_model_sets_its_shape_and_recipe_and_explicit_flags_win():
 
 
 def test_the_readme_lists_every_model_as_the_trainer_resolves_it():
-    from train_gpt2 import MODELS, parse_args
+    from machinery.settings import MODELS, parse_args
     with open(os.path.join(ROOT, "README.md")) as f:
         rows = re.findall(r"^\| `([\w.-]+)`(?: \(default\))? \| ([\d,]+)M \|(.*)\|$", f.read(), re.M)
     assert [name for name, _, _ in rows] == list(MODELS)
@@ -228,7 +228,7 @@ def test_a_second_run_in_the_same_log_dir_is_refused_and_a_killed_run_leaves_no_
     (["input.txt"], "unrecognized arguments: input.txt (see --help)"),
 ])
 def test_a_bad_flag_is_an_error_that_names_it(args, message):
-    from train_gpt2 import parse_args
+    from machinery.settings import parse_args
     with pytest.raises(ValueError) as e:
         parse_args(args)
     assert str(e.value) == message
@@ -246,7 +246,7 @@ def test_a_bad_flag_is_an_error_that_names_it(args, message):
     (["--total_batch_size", "-524288"], "--total_batch_size must be at least 1, got -524288"),
 ])
 def test_settings_that_make_no_sense_are_refused(args, message):
-    from train_gpt2 import check_config, parse_args
+    from machinery.settings import check_config, parse_args
     with pytest.raises(ValueError) as e:
         check_config(parse_args(args))
     assert str(e.value).startswith(message)
@@ -299,13 +299,14 @@ def test_every_script_ends_a_ctrl_c_with_one_line_and_code_130(capsys):
 def test_a_dry_run_prints_every_models_exact_size_and_plans_memory_without_training(tmp_path, monkeypatch, capsys):
     import numpy as np
     import train_gpt2
+    from machinery.settings import MODELS, parse_args
     for i, n in enumerate((1000, 3000), start=1):  # shards of 1,000 and 3,000 tokens: only their headers are read
         np.save(tmp_path / f"edufineweb_train_{i:06d}.npy", np.arange(n, dtype=np.uint16))
     def no_loader(*args, **kwargs):
         raise AssertionError("a dry run reads no data")
     monkeypatch.setattr(train_gpt2, "DataLoaderLite", no_loader)
-    for name in train_gpt2.MODELS:
-        cfg = train_gpt2.parse_args(["--model", name])
+    for name in MODELS:
+        cfg = parse_args(["--model", name])
         V, T, L, C = 50304, cfg.seq_len, cfg.n_layer, cfg.n_embd
         expected = V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
         assert train_gpt2.main(["--model", name, "--dry_run", "1", "--log_dir", str(tmp_path / "log")]) is None

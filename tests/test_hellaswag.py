@@ -122,7 +122,8 @@ def test_a_model_with_a_short_context_sees_the_end_of_the_context_as_generate_wo
 
 def test_the_loop_scores_the_examples_shortest_first_so_its_rounds_pad_little():
     from machinery.world import World
-    from train_gpt2 import evaluate_hellaswag, load_hellaswag, parse_args
+    from machinery.settings import parse_args
+    from train_gpt2 import evaluate_hellaswag, load_hellaswag
     enc = gpt2_encoding()
     examples = list(hellaswag.iterate_examples(HELLASWAG_64))
     loaded = load_hellaswag(parse_args(["--hellaswag_file", HELLASWAG_64]), World())

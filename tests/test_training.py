@@ -171,8 +171,9 @@ def test_a_compile_failure_at_the_first_step_is_one_line_that_says_compile_0(tmp
 
 def test_bf16_defaults_to_auto_which_is_off_on_the_cpu(tmp_path):
     import train_gpt2
-    assert train_gpt2.parse_args([]).bf16 == "auto"
-    assert (train_gpt2.parse_args(["--bf16", "1"]).bf16, train_gpt2.parse_args(["--bf16", "0"]).bf16) == (True, False)
+    from machinery.settings import parse_args
+    assert parse_args([]).bf16 == "auto"
+    assert (parse_args(["--bf16", "1"]).bf16, parse_args(["--bf16", "0"]).bf16) == (True, False)
     from machinery.world import bf16_fast
     assert bf16_fast("cpu") is False and bf16_fast("mps") is False
     train_gpt2.main(["--data", INPUT, "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--batch_size", "2", "--seq_len", "8",

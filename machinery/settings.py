@@ -1,0 +1,224 @@
+"""Every setting of a run: TrainConfig (a flag each), the --model presets, their checks, and the dry run."""
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from machinery.cli import auto_on_off, on_off
+from machinery.shards import open_shard, shard_paths
+
+
+# the lecture's prompt for samples of a model trained on the web
+GPT2_PROMPT = "Hello, I'm a language model,"
+
+
+def flag(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+def gpt3(n_layer, n_head, n_embd, total_batch_size, max_lr, batch_size):
+    """A GPT-3 size (its paper's Table 2.1) with the paper's recipe: context 2048, its tokens per step and peak
+    learning rate, the floor at 10% of the peak, 375M tokens of warmup; run, like GPT-2, for 10B tokens."""
+    return dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, seq_len=2048, total_batch_size=total_batch_size,
+                batch_size=batch_size, max_lr=max_lr, min_lr=float(f"{max_lr / 10:.3g}"),
+                warmup_steps=round(375e6 / total_batch_size), max_steps=round(10e9 / total_batch_size))
+
+
+# --model: what each model changes from the defaults (GPT-2 124M's recipe); batch_size is the micro-batch
+# that keeps the 124M run's 64K tokens per GPU pass, halved as the width grows (see --dry_run 1 for memory)
+MODELS = {
+    "gpt2": {},
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, batch_size=32),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, batch_size=16),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, batch_size=8),
+    "gpt3-small": gpt3(12, 12, 768, 2**19, 6e-4, batch_size=32),
+    "gpt3-medium": gpt3(24, 16, 1024, 2**19, 3e-4, batch_size=16),
+    "gpt3-large": gpt3(24, 16, 1536, 2**19, 2.5e-4, batch_size=8),
+    # the paper prints 24 heads of 128 for a width of 2048, and a width of 5140 for 13B, which 40 heads do
+    # not divide: implementations use 16 heads of 128, and 5120
+    "gpt3-xl": gpt3(24, 16, 2048, 2**20, 2e-4, batch_size=8),
+    "gpt3-2.7b": gpt3(32, 32, 2560, 2**20, 1.6e-4, batch_size=4),
+    "gpt3-6.7b": gpt3(32, 32, 4096, 2**21, 1.2e-4, batch_size=2),
+    "gpt3-13b": gpt3(40, 40, 5120, 2**21, 1e-4, batch_size=1),
+    "gpt3-175b": gpt3(96, 96, 12288, 1536 * 2048, 6e-5, batch_size=1),  # 3.2M tokens: 1536 sequences
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. The defaults reproduce GPT-2 124M; each one is a flag of the same name."""
+    # data and model
+    data: str = flag("edu_fineweb10B", "a directory of fineweb.py shards, or a text file (90% train, 10% val)")
+    shuffle_shards: bool = flag(False, "read the train shards in a new seeded order each epoch after the first "
+                                       "(the lecture's run repeated the same order, and its loss a pattern, each epoch)")
+    model: str = flag("gpt2", f"the shape and recipe to train from scratch: {', '.join(MODELS)}; "
+                              "the flags below that are given explicitly override it")
+    init_from: str = flag("scratch", "scratch (random GPT-2 init), or start from weights: gpt2 ... gpt2-xl, "
+                                     "a Hugging Face GPT-2 directory, or a .pt checkpoint of this project")
+    n_layer: int = flag(12, "transformer blocks (scratch only)")
+    n_head: int = flag(12, "attention heads (scratch only)")
+    n_embd: int = flag(768, "channels (scratch only)")
+    # batch
+    total_batch_size: int = flag(524288, "tokens per optimisation step (2**19, GPT-3 Small's 0.5M)")
+    batch_size: int = flag(64, "B: sequences per micro-batch; accumulation makes up the rest")
+    seq_len: int = flag(1024, "T: tokens per sequence, and a new model's context (block_size)")
+    # optimisation schedule
+    max_steps: int = flag(19073, "optimisation steps (19073 x 524288 tokens: one epoch of FineWeb-Edu 10B)")
+    warmup_steps: int = flag(715, "linear learning-rate warmup steps (GPT-3: 375M tokens)")
+    max_lr: float = flag(6e-4, "peak learning rate, after warmup")
+    min_lr: float = flag(6e-5, "final learning rate, 10% of the peak")
+    weight_decay: float = flag(0.1, "AdamW weight decay on 2-D+ tensors (matmul weights, embeddings)")
+    # evaluation, logging and checkpoints
+    eval_every: int = flag(250, "evaluate every this many steps, and at the last step")
+    val_steps: int = flag(20, "val batches per evaluation, from the start of the val split")
+    hellaswag: bool = flag(True, "evaluate HellaSwag acc_norm every --eval_every steps")
+    hellaswag_file: str = flag("", "a local HellaSwag jsonl (default: the val split, downloaded once by hellaswag.py)")
+    sample_every: int = flag(250, "print 4 samples every this many steps, and at the last step")
+    prompt: str = flag("auto", "the samples' prompt; auto: the first line of a text --data, so the samples show the "
+                               f"text's form, else the lecture's {GPT2_PROMPT!r}")
+    log_dir: str = flag("log", "where log.txt and the checkpoints are written")
+    checkpoint_every: int = flag(5000, "write log_dir/model_{step:05d}.pt every this many steps, and at the last")
+    resume: str = flag("", "continue a run exactly from a checkpoint: a path, or 'auto' (the newest in --log_dir)")
+    # system
+    seed: int = flag(1337, "seed for initialisation and training")
+    device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    bf16: str = flag("auto", "bfloat16 autocast for the forward pass and loss: 1, 0, or auto (on for CUDA GPUs "
+                             "that support it; off elsewhere: most CPUs and older Macs run it slower or not at all)")
+    compile: bool = flag(True, "torch.compile the model (slow to start, faster steps)")
+    fsdp: bool = flag(False, "shard weights, gradients and optimizer state across the processes (FSDP2) instead of "
+                             "copying them to each (DDP): for models that do not fit one GPU; needs torchrun")
+    activation_checkpointing: bool = flag(False, "keep only each block's input for backward, recomputing the rest: "
+                                                 "far less activation memory for about a third more compute")
+    dry_run: bool = flag(False, "print the settings, the parameter count, the batch and an estimate of memory per "
+                                "GPU for DDP and FSDP on WORLD_SIZE processes (default 1), then exit")
+
+
+def parse_args(argv=None):
+    """The command line as a TrainConfig, or a ValueError that says which flag is wrong."""
+    # exit_on_error=False: argparse raises its errors, to end in one line like any; --max is no abbreviation
+    parser = argparse.ArgumentParser(description="Train GPT-2 (124M by default), then sample from it.",
+                                     exit_on_error=False, allow_abbrev=False)
+    preset = set().union(*MODELS.values())  # the flags whose default --model sets
+    for f in fields(TrainConfig):  # default None: a flag left out takes the model's value, else the field's
+        default = f"{f.default} for gpt2; other models set their own" if f.name in preset else f.default
+        parser.add_argument(f"--{f.name}", type=on_off if f.type is bool else auto_on_off if f.name == "bf16" else f.type,
+                            default=None, help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise ValueError(f"{e} (see --help)") from None
+    if unknown:
+        raise ValueError(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    model = given.get("model", TrainConfig.model)
+    if model not in MODELS:
+        raise ValueError(f"--model {model!r} is not one of {', '.join(MODELS)}")
+    return TrainConfig(**{**MODELS[model], **given})
+
+
+def check_config(cfg, world_size=1):
+    """Catch bad settings before any work is done, with a message that says what to change."""
+    for name in ("n_layer", "n_head", "n_embd", "total_batch_size", "batch_size", "seq_len", "max_steps", "warmup_steps",
+                 "eval_every", "val_steps", "sample_every", "checkpoint_every"):
+        least = 0 if name == "warmup_steps" else 1
+        if getattr(cfg, name) < least:
+            raise ValueError(f"--{name} must be at least {least}, got {getattr(cfg, name)}")
+    if cfg.hellaswag and cfg.hellaswag_file and not os.path.isfile(cfg.hellaswag_file):
+        raise ValueError(f"--hellaswag_file {cfg.hellaswag_file!r} not found (or pass --hellaswag 0)")
+    if cfg.warmup_steps > cfg.max_steps:
+        raise ValueError(f"--warmup_steps {cfg.warmup_steps} is longer than the run (--max_steps {cfg.max_steps}): "
+                         "pass a smaller --warmup_steps")
+    if not cfg.max_lr > 0:  # written so that nan fails too
+        raise ValueError(f"--max_lr must be above 0, got {cfg.max_lr}")
+    if not 0 <= cfg.min_lr <= cfg.max_lr:
+        raise ValueError(f"--min_lr must be from 0 to --max_lr {cfg.max_lr}, got {cfg.min_lr}")
+    if not cfg.weight_decay >= 0:
+        raise ValueError(f"--weight_decay must be at least 0, got {cfg.weight_decay}")
+    tokens_per_step = cfg.batch_size * cfg.seq_len * world_size  # one micro-batch on every process
+    if cfg.total_batch_size % tokens_per_step:
+        raise ValueError(f"--total_batch_size {cfg.total_batch_size} is not a multiple of --batch_size x "
+                         f"--seq_len x processes = {cfg.batch_size} x {cfg.seq_len} x {world_size}: change one of them")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
+
+
+# settings that change what is computed: a resumed run must use the checkpoint's
+RESUME_MUST_MATCH = ("data", "shuffle_shards", "init_from", "n_layer", "n_head", "n_embd", "total_batch_size",
+                     "batch_size", "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "seed", "bf16")
+
+
+def batch_plan(cfg, world_size):
+    """How a step's tokens are made up: (micro-steps per process, the line that says so)."""
+    # a 0.5M-token batch does not fit in memory at once: add up the gradients of several micro-batches
+    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * world_size)
+    return grad_accum_steps, (f"total batch {cfg.total_batch_size:,} tokens = {grad_accum_steps} micro-batches of "
+                              f"{cfg.batch_size} x {cfg.seq_len} on each of {world_size} processes")
+
+
+def memory_estimate(config, n_params, cfg, world_size, fsdp, grad_accum_steps):
+    """One training process's peak memory in bytes, part by part: a planning figure for a GPU with flash attention,
+    eager (torch.compile fuses the loss and usually needs less). Weights and gradients are fp32, as are AdamW's
+    two moments; activations are bf16 under autocast, else fp32."""
+    B, T, C, L, V = cfg.batch_size, config.block_size, config.n_embd, config.n_layer, config.vocab_size
+    bf16 = cfg.bf16 != False  # auto is on for the GPUs this estimates
+    block = 12 * C * C + 13 * C  # one block's parameters
+    if fsdp:
+        # 1/N of everything, plus what is whole at a time: the root's weights (embeddings, lm_head) and two blocks'
+        # (the one computing and the next, fetched ahead), all of them kept between micro-steps; two blocks' gradients
+        gathered = n_params if grad_accum_steps > 1 else n_params - L * block + 2 * block
+        weights, gradients = 4 * (n_params / world_size + gathered), 4 * (n_params / world_size + 2 * block)
+        optimizer = 8 * n_params / world_size
+    else:  # a whole copy on every process, and DDP's buckets: a second copy of the gradients to reduce in
+        weights, gradients, optimizer = 4 * n_params, 4 * n_params * (2 if world_size > 1 else 1), 8 * n_params
+    # saved for backward, per token and layer: both LayerNorms' inputs (fp32), the 4 matmuls' inputs, q, k, v, the
+    # attention's output and the MLP's 4C-wide hidden layer: 38 C bytes with the matmuls in bf16, 68 C in fp32
+    per_layer = (38 if bf16 else 68) * C
+    # --activation_checkpointing: each block's input (fp32), and one block's insides while it is recomputed
+    activations = B * T * (L * 4 * C + per_layer if cfg.activation_checkpointing else L * per_layer)
+    # the logits (bf16 under autocast), the loss's fp32 log-softmax of them, and its gradient
+    logits = B * T * V * (10 if bf16 else 12)
+    return dict(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, logits=logits)
+
+
+def samples_prompt(cfg):
+    """What --prompt auto means: a text file's first line (in Shakespeare, a speaker's name and a line break),
+    or for FineWeb's shards the lecture's prompt."""
+    if cfg.prompt != "auto":
+        return cfg.prompt
+    if os.path.isfile(cfg.data):
+        with open(cfg.data, encoding="utf-8") as f:
+            return f.readline()
+    return GPT2_PROMPT
+
+
+def dry_run(cfg, world, model_class, config):
+    """Say what a run of model_class(config) would be, without reading data beyond its shards' headers or making the model's weights:
+    the settings, the parameter count, the batch, and the memory per GPU under DDP and under FSDP."""
+    if cfg.init_from != "scratch":
+        raise ValueError("--dry_run 1 plans a model trained from scratch: leave out --init_from")
+    world.print("dry run: the settings, the model and its memory; nothing is trained")
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        world.print(f"  --{f.name} {int(value) if isinstance(value, bool) else value if value != '' else repr('')}")
+    with torch.device("meta"):  # shapes without storage: even 175B parameters take no memory here
+        model = model_class(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    world.print(f"model: {n_params:,} parameters")
+    grad_accum_steps, plan = batch_plan(cfg, world.world_size)
+    world.print(plan)
+    if os.path.isdir(cfg.data):
+        paths, _ = shard_paths(cfg.data, "train")
+        tokens = sum(len(open_shard(path)) for path in paths)  # memory-mapped: only the headers are read
+        world.print(f"data: {tokens:,} train tokens in {len(paths)} shards: the run reads "
+                    f"{cfg.max_steps * cfg.total_batch_size / tokens:.2f} epochs")
+    else:
+        world.print(f"data: {cfg.data} is {'a text file' if os.path.isfile(cfg.data) else 'not here'}: not read by a dry run")
+    precision = "fp32" if cfg.bf16 is False else "bf16 autocast"
+    world.print(f"memory per GPU, estimated (GiB; {precision}, flash attention, eager; "
+                f"WORLD_SIZE={world.world_size} processes):")
+    world.print(f"  {'':10} {'weights':>9} {'gradients':>9} {'optimizer':>9} {'activations':>11} {'logits':>9} {'total':>9}")
+    for name, fsdp in (("DDP", False), ("FSDP", True)):
+        parts = memory_estimate(config, n_params, cfg, world.world_size, fsdp, grad_accum_steps)
+        cells = [f"{v / 2**30:{11 if k == 'activations' else 9}.2f}" for k, v in parts.items()]
+        world.print(f"  {name:10} {' '.join(cells)} {sum(parts.values()) / 2**30:9.2f}")
