@@ -5,14 +5,12 @@ Read it top to bottom: the model first, then the data, then the training.
 import bisect
 import collections
 import contextlib
-import glob
 import math
 import os
 import signal
-import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,15 +18,17 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag  # downloads, renders and scores HellaSwag; of ours, it imports only the tokenizer
+from machinery.checkpoints import (check_weights, checkpoint_to_resume, read_checkpoint, restore_checkpoint,
+                                   save_checkpoint)
 from machinery.cli import error_text, one_line_errors, run_script
 from machinery.perf import duration, flops_per_token, peak_tflops
-from machinery.settings import (GPT2_PROMPT, RESUME_MUST_MATCH, TrainConfig, batch_plan, check_config, dry_run, parse_args,
-                                samples_prompt)
+from machinery.run_dir import RunDir
+from machinery.settings import GPT2_PROMPT, batch_plan, check_config, dry_run, parse_args, samples_prompt
 from machinery.shards import open_shard, shard_paths
 from machinery.world import World, bf16_fast, maybe_compile, synchronize
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding  # GPT-2's BPE, read from files in this repo: never downloaded
@@ -227,40 +227,6 @@ def check_vocab(model, max_id, what):
     if max_id >= model.config.vocab_size:
         raise ValueError(f"{what} holds token id {max_id}, but the model's vocabulary has {model.config.vocab_size} "
                          "ids: use data made with its tokenizer, or a model with GPT-2's vocabulary")
-
-
-def read_checkpoint(path, keys=("model", "model_config")):
-    """A checkpoint of this project, read safely, or a ValueError that says what is wrong with the file.
-
-    weights_only=True unpickles tensors and plain data only: a file that needs more could run
-    code when loaded, so it is refused, never retried with weights_only=False.
-    """
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} not found")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"checkpoint {path} is empty (0 bytes): use another checkpoint")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch's own message would suggest weights_only=False: never that
-        raise ValueError(f"cannot read checkpoint {path}: it is truncated, or not a checkpoint of this project "
-                         "(only tensors and plain data are loaded: anything else could run code)") from None
-    missing = [k for k in keys if k not in checkpoint] if isinstance(checkpoint, dict) else list(keys)
-    if missing:
-        raise ValueError(f"{path} is not a checkpoint of this project: it has no {', '.join(missing)}")
-    return checkpoint
-
-
-def check_weights(model, state_dict, path):
-    """A checkpoint's weights must fit model tensor for tensor: else say which one does not."""
-    expected = model.state_dict()
-    if not isinstance(state_dict, dict) or set(state_dict) != set(expected):
-        raise ValueError(f"checkpoint {path} does not hold this model's weights (other tensor names): "
-                         "it was made for another model")
-    for k, v in expected.items():
-        if not isinstance(state_dict[k], torch.Tensor) or state_dict[k].shape != v.shape:
-            shape = tuple(getattr(state_dict[k], "shape", ()))
-            raise ValueError(f"checkpoint {path} does not fit the model: {k} has shape {shape}, "
-                             f"the model's is {tuple(v.shape)}")
 
 
 def load_model(name_or_path):
@@ -492,47 +458,6 @@ def sample(model, device, num_samples=4, max_new_tokens=32, seed=42, prompt=GPT2
 # -----------------------------------------------------------------------------
 # Watching a run
 
-# what a GPT-2 124M run aims for: OpenAI's checkpoint's val loss on the FineWeb-Edu val shard, and the
-# HellaSwag acc_norm of GPT-2 124M and of GPT-3 Small (from its paper)
-BASELINES = {"val": [("OpenAI GPT-2 124M (FineWeb-Edu val)", 3.2924)],
-             "hella": [("OpenAI GPT-2 124M", 0.2945), ("GPT-3 Small (paper)", 0.337)]}
-
-
-def read_curves(log_file):
-    """A run's log.txt as {kind: {step: value}}, for train (loss), val (loss) and hella (acc_norm)."""
-    curves = {"train": {}, "val": {}, "hella": {}}
-    with open(log_file) as f:
-        for line in f:
-            step, kind, value = line.split()
-            curves[kind][int(step)] = float(value)
-    return curves
-
-
-def plot_curves(curves):
-    """The train and val loss, and HellaSwag, each against its BASELINES: a matplotlib Figure."""
-    from matplotlib.figure import Figure  # imported here: only plotting needs matplotlib, and it takes 0.6 s
-    fig = Figure(figsize=(12, 4.5), layout="tight")
-    for ax, kinds, baselines, title in zip(fig.subplots(1, 2), (("train", "val"), ("hella",)),
-                                           (BASELINES["val"], BASELINES["hella"]), ("loss", "HellaSwag acc_norm")):
-        for kind in kinds:
-            steps = sorted(curves[kind])
-            ax.plot(steps, [curves[kind][s] for s in steps], marker="." if kind != "train" else None, label=kind)
-        for (name, value), color in zip(baselines, ("tab:red", "tab:green")):
-            ax.axhline(value, color=color, linestyle="--", label=name)
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.legend()
-    return fig
-
-
-def write_curves(log_dir):
-    """log_dir/curves.png, drawn from log_dir/log.txt: a run on a remote machine can be looked at as an image."""
-    fig = plot_curves(read_curves(os.path.join(log_dir, "log.txt")))
-    tmp = os.path.join(log_dir, "curves.png.tmp")  # then renamed: a viewer never opens half an image
-    fig.savefig(tmp, format="png", dpi=80)
-    os.replace(tmp, os.path.join(log_dir, "curves.png"))
-
-
 # -----------------------------------------------------------------------------
 # The optimisation schedule
 
@@ -550,172 +475,6 @@ def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
 
 # -----------------------------------------------------------------------------
 # Running it
-
-
-@contextlib.contextmanager
-def claim_log_dir(log_dir):
-    """Hold log_dir for this run: made if need be, writable, and locked so that a second run is refused.
-
-    flock() locks belong to the process: the OS releases them when it ends, however it ends, so
-    a run killed with kill -9 never leaves the directory locked.
-    """
-    import fcntl  # Unix only, like the rest of the multi-process tooling
-    created = not os.path.exists(log_dir)
-    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
-        raise ValueError(f"--log_dir {log_dir} is a file: pass a directory")
-    path = os.path.join(log_dir, "run.lock")
-    while True:
-        try:
-            os.makedirs(log_dir, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise ValueError(f"--log_dir {log_dir} cannot be written ({e.strerror}): pass a writable directory") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise ValueError(f"--log_dir {log_dir} is in use by another run ({holder}): wait for it to end, "
-                             "or use another --log_dir") from None
-        if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
-            break  # else the previous holder removed the file as we opened it: lock the new one
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-    for stale in glob.glob(os.path.join(log_dir, "*.tmp")):
-        os.remove(stale)  # half-written by a run that died writing it: never a whole file
-    try:
-        yield
-    finally:
-        os.remove(path)  # while still locked, so no other run can hold this file meanwhile
-        os.close(fd)
-        if created:
-            with contextlib.suppress(OSError):
-                os.rmdir(log_dir)  # made for a run that never wrote anything: leave no trace
-
-
-def find_checkpoint(resume, log_dir):
-    """The checkpoint --resume names: a path, or for 'auto' the newest in log_dir (None if there is none)."""
-    if resume != "auto":
-        return resume  # read_checkpoint says so if it is not there
-    # by step number, not by name: past step 99,999 the names outgrow their zero padding
-    steps = {int(f[6:-3]): f for f in os.listdir(log_dir) if f.startswith("model_") and f.endswith(".pt")
-             and f[6:-3].isdigit()} if os.path.isdir(log_dir) else {}
-    return os.path.join(log_dir, steps[max(steps)]) if steps else None
-
-
-def load_checkpoint(path, cfg, model):
-    """A checkpoint to resume from, read: complete, made with the settings of this run, fitting its model."""
-    checkpoint = read_checkpoint(path, keys=("model", "model_config", "optimizer", "step", "train_loader",
-                                             "rng", "config"))
-    for name in RESUME_MUST_MATCH:
-        # a setting newer than the checkpoint: the run that wrote it did what the default does
-        saved = checkpoint["config"].get(name, getattr(TrainConfig(), name))
-        if saved != getattr(cfg, name):
-            raise ValueError(f"checkpoint {path} was made with --{name} {saved}, not "
-                             f"{getattr(cfg, name)}: resume with the run's own settings")
-    check_weights(model, checkpoint["model"], path)
-    return checkpoint
-
-
-def shard_like(whole, tensor):
-    """A whole tensor from a checkpoint, cut as tensor is: this rank's shard if FSDP shards it (a DTensor).
-    Every rank read the same file, so each cuts its own part (src_data_rank=None: nothing is sent)."""
-    if not isinstance(tensor, DTensor):
-        return whole
-    return distribute_tensor(whole.to(tensor.device), tensor.device_mesh, tensor.placements, src_data_rank=None)
-
-
-def restore_checkpoint(checkpoint, model, optimizer, train_loader):
-    """Continue where a checkpoint left off (weights, optimizer, data position, random state): the step to run
-    next. The checkpoint holds whole tensors, whether DDP, FSDP or one process wrote it; a model sharded by
-    FSDP takes its shards of them. The checkpoint is emptied as it is used: it is 1.5 GB at 124M."""
-    current = model.state_dict()
-    model.load_state_dict({k: shard_like(v, current[k]) for k, v in checkpoint.pop("model").items()})
-    optimizer_state = checkpoint.pop("optimizer")
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # the state's keys index these
-    for i, state in optimizer_state["state"].items():
-        for k, v in state.items():
-            if k != "step":  # AdamW's moments have their parameter's shape; the step count is a scalar
-                state[k] = shard_like(v, params[i])
-    fused = [group["fused"] for group in optimizer.param_groups]  # this device's choice, not the saving one's
-    optimizer.load_state_dict(optimizer_state)
-    for group, f in zip(optimizer.param_groups, fused):
-        group["fused"] = f
-    train_loader.load_state_dict(checkpoint["train_loader"])
-    # CUDA generators are not restored: training draws none, and a checkpoint saved where 8 GPUs
-    # were visible holds 8 states that a 1-GPU machine cannot take
-    torch.set_rng_state(checkpoint["rng"]["cpu"])
-    step = checkpoint["step"]
-    checkpoint.clear()
-    return step
-
-
-def whole_state(model, optimizer, keep):
-    """The model's and the optimizer's state dicts, with every tensor whole: FSDP's shards (DTensors) are
-    gathered onto the CPU, tensor by tensor. Gathering is a collective, so every rank calls this, in the same
-    order; the tensors are kept where keep (rank 0, which writes them). One file, whoever wrote it."""
-    def whole(x):
-        if not isinstance(x, DTensor):
-            return x
-        x = x.full_tensor()
-        return x.cpu() if keep else None
-    tied = {}  # wte and lm_head are one parameter: gathered, and saved, once
-    first_name = {name: tied.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
-    model_state = {}
-    for k, v in model.state_dict().items():
-        model_state[k] = model_state[first_name[k]] if first_name.get(k, k) != k else whole(v)
-    optimizer_state = optimizer.state_dict()
-    optimizer_state["state"] = {i: {k: whole(v) for k, v in state.items()}
-                                for i, state in optimizer_state["state"].items()}
-    return model_state, optimizer_state
-
-
-def save_checkpoint(path, step, model_config, state, train_loader, cfg):
-    """Everything needed to continue exactly, as tensors and plain data (loads with weights_only=True)."""
-    model_state, optimizer_state = state
-    checkpoint = {
-        "model": model_state,
-        "model_config": asdict(model_config),
-        "optimizer": optimizer_state,
-        "step": step,  # the next step to run
-        "train_loader": train_loader.state_dict(),
-        # the CPU generator only: nothing in training draws CUDA random numbers (sampling has its own)
-        "rng": {"cpu": torch.get_rng_state()},
-        "config": asdict(cfg),
-    }
-    tmp = path + ".tmp"
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)  # atomic: a crash mid-write never leaves a truncated checkpoint
-    except BaseException:  # a full disk, say: never leave 1.5 GB of half a checkpoint behind
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def start_log(log_file, start_step):
-    """Make log.txt agree with a run that starts at start_step: lines of steps it will run again go.
-
-    A run killed after logging a step but before its checkpoint would log that step twice on
-    resume. The whole earlier log is kept beside it (log.txt.1, .2, ...) before anything is dropped.
-    """
-    if not os.path.exists(log_file):
-        return
-    with open(log_file) as f:
-        lines = f.readlines()
-    keep = [l for l in lines if not l.split()[:1] or not l.split()[0].isdigit() or int(l.split()[0]) < start_step]
-    if len(keep) == len(lines):
-        return
-    n = 1
-    while os.path.exists(f"{log_file}.{n}"):
-        n += 1
-    os.replace(log_file, f"{log_file}.{n}")
-    with open(log_file + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(log_file + ".tmp", log_file)
-    print(f"{log_file}: {len(lines) - len(keep)} lines of step {start_step} on set aside (this run logs them "
-          f"again); the earlier log is kept whole as {log_file}.{n}")
 
 
 def scratch_config(cfg):
@@ -745,11 +504,12 @@ def main(argv=None):
         # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
         dist.init_process_group(backend="nccl" if world.device_type == "cuda" else "gloo")
     try:
+        run = RunDir(cfg.log_dir, writes=world.master)
         with one_line_errors(), contextlib.ExitStack() as claim:  # claim holds the log_dir for the run (rank 0)
             # from here a step may fail on one rank only: the ranks agree after each stage
             with world.together():
                 if world.master:  # before any work: a log_dir that cannot be used fails now, not after an hour
-                    claim.enter_context(claim_log_dir(cfg.log_dir))
+                    claim.enter_context(run.claim())
                 torch.manual_seed(cfg.seed)  # the same initial weights on every rank
                 if cfg.init_from == "scratch":
                     model = GPT(scratch_config(cfg))
@@ -762,20 +522,9 @@ def main(argv=None):
                                             for split, shuffle in (("train", cfg.shuffle_shards), ("val", False)))
                 for loader in (train_loader, val_loader):
                     check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
-                path = find_checkpoint(cfg.resume, cfg.log_dir) if cfg.resume and world.master else None
-            # every rank resumes rank 0's checkpoint: a node that sees another log_dir must not continue another run
-            path = world.broadcast(path)
-            with world.together():
-                checkpoint = load_checkpoint(path, cfg, model) if path else None
-                if cfg.resume and not path:  # killed before its first checkpoint: there is nothing to continue
-                    world.print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
-                elif not cfg.resume and os.path.exists(os.path.join(cfg.log_dir, "log.txt")):
-                    raise ValueError(f"{os.path.join(cfg.log_dir, 'log.txt')} exists: continue that run with --resume "
-                                     "auto, or start this one in another --log_dir")
-                if world.master:
-                    start_log(os.path.join(cfg.log_dir, "log.txt"), checkpoint["step"] if checkpoint else 0)
+            checkpoint = checkpoint_to_resume(cfg, world, run, model)
             data = Data(train_loader, val_loader, hellaswag=load_hellaswag(cfg, world))
-            stopped = train(cfg, world, model, data, checkpoint)
+            stopped = train(cfg, world, model, data, run, checkpoint)
     except torch._dynamo.exc.TorchDynamoException as e:
         # compiling happens at the first forward, not at torch.compile(): a missing compiler shows up here
         sys.exit(f"error: torch.compile failed ({error_text(e)}): pass --compile 0 to train without it")
@@ -786,7 +535,7 @@ def main(argv=None):
         sys.exit(STOPPED)
 
 
-def train(cfg, world, model, data, checkpoint=None):
+def train(cfg, world, model, data, run, checkpoint=None):
     """The training loop: from step 0, or from where checkpoint left off. True if it stopped on request."""
     device = world.device
     prompt = samples_prompt(cfg)
@@ -822,12 +571,6 @@ def train(cfg, world, model, data, checkpoint=None):
         # DDP averages the gradients of all processes during backward, bucket by bucket
         model = DDP(model, device_ids=[world.local_rank] if world.device_type == "cuda" else None)
 
-    def log(step, kind, value):  # a line of log_dir/log.txt, from rank 0: only appended to (a resumed run adds lines)
-        if world.master:
-            with open(os.path.join(cfg.log_dir, "log.txt"), "a") as f:
-                f.write(f"{step} {kind} {value}\n")
-    last_saved = None  # named when the disk fills up: the checkpoint to go back to
-
     # a pre-empted machine gets SIGTERM, a person presses Ctrl-C: finish the step, checkpoint, exit
     stop = {"requested": False}
     def request_stop(signum, frame):
@@ -845,7 +588,7 @@ def train(cfg, world, model, data, checkpoint=None):
             if step % cfg.eval_every == 0 or last_step:
                 val_loss = evaluate_loss(eval_model, data.val, cfg.val_steps, world, cfg.bf16)
                 world.print(f"validation loss: {val_loss:.4f}")
-                log(step, "val", f"{val_loss:.4f}")
+                run.log(step, "val", f"{val_loss:.4f}")
                 if data.hellaswag is not None:  # scored with the eager model: its shapes vary from batch to batch
                     t_hella = time.time()
                     acc_norm = evaluate_hellaswag(raw_model, data.hellaswag, world, cfg.bf16,
@@ -855,12 +598,8 @@ def train(cfg, world, model, data, checkpoint=None):
                     else:
                         world.print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(data.hellaswag)} examples "
                                     f"({time.time() - t_hella:.1f} s)")
-                        log(step, "hella", f"{acc_norm:.4f}")
-                if world.master:
-                    try:
-                        write_curves(cfg.log_dir)
-                    except Exception as e:  # a full disk, a broken matplotlib: a picture is never worth the run
-                        print(f"curves.png: not drawn ({error_text(e)}); training goes on")
+                        run.log(step, "hella", f"{acc_norm:.4f}")
+                run.draw_curves()
             # under FSDP every rank takes part in each forward pass, so every rank samples (the same text)
             if (world.master or cfg.fsdp) and ((step > 0 and step % cfg.sample_every == 0) or last_step):
                 # the eager model again: each new token makes a new shape, which would recompile every time
@@ -915,27 +654,12 @@ def train(cfg, world, model, data, checkpoint=None):
             world.print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
                         f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f} | mfu {100 * mfu:.1f}% "
                         f"| eta {duration(pace * (cfg.max_steps - step - 1))}")
-            log(step, "train", f"{loss_accum.item():.6f}")
+            run.log(step, "train", f"{loss_accum.item():.6f}")
 
             # the signal may reach the ranks at different steps: stop when any of them got it
             stopping = world.any(stop["requested"])
             if (step + 1) % cfg.checkpoint_every == 0 or last_step or stopping:
-                path = os.path.join(cfg.log_dir, f"model_{step:05d}.pt")
-                state = whole_state(raw_model, optimizer, keep=world.master)  # every rank gathers FSDP's shards
-                error = None
-                if world.master:
-                    try:
-                        save_checkpoint(path, step + 1, raw_model.config, state, data.train, cfg)
-                        print(f"saved {path}")
-                        last_saved = path
-                    except (OSError, RuntimeError) as e:  # a full disk, say: the temporary file is already gone
-                        error = (f"cannot write checkpoint {path} ({error_text(e)}): free some space; " +
-                                 (f"the last good checkpoint is {last_saved}" if last_saved else
-                                  f"this run wrote none yet, and those already in {cfg.log_dir} are untouched"))
-                del state  # under FSDP, a whole copy on the CPU: not kept until the next checkpoint
-                # every rank waits here for rank 0's write, so none tears the process group down while it writes
-                if world.any(error is not None):
-                    sys.exit(f"error: {error}" if error else 1)
+                save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg)
                 if stopping:
                     world.print(f"stopped at step {step}: continue with --resume auto --log_dir {cfg.log_dir}")
                     break

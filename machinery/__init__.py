@@ -8,6 +8,8 @@ module a concern, each usable on its own:
 - world.py: the device, and the processes torchrun starts: who is who, and how they agree
 - perf.py: FLOPs per token, device peaks, MFU's measure, durations
 - settings.py: every setting of a run (TrainConfig), the --model presets, their checks, the dry run
+- run_dir.py: the --log_dir a run owns: its lock, log.txt, checkpoint names, curves.png
+- checkpoints.py: reading, checking, writing and restoring checkpoints, FSDP's shards included
 
 Nothing here imports train_gpt2.py: where a module needs the model, it is handed the class or a model.
 """

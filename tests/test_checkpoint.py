@@ -93,8 +93,9 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
 def tiny_checkpoint(path):
     """A real checkpoint of a tiny model after one training step, as the trainer writes it."""
+    from machinery.checkpoints import whole_state, write_checkpoint_file
     from machinery.settings import TrainConfig
-    from train_gpt2 import GPT, DataLoaderLite, GPTConfig, save_checkpoint, whole_state
+    from train_gpt2 import GPT, DataLoaderLite, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
     optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
@@ -102,7 +103,7 @@ def tiny_checkpoint(path):
     model(*loader.next_batch())[1].backward()
     optimizer.step()
     state = whole_state(model, optimizer, keep=True)
-    save_checkpoint(str(path), 1, model.config, state, loader, TrainConfig(n_layer=1, n_head=2, n_embd=16, seq_len=16))
+    write_checkpoint_file(str(path), 1, model.config, state, loader, TrainConfig(n_layer=1, n_head=2, n_embd=16, seq_len=16))
     return path
 
 
@@ -162,13 +163,6 @@ def test_resume_needs_a_whole_training_checkpoint(tmp_path):
     error = error_of(train_gpt2.main, [*TINY, "--n_layer", "1", "--n_embd", "16", "--log_dir", str(tmp_path / "log"),
                                        "--resume", str(tmp_path / "weights.pt")])
     assert "weights.pt is not a checkpoint of this project: it has no optimizer, step, train_loader" in error
-
-
-def test_resume_auto_picks_the_newest_checkpoint_by_step_number(tmp_path):
-    from train_gpt2 import find_checkpoint
-    for name in ("model_09999.pt", "model_99999.pt", "model_100000.pt", "model_20000.pt", "model_x.pt"):
-        (tmp_path / name).write_bytes(b"")
-    assert find_checkpoint("auto", str(tmp_path)) == str(tmp_path / "model_100000.pt")  # by name: model_99999.pt
 
 
 def test_resume_auto_before_the_first_checkpoint_starts_over_and_keeps_the_old_log(tmp_path):
@@ -263,7 +257,8 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
 
 
 def test_one_call_restores_weights_optimizer_data_position_and_random_state(tmp_path, monkeypatch):
-    from train_gpt2 import GPT, DataLoaderLite, GPTConfig, restore_checkpoint
+    from machinery.checkpoints import restore_checkpoint
+    from train_gpt2 import GPT, DataLoaderLite, GPTConfig
     checkpoint = torch.load(tiny_checkpoint(tmp_path / "c.pt"), weights_only=True)
     weights, moments = dict(checkpoint["model"]), checkpoint["optimizer"]["state"][0]["exp_avg"]
     rng = checkpoint["rng"]["cpu"]

@@ -201,37 +201,3 @@ def test_activation_checkpointing_runs_each_block_again_in_backward_and_changes_
     assert n_recomputed - n_plain == 2 * 3  # 2 blocks run again in each of 3 backward passes
     assert [l[:2] for l in plain] == [l[:2] for l in recomputed] and len(plain) == 5  # 3 train, 2 val
     assert all(abs(float(a[2]) - float(b[2])) <= 1e-6 for a, b in zip(plain, recomputed)), (plain, recomputed)
-
-
-def test_each_evaluation_draws_the_curves_as_a_png(tmp_path):
-    import matplotlib.image
-    import train_gpt2
-    from conftest import DDP
-    train_gpt2.main([*DDP, "--log_dir", str(tmp_path)])  # val and HellaSwag at steps 0, 2 and 4
-    png = tmp_path / "curves.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp"))
-    pixels = matplotlib.image.imread(png)
-    assert pixels.shape[:2] == (360, 960)  # 12 x 4.5 inches at 80 dpi
-    # matplotlib's first colour (#1f77b4), antialiased: the train loss line on the left, HellaSwag's on the right
-    blue = (abs(pixels[..., :3] - torch.tensor([0x1f, 0x77, 0xb4]).numpy() / 255) < 0.1).all(-1)
-    assert blue[:, :480].sum() > 30 and blue[:, 480:].sum() > 100
-    # what is drawn is the log: every train, val and hella value at its step, beside the baselines
-    log = read_log(tmp_path)
-    fig = train_gpt2.plot_curves(train_gpt2.read_curves(tmp_path / "log.txt"))
-    loss, hella = fig.axes
-    drawn = {line.get_label(): line.get_xydata().tolist() for ax in fig.axes for line in ax.lines}
-    for kind in ("train", "val", "hella"):
-        assert drawn[kind] == [[int(s), float(v)] for s, k, v in log if k == kind], kind
-    assert [line.get_ydata()[0] for line in hella.lines[1:]] == [0.2945, 0.337]
-    assert loss.lines[2].get_ydata()[0] == 3.2924 and len(drawn["train"]) == 5
-
-
-def test_a_curves_png_that_cannot_be_drawn_is_one_line_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
-    import train_gpt2
-    def full_disk(log_dir):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(train_gpt2, "write_curves", full_disk)
-    train_gpt2.main([*SMALL, "--max_steps", "3", "--eval_every", "1", "--val_steps", "1", "--log_dir", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert out.count("curves.png: not drawn ([Errno 28] No space left on device); training goes on") == 3
-    assert [k for _, k, _ in read_log(tmp_path)].count("train") == 3  # every step ran

@@ -1,0 +1,174 @@
+"""Checkpoints: one file per checkpoint (torch.save of tensors and plain data), read safely, checked against the
+model and the run's settings, written atomically, and restored exactly, whether one process, DDP or FSDP wrote it."""
+import contextlib
+import os
+import sys
+from dataclasses import asdict
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from machinery.cli import error_text
+from machinery.settings import RESUME_MUST_MATCH, TrainConfig
+
+
+def read_checkpoint(path, keys=("model", "model_config")):
+    """A checkpoint of this project, read safely, or a ValueError that says what is wrong with the file.
+
+    weights_only=True unpickles tensors and plain data only: a file that needs more could run
+    code when loaded, so it is refused, never retried with weights_only=False.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} not found")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): use another checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch's own message would suggest weights_only=False: never that
+        raise ValueError(f"cannot read checkpoint {path}: it is truncated, or not a checkpoint of this project "
+                         "(only tensors and plain data are loaded: anything else could run code)") from None
+    missing = [k for k in keys if k not in checkpoint] if isinstance(checkpoint, dict) else list(keys)
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of this project: it has no {', '.join(missing)}")
+    return checkpoint
+
+
+def check_weights(model, state_dict, path):
+    """A checkpoint's weights must fit model tensor for tensor: else say which one does not."""
+    expected = model.state_dict()
+    if not isinstance(state_dict, dict) or set(state_dict) != set(expected):
+        raise ValueError(f"checkpoint {path} does not hold this model's weights (other tensor names): "
+                         "it was made for another model")
+    for k, v in expected.items():
+        if not isinstance(state_dict[k], torch.Tensor) or state_dict[k].shape != v.shape:
+            shape = tuple(getattr(state_dict[k], "shape", ()))
+            raise ValueError(f"checkpoint {path} does not fit the model: {k} has shape {shape}, "
+                             f"the model's is {tuple(v.shape)}")
+
+
+def load_checkpoint(path, cfg, model):
+    """A checkpoint to resume from, read: complete, made with the settings of this run, fitting its model."""
+    checkpoint = read_checkpoint(path, keys=("model", "model_config", "optimizer", "step", "train_loader",
+                                             "rng", "config"))
+    for name in RESUME_MUST_MATCH:
+        # a setting newer than the checkpoint: the run that wrote it did what the default does
+        saved = checkpoint["config"].get(name, getattr(TrainConfig(), name))
+        if saved != getattr(cfg, name):
+            raise ValueError(f"checkpoint {path} was made with --{name} {saved}, not "
+                             f"{getattr(cfg, name)}: resume with the run's own settings")
+    check_weights(model, checkpoint["model"], path)
+    return checkpoint
+
+
+def checkpoint_to_resume(cfg, world, run, model):
+    """The checkpoint this run continues from, read and checked on every rank, or None for a run from step 0;
+    log.txt is made to agree with it."""
+    with world.together():
+        path = run.find_checkpoint(cfg.resume) if cfg.resume and world.master else None
+    # every rank resumes rank 0's checkpoint: a node that sees another log_dir must not continue another run
+    path = world.broadcast(path)
+    with world.together():
+        checkpoint = load_checkpoint(path, cfg, model) if path else None
+        if cfg.resume and not path:  # killed before its first checkpoint: there is nothing to continue
+            world.print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
+        elif not cfg.resume:
+            run.check_new_run()
+        run.start_log(checkpoint["step"] if checkpoint else 0)
+    return checkpoint
+
+
+def save_checkpoint(run, world, step, model, optimizer, train_loader, cfg):
+    """Checkpoint the run after step: every rank calls this (under FSDP each gathers its shards), rank 0 writes
+    the file. If the write fails (a full disk), every rank stops, with one line naming the last good one."""
+    path = run.checkpoint_path(step)
+    state = whole_state(model, optimizer, keep=world.master)
+    error = None
+    if world.master:
+        try:
+            write_checkpoint_file(path, step + 1, model.config, state, train_loader, cfg)
+            print(f"saved {path}")
+            run.last_saved = path
+        except (OSError, RuntimeError) as e:  # a full disk, say: the temporary file is already gone
+            error = (f"cannot write checkpoint {path} ({error_text(e)}): free some space; " +
+                     (f"the last good checkpoint is {run.last_saved}" if run.last_saved else
+                      f"this run wrote none yet, and those already in {cfg.log_dir} are untouched"))
+    del state  # under FSDP, a whole copy on the CPU: not kept until the next checkpoint
+    # every rank waits here for rank 0's write, so none tears the process group down while it writes
+    if world.any(error is not None):
+        sys.exit(f"error: {error}" if error else 1)
+
+
+def shard_like(whole, tensor):
+    """A whole tensor from a checkpoint, cut as tensor is: this rank's shard if FSDP shards it (a DTensor).
+    Every rank read the same file, so each cuts its own part (src_data_rank=None: nothing is sent)."""
+    if not isinstance(tensor, DTensor):
+        return whole
+    return distribute_tensor(whole.to(tensor.device), tensor.device_mesh, tensor.placements, src_data_rank=None)
+
+
+def restore_checkpoint(checkpoint, model, optimizer, train_loader):
+    """Continue where a checkpoint left off (weights, optimizer, data position, random state): the step to run
+    next. The checkpoint holds whole tensors, whether DDP, FSDP or one process wrote it; a model sharded by
+    FSDP takes its shards of them. The checkpoint is emptied as it is used: it is 1.5 GB at 124M."""
+    current = model.state_dict()
+    model.load_state_dict({k: shard_like(v, current[k]) for k, v in checkpoint.pop("model").items()})
+    optimizer_state = checkpoint.pop("optimizer")
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the state's keys index these
+    for i, state in optimizer_state["state"].items():
+        for k, v in state.items():
+            if k != "step":  # AdamW's moments have their parameter's shape; the step count is a scalar
+                state[k] = shard_like(v, params[i])
+    fused = [group["fused"] for group in optimizer.param_groups]  # this device's choice, not the saving one's
+    optimizer.load_state_dict(optimizer_state)
+    for group, f in zip(optimizer.param_groups, fused):
+        group["fused"] = f
+    train_loader.load_state_dict(checkpoint["train_loader"])
+    # CUDA generators are not restored: training draws none, and a checkpoint saved where 8 GPUs
+    # were visible holds 8 states that a 1-GPU machine cannot take
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    step = checkpoint["step"]
+    checkpoint.clear()
+    return step
+
+
+def whole_state(model, optimizer, keep):
+    """The model's and the optimizer's state dicts, with every tensor whole: FSDP's shards (DTensors) are
+    gathered onto the CPU, tensor by tensor. Gathering is a collective, so every rank calls this, in the same
+    order; the tensors are kept where keep (rank 0, which writes them). One file, whoever wrote it."""
+    def whole(x):
+        if not isinstance(x, DTensor):
+            return x
+        x = x.full_tensor()
+        return x.cpu() if keep else None
+    tied = {}  # wte and lm_head are one parameter: gathered, and saved, once
+    first_name = {name: tied.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
+    model_state = {}
+    for k, v in model.state_dict().items():
+        model_state[k] = model_state[first_name[k]] if first_name.get(k, k) != k else whole(v)
+    optimizer_state = optimizer.state_dict()
+    optimizer_state["state"] = {i: {k: whole(v) for k, v in state.items()}
+                                for i, state in optimizer_state["state"].items()}
+    return model_state, optimizer_state
+
+
+def write_checkpoint_file(path, step, model_config, state, train_loader, cfg):
+    """Everything needed to continue exactly, as tensors and plain data (loads with weights_only=True)."""
+    model_state, optimizer_state = state
+    checkpoint = {
+        "model": model_state,
+        "model_config": asdict(model_config),
+        "optimizer": optimizer_state,
+        "step": step,  # the next step to run
+        "train_loader": train_loader.state_dict(),
+        # the CPU generator only: nothing in training draws CUDA random numbers (sampling has its own)
+        "rng": {"cpu": torch.get_rng_state()},
+        "config": asdict(cfg),
+    }
+    tmp = path + ".tmp"
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)  # atomic: a crash mid-write never leaves a truncated checkpoint
+    except BaseException:  # a full disk, say: never leave 1.5 GB of half a checkpoint behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,157 @@
+"""The --log_dir a run owns: its lock, log.txt, its checkpoints' names, curves.png, and its temporary files.
+
+One object, RunDir, is the only code that knows these names. Every rank has one; only the rank that
+writes (rank 0) touches the disk through it.
+"""
+import contextlib
+import glob
+import os
+import re
+import socket
+
+from machinery.cli import error_text
+
+# what a GPT-2 124M run aims for: OpenAI's checkpoint's val loss on the FineWeb-Edu val shard, and the
+# HellaSwag acc_norm of GPT-2 124M and of GPT-3 Small (from its paper)
+BASELINES = {"val": [("OpenAI GPT-2 124M (FineWeb-Edu val)", 3.2924)],
+             "hella": [("OpenAI GPT-2 124M", 0.2945), ("GPT-3 Small (paper)", 0.337)]}
+CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt")  # model_{step:05d}.pt: the step it was written after
+
+
+class RunDir:
+    def __init__(self, path, writes=True):
+        self.path = path
+        self.writes = writes  # rank 0 writes; the other ranks only read through it
+        self.log_file = os.path.join(path, "log.txt")
+        self.last_saved = None  # the newest checkpoint this run wrote: named if a later one fails
+
+    def checkpoint_path(self, step):
+        """Where the checkpoint written after step goes."""
+        return os.path.join(self.path, f"model_{step:05d}.pt")
+
+    def find_checkpoint(self, resume):
+        """The checkpoint --resume names: a path, or for 'auto' the newest here (None if there is none)."""
+        if resume != "auto":
+            return resume  # read_checkpoint says so if it is not there
+        # by step number, not by name: past step 99,999 the names outgrow their zero padding
+        names = os.listdir(self.path) if os.path.isdir(self.path) else []
+        steps = {int(m.group(1)): name for name in names if (m := CHECKPOINT_NAME.fullmatch(name))}
+        return os.path.join(self.path, steps[max(steps)]) if steps else None
+
+    @contextlib.contextmanager
+    def claim(self):
+        """Hold the directory for this run: made if need be, writable, and locked so that a second run is refused.
+
+        flock() locks belong to the process: the OS releases them when it ends, however it ends, so
+        a run killed with kill -9 never leaves the directory locked.
+        """
+        import fcntl  # Unix only, like the rest of the multi-process tooling
+        log_dir = self.path
+        created = not os.path.exists(log_dir)
+        if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+            raise ValueError(f"--log_dir {log_dir} is a file: pass a directory")
+        path = os.path.join(log_dir, "run.lock")
+        while True:
+            try:
+                os.makedirs(log_dir, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ValueError(f"--log_dir {log_dir} cannot be written ({e.strerror}): pass a writable directory") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise ValueError(f"--log_dir {log_dir} is in use by another run ({holder}): wait for it to end, "
+                                 "or use another --log_dir") from None
+            if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+                break  # else the previous holder removed the file as we opened it: lock the new one
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        for stale in glob.glob(os.path.join(log_dir, "*.tmp")):
+            os.remove(stale)  # half-written by a run that died writing it: never a whole file
+        try:
+            yield
+        finally:
+            os.remove(path)  # while still locked, so no other run can hold this file meanwhile
+            os.close(fd)
+            if created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(log_dir)  # made for a run that never wrote anything: leave no trace
+
+    def check_new_run(self):
+        """A run that does not resume must not write into another run's log."""
+        if os.path.exists(self.log_file):
+            raise ValueError(f"{self.log_file} exists: continue that run with --resume auto, or start this one "
+                             "in another --log_dir")
+
+    def start_log(self, start_step):
+        """Make log.txt agree with a run that starts at start_step: lines of steps it will run again go.
+
+        A run killed after logging a step but before its checkpoint would log that step twice on
+        resume. The whole earlier log is kept beside it (log.txt.1, .2, ...) before anything is dropped.
+        """
+        log_file = self.log_file
+        if not self.writes or not os.path.exists(log_file):
+            return
+        with open(log_file) as f:
+            lines = f.readlines()
+        keep = [l for l in lines if not l.split()[:1] or not l.split()[0].isdigit() or int(l.split()[0]) < start_step]
+        if len(keep) == len(lines):
+            return
+        n = 1
+        while os.path.exists(f"{log_file}.{n}"):
+            n += 1
+        os.replace(log_file, f"{log_file}.{n}")
+        with open(log_file + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(log_file + ".tmp", log_file)
+        print(f"{log_file}: {len(lines) - len(keep)} lines of step {start_step} on set aside (this run logs them "
+              f"again); the earlier log is kept whole as {log_file}.{n}")
+
+    def log(self, step, kind, value):
+        """A line of log.txt: only ever appended to (a resumed run adds lines)."""
+        if self.writes:
+            with open(self.log_file, "a") as f:
+                f.write(f"{step} {kind} {value}\n")
+
+    def draw_curves(self):
+        """curves.png, drawn from log.txt: a run on a remote machine can be looked at as an image. A picture is
+        never worth the run: if it cannot be drawn (a full disk, a broken matplotlib), one line says so."""
+        if not self.writes:
+            return
+        try:
+            fig = plot_curves(read_curves(self.log_file))
+            tmp = os.path.join(self.path, "curves.png.tmp")  # then renamed: a viewer never opens half an image
+            fig.savefig(tmp, format="png", dpi=80)
+            os.replace(tmp, os.path.join(self.path, "curves.png"))
+        except Exception as e:
+            print(f"curves.png: not drawn ({error_text(e)}); training goes on")
+
+
+def read_curves(log_file):
+    """A run's log.txt as {kind: {step: value}}, for train (loss), val (loss) and hella (acc_norm)."""
+    curves = {"train": {}, "val": {}, "hella": {}}
+    with open(log_file) as f:
+        for line in f:
+            step, kind, value = line.split()
+            curves[kind][int(step)] = float(value)
+    return curves
+
+
+def plot_curves(curves):
+    """The train and val loss, and HellaSwag, each against its BASELINES: a matplotlib Figure."""
+    from matplotlib.figure import Figure  # imported here: only plotting needs matplotlib, and it takes 0.6 s
+    fig = Figure(figsize=(12, 4.5), layout="tight")
+    for ax, kinds, baselines, title in zip(fig.subplots(1, 2), (("train", "val"), ("hella",)),
+                                           (BASELINES["val"], BASELINES["hella"]), ("loss", "HellaSwag acc_norm")):
+        for kind in kinds:
+            steps = sorted(curves[kind])
+            ax.plot(steps, [curves[kind][s] for s in steps], marker="." if kind != "train" else None, label=kind)
+        for (name, value), color in zip(baselines, ("tab:red", "tab:green")):
+            ax.axhline(value, color=color, linestyle="--", label=name)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend()
+    return fig

@@ -1,0 +1,59 @@
+"""The --log_dir a run owns (machinery/run_dir.py): its lock, checkpoint names and curves.png."""
+import os
+
+import pytest
+import torch
+
+import train_gpt2
+from conftest import DDP, SMALL, read_log
+from machinery import run_dir
+from machinery.run_dir import RunDir, plot_curves, read_curves
+
+
+def test_a_read_only_log_dir_is_refused(tmp_path, monkeypatch):
+    real_open = os.open
+    def read_only(path, *args):
+        if str(path).startswith(str(tmp_path)):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args)
+    monkeypatch.setattr(run_dir.os, "open", read_only)
+    with pytest.raises(ValueError, match=r"--log_dir .* cannot be written \(Permission denied\): pass a writable"):
+        with RunDir(str(tmp_path)).claim():
+            pass
+
+
+def test_resume_auto_picks_the_newest_checkpoint_by_step_number(tmp_path):
+    for name in ("model_09999.pt", "model_99999.pt", "model_100000.pt", "model_20000.pt", "model_x.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert RunDir(str(tmp_path)).find_checkpoint("auto") == str(tmp_path / "model_100000.pt")  # by name: model_99999.pt
+
+
+def test_each_evaluation_draws_the_curves_as_a_png(tmp_path):
+    import matplotlib.image
+    train_gpt2.main([*DDP, "--log_dir", str(tmp_path)])  # val and HellaSwag at steps 0, 2 and 4
+    png = tmp_path / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp"))
+    pixels = matplotlib.image.imread(png)
+    assert pixels.shape[:2] == (360, 960)  # 12 x 4.5 inches at 80 dpi
+    # matplotlib's first colour (#1f77b4), antialiased: the train loss line on the left, HellaSwag's on the right
+    blue = (abs(pixels[..., :3] - torch.tensor([0x1f, 0x77, 0xb4]).numpy() / 255) < 0.1).all(-1)
+    assert blue[:, :480].sum() > 30 and blue[:, 480:].sum() > 100
+    # what is drawn is the log: every train, val and hella value at its step, beside the baselines
+    log = read_log(tmp_path)
+    fig = plot_curves(read_curves(tmp_path / "log.txt"))
+    loss, hella = fig.axes
+    drawn = {line.get_label(): line.get_xydata().tolist() for ax in fig.axes for line in ax.lines}
+    for kind in ("train", "val", "hella"):
+        assert drawn[kind] == [[int(s), float(v)] for s, k, v in log if k == kind], kind
+    assert [line.get_ydata()[0] for line in hella.lines[1:]] == [0.2945, 0.337]
+    assert loss.lines[2].get_ydata()[0] == 3.2924 and len(drawn["train"]) == 5
+
+
+def test_a_curves_png_that_cannot_be_drawn_is_one_line_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    def full_disk(curves):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(run_dir, "plot_curves", full_disk)
+    train_gpt2.main([*SMALL, "--max_steps", "3", "--eval_every", "1", "--val_steps", "1", "--log_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.count("curves.png: not drawn ([Errno 28] No space left on device); training goes on") == 3
+    assert [k for _, k, _ in read_log(tmp_path)].count("train") == 3  # every step ran
