@@ -7,7 +7,6 @@ import collections
 import contextlib
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -26,10 +25,11 @@ import hellaswag  # downloads, renders and scores HellaSwag; of ours, it imports
 from machinery.checkpoints import (check_weights, checkpoint_to_resume, read_checkpoint, restore_checkpoint,
                                    save_checkpoint)
 from machinery.cli import error_text, one_line_errors, run_script
-from machinery.perf import duration, flops_per_token, peak_tflops
+from machinery.perf import Meter
 from machinery.run_dir import RunDir
 from machinery.settings import GPT2_PROMPT, batch_plan, check_config, dry_run, parse_args, samples_prompt
 from machinery.shards import open_shard, shard_paths
+from machinery.stopping import STOPPED, StopRequest
 from machinery.world import World, bf16_fast, maybe_compile, synchronize
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding  # GPT-2's BPE, read from files in this repo: never downloaded
 
@@ -183,7 +183,7 @@ class GPT(nn.Module):
             idx = torch.cat((idx, torch.gather(topk_indices, -1, ix)), dim=1)
         return idx
 
-    def configure_optimizers(self, weight_decay, learning_rate, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, log=None):
         """AdamW with weight decay on the matmul weights and embeddings, none on biases and LayerNorms."""
         params = [p for p in self.parameters() if p.requires_grad]
         # decay pulls weights toward 0 as a regulariser: right for the 2-D tensors that multiply
@@ -191,6 +191,8 @@ class GPT(nn.Module):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        for kind, group in zip(("decayed", "non-decayed"), groups) if log else ():
+            log(f"{kind} tensors: {len(group['params'])}, with {sum(p.numel() for p in group['params']):,} parameters")
         # the fused kernel updates every tensor in one launch instead of several per tensor (CUDA only)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=device_type == "cuda")
 
@@ -441,6 +443,23 @@ def evaluate_hellaswag(model, examples, world, use_bf16=False, should_stop=lambd
     return counts[0].item() / counts[1].item()
 
 
+def evaluate(step, eval_model, raw_model, data, cfg, world, run, should_stop):
+    """The val loss, and HellaSwag where there is data: printed and logged; then curves.png is redrawn."""
+    val_loss = evaluate_loss(eval_model, data.val, cfg.val_steps, world, cfg.bf16)
+    world.print(f"validation loss: {val_loss:.4f}")
+    run.log(step, "val", f"{val_loss:.4f}")
+    if data.hellaswag is not None:
+        t0 = time.time()
+        acc_norm = evaluate_hellaswag(raw_model, data.hellaswag, world, cfg.bf16, should_stop, sharded=cfg.fsdp)
+        if acc_norm is None:
+            world.print("HellaSwag: cut short, a stop was requested")
+        else:
+            world.print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(data.hellaswag)} examples "
+                        f"({time.time() - t0:.1f} s)")
+            run.log(step, "hella", f"{acc_norm:.4f}")
+    run.draw_curves()
+
+
 @torch.no_grad()
 def sample(model, device, num_samples=4, max_new_tokens=32, seed=42, prompt=GPT2_PROMPT):
     """num_samples continuations of prompt (top-k 50), from a generator of their own."""
@@ -481,11 +500,6 @@ def scratch_config(cfg):
     """The shape of a model trained from scratch: its context is the sequence length it trains with."""
     return GPTConfig(block_size=cfg.seq_len, vocab_size=PADDED_VOCAB_SIZE, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_embd=cfg.n_embd)
-
-
-# the exit code of a run that stopped because it was asked to (SIGTERM, Ctrl-C) after writing its
-# checkpoint: not 0, so a script can tell it from a finished run; 75 is EX_TEMPFAIL, "try again later"
-STOPPED = 75
 
 
 def main(argv=None):
@@ -538,15 +552,11 @@ def main(argv=None):
 def train(cfg, world, model, data, run, checkpoint=None):
     """The training loop: from step 0, or from where checkpoint left off. True if it stopped on request."""
     device = world.device
-    prompt = samples_prompt(cfg)
     world.print(f"using device: {device}" + (f", {world.world_size} processes" if world.ddp else ""))
-    n_params = sum(p.numel() for p in model.parameters())
-    world.print(f"model: {n_params:,} parameters")
+    world.print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     grad_accum_steps, plan = batch_plan(cfg, world.world_size)
     world.print(plan)
-    # MFU: the FLOP/s a process achieves, as a share of what its device could do at most
-    flops, (peak, peak_name) = flops_per_token(n_params, model.config, cfg.seq_len), peak_tflops(device, cfg.bf16)
-    world.print(f"MFU is measured against {peak_name}: {peak:,.3f} TFLOP/s")
+    meter = Meter(model, cfg, world)  # MFU and the time left, for each step line
     model.to(device)
     if cfg.fsdp:
         # FSDP2: each block, then the root (embeddings, ln_f, lm_head), is a unit whose weights, gradients and
@@ -556,9 +566,7 @@ def train(cfg, world, model, data, run, checkpoint=None):
         fully_shard(model)
     # GPT-3's AdamW: beta2 0.95 (not 0.999) lets the second moment follow the gradients' scale faster
     optimizer = model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
-                                           device_type=world.device_type)
-    for kind, group in zip(("decayed", "non-decayed"), optimizer.param_groups):
-        world.print(f"{kind} tensors: {len(group['params'])}, with {sum(p.numel() for p in group['params']):,} parameters")
+                                           device_type=world.device_type, log=world.print)
     start_step = restore_checkpoint(checkpoint, model, optimizer, data.train) if checkpoint else 0
     if start_step:  # a checkpoint's step is the next to run: 1 or more
         world.print(f"resuming at step {start_step} from {cfg.resume}")
@@ -571,39 +579,17 @@ def train(cfg, world, model, data, run, checkpoint=None):
         # DDP averages the gradients of all processes during backward, bucket by bucket
         model = DDP(model, device_ids=[world.local_rank] if world.device_type == "cuda" else None)
 
-    # a pre-empted machine gets SIGTERM, a person presses Ctrl-C: finish the step, checkpoint, exit
-    stop = {"requested": False}
-    def request_stop(signum, frame):
-        if stop["requested"]:  # asked twice: the user will not wait for the checkpoint
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        world.print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
-                    "(Ctrl-C again to stop at once, without one)")
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-
     stopping = False
-    try:
+    with StopRequest(world) as stop:  # SIGTERM or Ctrl-C: finish the step, checkpoint, exit
         for step in range(start_step, cfg.max_steps):
             last_step = step == cfg.max_steps - 1
             if step % cfg.eval_every == 0 or last_step:
-                val_loss = evaluate_loss(eval_model, data.val, cfg.val_steps, world, cfg.bf16)
-                world.print(f"validation loss: {val_loss:.4f}")
-                run.log(step, "val", f"{val_loss:.4f}")
-                if data.hellaswag is not None:  # scored with the eager model: its shapes vary from batch to batch
-                    t_hella = time.time()
-                    acc_norm = evaluate_hellaswag(raw_model, data.hellaswag, world, cfg.bf16,
-                                                  should_stop=lambda: stop["requested"], sharded=cfg.fsdp)
-                    if acc_norm is None:
-                        world.print("HellaSwag: cut short, a stop was requested")
-                    else:
-                        world.print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(data.hellaswag)} examples "
-                                    f"({time.time() - t_hella:.1f} s)")
-                        run.log(step, "hella", f"{acc_norm:.4f}")
-                run.draw_curves()
+                # HellaSwag is scored with the eager model: its shapes vary from batch to batch
+                evaluate(step, eval_model, raw_model, data, cfg, world, run, should_stop=lambda: stop.requested)
             # under FSDP every rank takes part in each forward pass, so every rank samples (the same text)
             if (world.master or cfg.fsdp) and ((step > 0 and step % cfg.sample_every == 0) or last_step):
                 # the eager model again: each new token makes a new shape, which would recompile every time
-                for i, text in enumerate(sample(raw_model, device, prompt=prompt)):
+                for i, text in enumerate(sample(raw_model, device, prompt=samples_prompt(cfg))):
                     world.print(f"sample {i}: {text}")
 
             t0 = time.time()
@@ -645,27 +631,16 @@ def train(cfg, world, model, data, run, checkpoint=None):
             synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
             dt = time.time() - t0
             tokens_per_sec = cfg.batch_size * cfg.seq_len * grad_accum_steps * world.world_size / dt
-            mfu = tokens_per_sec / world.world_size * flops / (peak * 1e12)
-            # the ETA follows the pace since this run's first step (compiling) ended, evaluations included
-            if step == start_step:
-                t_first, pace = time.time(), dt
-            else:
-                pace = (time.time() - t_first) / (step - start_step)
             world.print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
-                        f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f} | mfu {100 * mfu:.1f}% "
-                        f"| eta {duration(pace * (cfg.max_steps - step - 1))}")
+                        f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f} | {meter(step, tokens_per_sec, dt)}")
             run.log(step, "train", f"{loss_accum.item():.6f}")
 
-            # the signal may reach the ranks at different steps: stop when any of them got it
-            stopping = world.any(stop["requested"])
+            stopping = world.any(stop.requested)  # the signal may reach the ranks at different steps
             if (step + 1) % cfg.checkpoint_every == 0 or last_step or stopping:
                 save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg)
-                if stopping:
-                    world.print(f"stopped at step {step}: continue with --resume auto --log_dir {cfg.log_dir}")
-                    break
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if stopping:
+                world.print(f"stopped at step {step}: continue with --resume auto --log_dir {cfg.log_dir}")
+                break
     return stopping
 
 

@@ -6,10 +6,11 @@ module a concern, each usable on its own:
 - cli.py: one-line errors and exit codes, the on/off flag types, shared by every script
 - shards.py: the token shard format that fineweb.py writes and the loader reads
 - world.py: the device, and the processes torchrun starts: who is who, and how they agree
-- perf.py: FLOPs per token, device peaks, MFU's measure, durations
+- perf.py: FLOPs per token, device peaks, MFU and the time left in each step line
 - settings.py: every setting of a run (TrainConfig), the --model presets, their checks, the dry run
 - run_dir.py: the --log_dir a run owns: its lock, log.txt, checkpoint names, curves.png
 - checkpoints.py: reading, checking, writing and restoring checkpoints, FSDP's shards included
+- stopping.py: signals that ask a run to stop with a checkpoint, and the exit code that says so
 
 Nothing here imports train_gpt2.py: where a module needs the model, it is handed the class or a model.
 """

@@ -58,3 +58,24 @@ def peak_tflops(device, bf16):
         return sheet, f"the datasheet bf16 peak of {torch.cuda.get_device_name(device)}"
     dtype, name = (torch.bfloat16, "bf16") if bf16 else (torch.float32, "fp32")
     return measured_tflops(device, dtype), f"this device's measured {name} matmul peak"
+
+
+class Meter:
+    """The end of each step line: MFU (the FLOP/s a process achieves, as a share of what its device could do at
+    most) and the time left, from the pace since this run's first step (compiling) ended, evaluations included."""
+
+    def __init__(self, model, cfg, world):
+        n_params = sum(p.numel() for p in model.parameters())
+        self.flops = flops_per_token(n_params, model.config, cfg.seq_len)
+        self.peak, name = peak_tflops(world.device, cfg.bf16)
+        world.print(f"MFU is measured against {name}: {self.peak:,.3f} TFLOP/s")
+        self.world_size, self.max_steps = world.world_size, cfg.max_steps
+        self.first = None  # (step, time) when the run's first step ended
+
+    def __call__(self, step, tokens_per_sec, dt):
+        mfu = tokens_per_sec / self.world_size * self.flops / (self.peak * 1e12)
+        if self.first is None:
+            self.first, pace = (step, time.time()), dt
+        else:
+            pace = (time.time() - self.first[1]) / (step - self.first[0])
+        return f"mfu {100 * mfu:.1f}% | eta {duration(pace * (self.max_steps - step - 1))}"
