@@ -5,7 +5,7 @@
 
 The result is a plain GPT-2: the vocabulary cut back to 50257 (the padded rows are not tokens),
 the four projection weights transposed back to Conv1D's (in, out) layout, lm_head tied to wte.
-It works with transformers' pipelines, with hellaswag.py, and on the hub.
+It works with transformers' pipelines, with eval_hellaswag.py, and on the hub.
 """
 import argparse
 import os

@@ -1,8 +1,9 @@
 """HellaSwag, completion style: which of four endings does the model find most likely?
 
-    python hellaswag.py -m gpt2 -d cuda                 # the 10,042 val examples
-    python hellaswag.py -m log/model_19072.pt --limit 500
-    python hellaswag.py -m my_hf_dir --data_file hellaswag_val.jsonl
+    python hellaswag.py                     # download the 10,042 val examples once, and check them
+
+The trainer scores it in its loop with this file's evaluate(); eval_hellaswag.py scores a model from the
+command line. This file imports nothing of the project but the tokenizer and the error helpers.
 
 Each ending is rendered as the context's tokens followed by the tokens of " " + ending, and
 scored by the model's cross-entropy over the ending's tokens only. acc picks the lowest summed
@@ -13,13 +14,13 @@ this with a fraction of the work: it says how.
 import argparse
 import json
 import os
-import sys
 import urllib.request
 
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from machinery.cli import one_line_errors, run_script
 from tokenizer import gpt2_encoding
 
 DATA_CACHE_DIR = os.environ.get("HELLASWAG_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag"))
@@ -173,39 +174,15 @@ def evaluate(model, examples, device, budget=BATCH_TOKENS, use_bf16=False, progr
 
 
 def main(argv=None):
-    # the command line needs the trainer's model loader; the trainer imports this file, so the
-    # import is made here, when the command runs, and importing hellaswag stays free of it
-    from machinery.cli import one_line_errors
-    from machinery.world import bf16_fast, init_device
-    from tokenizer import GPT2_VOCAB_SIZE
-    from train_gpt2 import check_vocab, load_model
-    p = argparse.ArgumentParser(description="Score a model on HellaSwag (completion style).")
-    p.add_argument("-m", "--model", default="gpt2", help="gpt2 ... gpt2-xl, a Hugging Face GPT-2 directory, or a .pt checkpoint")
-    p.add_argument("-d", "--device", default="auto")
-    p.add_argument("--data_file", help="a local HellaSwag jsonl (no download)")
+    p = argparse.ArgumentParser(description="Download a HellaSwag split once (into HELLASWAG_CACHE, default ./hellaswag) "
+                                            "and check it. To score a model: python eval_hellaswag.py -m MODEL")
     p.add_argument("--split", default="val", choices=("train", "val"))
-    p.add_argument("--limit", type=int, help="score only the first N examples (at least 1)")
-    p.add_argument("--batch_tokens", type=int, default=BATCH_TOKENS, help="tokens per forward pass, padding included")
     args = p.parse_args(argv)
-    with one_line_errors():
-        device = init_device(args.device)
-        if args.limit is not None and args.limit < 1:
-            raise ValueError(f"--limit must be at least 1, got {args.limit}")
-        if args.batch_tokens < 1:
-            raise ValueError(f"--batch_tokens must be at least 1, got {args.batch_tokens}")
-        path = args.data_file or download(args.split)
-        if not os.path.isfile(path):
-            raise ValueError(f"data file {path!r} not found")
-        examples = list(iterate_examples(path, args.limit))
-        model = load_model(args.model).to(device).eval()
-        check_vocab(model, GPT2_VOCAB_SIZE - 1, "GPT-2 text (HellaSwag)")
-    c, cn, n = evaluate(model, examples, device, args.batch_tokens, use_bf16=bf16_fast(device), progress=True)
-    print(f"hellaswag {os.path.basename(path)}: acc {c / n:.4f} acc_norm {cn / n:.4f} examples {n}")
+    with one_line_errors():  # offline, say: one line, no traceback
+        path = download(args.split)
+        n = sum(1 for _ in iterate_examples(path))
+    print(f"hellaswag {args.split}: {n:,} examples in {path}")
 
 
 if __name__ == "__main__":
-    # run as a script, this file is the module __main__: the trainer's `import hellaswag` must find
-    # this module, not load the file a second time as another
-    sys.modules["hellaswag"] = sys.modules[__name__]
-    from machinery.cli import run_script
     run_script(main)

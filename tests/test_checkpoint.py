@@ -140,7 +140,7 @@ def test_one_reader_turns_every_bad_checkpoint_into_a_clear_error(tmp_path):
 
 
 def test_every_entry_point_that_reads_a_checkpoint_refuses_a_bad_one_in_one_line(tmp_path):
-    import export_hf, hellaswag, sample, train_gpt2
+    import eval_hellaswag, export_hf, sample, train_gpt2
     messages = bad_checkpoints(tmp_path)
     log = tmp_path / "log"
     cases = [
@@ -148,7 +148,7 @@ def test_every_entry_point_that_reads_a_checkpoint_refuses_a_bad_one_in_one_line
         (train_gpt2.main, [*TINY, "--log_dir", str(log), "--init_from", str(tmp_path / "code.pt")], "code.pt"),
         (sample.main, ["-m", str(tmp_path / "empty.pt"), "-d", "cpu"], "empty.pt"),
         (export_hf.main, [str(tmp_path / "shape.pt"), str(tmp_path / "hf")], "shape.pt"),
-        (hellaswag.main, ["-m", str(tmp_path / "text.pt"), "-d", "cpu", "--data_file", HELLASWAG_20], "text.pt"),
+        (eval_hellaswag.main, ["-m", str(tmp_path / "text.pt"), "-d", "cpu", "--data_file", HELLASWAG_20], "text.pt"),
     ]
     for main, args, name in cases:
         error = error_of(main, args)

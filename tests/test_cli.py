@@ -243,7 +243,7 @@ def test_settings_that_make_no_sense_are_refused(args, message):
 @pytest.mark.parametrize("args, message", [
     (["sample.py", "-m", "x.pt", "--num_samples", "0"], "--num_samples must be at least 1 and --max_new_tokens at least 0"),
     (["sample.py", "-m", "x.pt", "--max_new_tokens", "-5"], "--num_samples must be at least 1 and --max_new_tokens at least 0, got 4 and -5"),
-    (["hellaswag.py", "-m", "x.pt", "--batch_tokens", "0"], "--batch_tokens must be at least 1, got 0"),
+    (["eval_hellaswag.py", "-m", "x.pt", "--batch_tokens", "0"], "--batch_tokens must be at least 1, got 0"),
     (["bench.py", "--steps", "0"], "--steps must be at least 1, got 0"),
     (["bench.py", "--n_embd", "30", "--n_head", "4"], "--n_embd 30 must be a multiple of --n_head 4"),
     (["bench.py", "--device", "tpu"], "unknown device 'tpu'"),
@@ -278,7 +278,7 @@ def test_every_script_ends_a_ctrl_c_with_one_line_and_code_130(capsys):
     with pytest.raises(SystemExit) as e:
         run_script(interrupted)
     assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
-    for script in ("fineweb.py", "hellaswag.py", "sample.py", "export_hf.py", "bench.py", "train_gpt2.py"):
+    for script in ("fineweb.py", "hellaswag.py", "eval_hellaswag.py", "sample.py", "export_hf.py", "bench.py", "train_gpt2.py"):
         with open(os.path.join(ROOT, script)) as f:
             assert "    run_script(main" in f.read().split('if __name__ == "__main__":')[1], script
 

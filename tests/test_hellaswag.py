@@ -6,6 +6,7 @@ from tokenizer import gpt2_encoding
 import torch
 from torch.nn import functional as F
 
+import eval_hellaswag
 import hellaswag
 from conftest import FIXTURES, HELLASWAG_20 as EXAMPLES, INPUT, error_of, run
 from train_gpt2 import GPT, GPTConfig
@@ -147,7 +148,7 @@ def test_batches_hold_rows_of_similar_length_within_the_token_budget():
 
 def test_cli_scores_a_local_checkpoint_on_a_local_file(hf_checkpoint):
     path = hf_checkpoint(vocab_size=50257, n_embd=16, n_positions=256)
-    out = run(["hellaswag.py", "-m", path, "-d", "cpu", "--data_file", EXAMPLES,
+    out = run(["eval_hellaswag.py", "-m", path, "-d", "cpu", "--data_file", EXAMPLES,
                           "--limit", "12"])
     assert out.returncode == 0, out.stderr
     acc, acc_norm, n = re.search(r"acc ([0-9.]+) acc_norm ([0-9.]+) examples (\d+)$", out.stdout.strip()).groups()
@@ -202,9 +203,9 @@ def test_a_bad_hellaswag_file_is_a_one_line_error_in_the_scorer_and_in_training(
     import train_gpt2
     bad = tmp_path / "three_endings.jsonl"
     bad.write_text(GOOD + "\n" + GOOD.replace('"c", ', "") + "\n")
-    assert error_of(hellaswag.main, ["-m", "nowhere.pt", "--data_file", EXAMPLES, "--limit", "0"]) == \
+    assert error_of(eval_hellaswag.main, ["-m", "nowhere.pt", "--data_file", EXAMPLES, "--limit", "0"]) == \
         "error: --limit must be at least 1, got 0"
-    assert error_of(hellaswag.main, ["-m", "nowhere.pt", "--data_file", str(bad)]) == \
+    assert error_of(eval_hellaswag.main, ["-m", "nowhere.pt", "--data_file", str(bad)]) == \
         f"error: {bad} line 2: 'endings' must be a list of 4 texts, got 3: each line must be one HellaSwag example"
     error = error_of(train_gpt2.main, ["--data", INPUT, "--hellaswag_file", str(bad),
                                        "--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--batch_size", "2",
@@ -214,13 +215,17 @@ def test_a_bad_hellaswag_file_is_a_one_line_error_in_the_scorer_and_in_training(
     assert not (tmp_path / "log" / "log.txt").exists()
 
 
-def test_hellaswag_is_a_leaf_that_its_own_command_loads_once():
-    # importing it loads nothing of ours: the trainer imports it, so it must not import the trainer
+def test_hellaswag_is_a_leaf_the_trainer_imports_and_its_command_downloads_and_checks_a_split(tmp_path):
+    # importing it loads nothing of ours but the tokenizer and the error helpers: the trainer imports it
     out = run(["-c", "import sys, hellaswag; print([m for m in sys.modules if m in "
-                          "('train_gpt2', 'sample', 'export_hf', 'bench', 'fineweb')])"])
+                     "('train_gpt2', 'eval_hellaswag', 'sample', 'export_hf', 'bench', 'fineweb')])"])
     assert out.stdout == "[]\n", out.stderr
-    # run as a script it is the module __main__, and the trainer it loads for its model finds it there
-    out = run(["-X", "importtime", "hellaswag.py", "--help"])
-    assert out.returncode == 0 and "--data_file" in out.stdout
-    loaded = re.findall(r"\| +(\w+)$", out.stderr, re.M)
-    assert "train_gpt2" in loaded and "hellaswag" not in loaded
+    cache = tmp_path / "cache"
+    env = dict(os.environ, HELLASWAG_CACHE=str(cache),
+               https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")  # nothing leaves this machine
+    out = run(["hellaswag.py"], env=env)  # offline, nothing cached: one line, no traceback
+    assert out.returncode == 1 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert not list(cache.glob("*"))  # no partial download left behind
+    (cache / "hellaswag_val.jsonl").write_text(open(HELLASWAG_64).read())  # as a finished download leaves it
+    out = run(["hellaswag.py", "--split", "val"], env=env)
+    assert out.returncode == 0 and out.stdout == f"hellaswag val: 64 examples in {cache}/hellaswag_val.jsonl\n"

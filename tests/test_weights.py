@@ -42,7 +42,7 @@ def test_sample_command_continues_a_prompt_from_a_checkpoint(checkpoint):
 
 
 def test_hellaswag_scores_a_checkpoint(checkpoint):
-    out = run(["hellaswag.py", "-m", checkpoint, "-d", "cpu", "--data_file",
+    out = run(["eval_hellaswag.py", "-m", checkpoint, "-d", "cpu", "--data_file",
                HELLASWAG_20, "--limit", "4"])
     assert out.returncode == 0, out.stderr
     assert re.search(r"acc [0-9.]+ acc_norm [0-9.]+ examples 4$", out.stdout.strip())
