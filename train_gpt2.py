@@ -1,6 +1,9 @@
 """GPT-2 (124M) from scratch: the model, its data, and its training loop, in one file.
 
-Read it top to bottom: the model first, then the data, then the training.
+Read it top to bottom, in the lecture's order: the model, the data loader, evaluation, the learning-rate
+schedule, the training loop, and main(), which sets a run up (torchrun, DDP or FSDP) and starts the loop.
+What a production run needs beyond the lecture (settings and presets, the run directory, checkpoints,
+signals, agreement between ranks, speed figures) lives in the package beside it, machinery/.
 """
 import bisect
 import collections
@@ -475,9 +478,6 @@ def sample(model, device, num_samples=4, max_new_tokens=32, seed=42, prompt=GPT2
 
 
 # -----------------------------------------------------------------------------
-# Watching a run
-
-# -----------------------------------------------------------------------------
 # The optimisation schedule
 
 
@@ -493,60 +493,7 @@ def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
 
 
 # -----------------------------------------------------------------------------
-# Running it
-
-
-def scratch_config(cfg):
-    """The shape of a model trained from scratch: its context is the sequence length it trains with."""
-    return GPTConfig(block_size=cfg.seq_len, vocab_size=PADDED_VOCAB_SIZE, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_embd=cfg.n_embd)
-
-
-def main(argv=None):
-    with one_line_errors():  # the same settings on every rank: if these fail, they fail on all of them alike
-        cfg = parse_args(argv)
-        world = World.from_env(cfg.device)
-        check_config(cfg, world.world_size)
-        if cfg.dry_run:
-            return dry_run(cfg, world, GPT, scratch_config(cfg))
-        if cfg.fsdp and not world.ddp:
-            raise ValueError("--fsdp 1 shards the model across the processes torchrun starts: launch with torchrun "
-                             "(--nproc_per_node=N), or pass --fsdp 0")
-        if cfg.bf16 == "auto":  # decided once, here: the checkpoint records what the run really did
-            cfg.bf16 = bf16_fast(world.device)
-    if world.ddp:
-        # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
-        dist.init_process_group(backend="nccl" if world.device_type == "cuda" else "gloo")
-    try:
-        run = RunDir(cfg.log_dir, writes=world.master)
-        with one_line_errors(), contextlib.ExitStack() as claim:  # claim holds the log_dir for the run (rank 0)
-            # from here a step may fail on one rank only: the ranks agree after each stage
-            with world.together():
-                if world.master:  # before any work: a log_dir that cannot be used fails now, not after an hour
-                    claim.enter_context(run.claim())
-                torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-                if cfg.init_from == "scratch":
-                    model = GPT(scratch_config(cfg))
-                else:  # fine-tuning: the weights only, with a fresh optimizer from step 0
-                    model = load_model(cfg.init_from)
-                if cfg.seq_len > model.config.block_size:
-                    raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
-                train_loader, val_loader = (DataLoaderLite(cfg.batch_size, cfg.seq_len, world.rank, world.world_size,
-                                                           split, cfg.data, cfg.seed if shuffle else None)
-                                            for split, shuffle in (("train", cfg.shuffle_shards), ("val", False)))
-                for loader in (train_loader, val_loader):
-                    check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
-            checkpoint = checkpoint_to_resume(cfg, world, run, model)
-            data = Data(train_loader, val_loader, hellaswag=load_hellaswag(cfg, world))
-            stopped = train(cfg, world, model, data, run, checkpoint)
-    except torch._dynamo.exc.TorchDynamoException as e:
-        # compiling happens at the first forward, not at torch.compile(): a missing compiler shows up here
-        sys.exit(f"error: torch.compile failed ({error_text(e)}): pass --compile 0 to train without it")
-    finally:
-        if world.ddp:
-            dist.destroy_process_group()
-    if stopped:
-        sys.exit(STOPPED)
+# The training loop
 
 
 def train(cfg, world, model, data, run, checkpoint=None):
@@ -642,6 +589,63 @@ def train(cfg, world, model, data, run, checkpoint=None):
                 world.print(f"stopped at step {step}: continue with --resume auto --log_dir {cfg.log_dir}")
                 break
     return stopping
+
+
+# -----------------------------------------------------------------------------
+# Setting a run up: one process, or one of many that torchrun starts
+
+
+def scratch_config(cfg):
+    """The shape of a model trained from scratch: its context is the sequence length it trains with."""
+    return GPTConfig(block_size=cfg.seq_len, vocab_size=PADDED_VOCAB_SIZE, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd)
+
+
+def main(argv=None):
+    with one_line_errors():  # the same settings on every rank: if these fail, they fail on all of them alike
+        cfg = parse_args(argv)
+        world = World.from_env(cfg.device)
+        check_config(cfg, world.world_size)
+        if cfg.dry_run:
+            return dry_run(cfg, world, GPT, scratch_config(cfg))
+        if cfg.fsdp and not world.ddp:
+            raise ValueError("--fsdp 1 shards the model across the processes torchrun starts: launch with torchrun "
+                             "(--nproc_per_node=N), or pass --fsdp 0")
+        if cfg.bf16 == "auto":  # decided once, here: the checkpoint records what the run really did
+            cfg.bf16 = bf16_fast(world.device)
+    if world.ddp:
+        # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
+        dist.init_process_group(backend="nccl" if world.device_type == "cuda" else "gloo")
+    try:
+        run = RunDir(cfg.log_dir, writes=world.master)
+        with one_line_errors(), contextlib.ExitStack() as claim:  # claim holds the log_dir for the run (rank 0)
+            # from here a step may fail on one rank only: the ranks agree after each stage
+            with world.together():
+                if world.master:  # before any work: a log_dir that cannot be used fails now, not after an hour
+                    claim.enter_context(run.claim())
+                torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+                if cfg.init_from == "scratch":
+                    model = GPT(scratch_config(cfg))
+                else:  # fine-tuning: the weights only, with a fresh optimizer from step 0
+                    model = load_model(cfg.init_from)
+                if cfg.seq_len > model.config.block_size:
+                    raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
+                train_loader, val_loader = (DataLoaderLite(cfg.batch_size, cfg.seq_len, world.rank, world.world_size,
+                                                           split, cfg.data, cfg.seed if shuffle else None)
+                                            for split, shuffle in (("train", cfg.shuffle_shards), ("val", False)))
+                for loader in (train_loader, val_loader):
+                    check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
+            checkpoint = checkpoint_to_resume(cfg, world, run, model)
+            data = Data(train_loader, val_loader, hellaswag=load_hellaswag(cfg, world))
+            stopped = train(cfg, world, model, data, run, checkpoint)
+    except torch._dynamo.exc.TorchDynamoException as e:
+        # compiling happens at the first forward, not at torch.compile(): a missing compiler shows up here
+        sys.exit(f"error: torch.compile failed ({error_text(e)}): pass --compile 0 to train without it")
+    finally:
+        if world.ddp:
+            dist.destroy_process_group()
+    if stopped:
+        sys.exit(STOPPED)
 
 
 if __name__ == "__main__":
