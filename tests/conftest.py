@@ -7,6 +7,7 @@ fails the test, so a hidden download cannot slip in.
 Test modules import what they need from here (`from conftest import ROOT, TINY, run`), never
 from each other.
 """
+import glob
 import os
 import signal
 import socket
@@ -89,17 +90,33 @@ def run(args, cwd=ROOT, timeout=600, env=None):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def torchrun(nproc, args, timeout=600):
-    """train_gpt2.py on nproc processes of this machine, started by torchrun (gloo on the CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "train_gpt2.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def torchrun(nproc, args, timeout=600, launcher=("--standalone",), cwd=ROOT, env=None):
+    """train_gpt2.py on nproc processes of this machine, started by torchrun (gloo on the CPU). Its stderr is what
+    the processes themselves wrote there, rank by rank (torchrun's own report of a failure is left out)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as logs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}",
+               "--redirects", "2", "--log-dir", logs, os.path.join(ROOT, "train_gpt2.py"), *args]
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+        files = sorted(glob.glob(os.path.join(logs, "*", "attempt_0", "*", "stderr.log")),
+                       key=lambda f: int(f.split(os.sep)[-2]))  # by local rank
+        out.stderr = "".join(open(f).read() for f in files)
+    return out
 
 
 def read_log(log_dir):
     """log_dir/log.txt as a list of [step, kind, value] lines."""
     with open(os.path.join(log_dir, "log.txt")) as f:
         return [line.split() for line in f.read().splitlines()]
+
+
+def assert_same_log(got, expected, tol=0.0, after=-1):
+    """Two runs logged the same records (step and kind, in order) with values within tol; tol 0: the very same
+    text, digit for digit. after: only the steps after this one count (what a resumed run logs)."""
+    got, expected = ([r for r in read_log(d) if int(r[0]) > after] for d in (got, expected))
+    assert [r[:2] for r in got] == [r[:2] for r in expected] and got, (got, expected)
+    for (step, kind, a), (_, _, b) in zip(got, expected):
+        assert (a == b) if tol == 0 else abs(float(a) - float(b)) <= tol, (step, kind, a, b)
 
 
 def error_of(main, argv):

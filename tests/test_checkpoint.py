@@ -10,7 +10,14 @@ from fractions import Fraction
 import pytest
 import torch
 
-from conftest import HELLASWAG_20, INPUT, ROOT, TINY, error_of, run
+from conftest import HELLASWAG_20, INPUT, ROOT, TINY, assert_same_log, error_of, run
+import eval_hellaswag
+import export_hf
+import sample
+import train_gpt2
+from machinery.checkpoints import restore_checkpoint, whole_state, write_checkpoint_file
+from machinery.settings import TrainConfig
+from train_gpt2 import DataLoaderLite, GPT, GPTConfig, load_model
 
 
 def log_text(d):
@@ -37,7 +44,7 @@ def test_a_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(tmp_path, uni
                "--resume", str(a / "model_00002.pt")])
     assert out.returncode == 0, out.stderr
     assert "resuming at step 3" in out.stdout
-    assert log_text(b) == log_text(a)  # bit for bit: train and val losses, same lines
+    assert_same_log(b, a)  # bit for bit: train and val losses, same lines
     ca = torch.load(a / "model_00005.pt", weights_only=True)
     cb = torch.load(b / "model_00005.pt", weights_only=True)
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
@@ -49,9 +56,8 @@ def test_resume_with_other_settings_or_a_fresh_run_over_a_log_is_refused(tmp_pat
     out = run(["train_gpt2.py", *TINY, "--max_steps", "2", "--log_dir", str(tmp_path)])
     assert out.returncode == 0, out.stderr
     log = log_text(tmp_path)
-    import train_gpt2
-    error = error_of(train_gpt2.main, [*TINY[:-6], "--n_embd", "32", "--device", "cpu", "--max_steps", "2",
-                                       "--compile", "0", "--bf16", "0", "--resume", "auto", "--log_dir", str(tmp_path)])
+    error = error_of(train_gpt2.main, [*TINY, "--n_embd", "32", "--max_steps", "2", "--resume", "auto",
+                                       "--log_dir", str(tmp_path)])
     assert "was made with --n_embd 16, not 32: resume with the run's own settings" in error
     error = error_of(train_gpt2.main, [*TINY, "--max_steps", "2", "--log_dir", str(tmp_path)])
     assert "log.txt exists: continue that run with --resume auto, or start this one in another --log_dir" in error
@@ -76,7 +82,7 @@ def test_sigterm_writes_a_checkpoint_that_resumes_exactly(tmp_path):
     assert len(saved) == 1 and not saved[0].startswith("model_00029")  # stopped early, checkpoint written
     out = run(args + [str(cut), "--resume", "auto"])
     assert out.returncode == 0, out.stderr
-    assert log_text(cut) == log_text(whole)
+    assert_same_log(cut, whole)
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -93,9 +99,6 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 
 def tiny_checkpoint(path):
     """A real checkpoint of a tiny model after one training step, as the trainer writes it."""
-    from machinery.checkpoints import whole_state, write_checkpoint_file
-    from machinery.settings import TrainConfig
-    from train_gpt2 import GPT, DataLoaderLite, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
     optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
@@ -130,7 +133,6 @@ def bad_checkpoints(d):
 
 
 def test_one_reader_turns_every_bad_checkpoint_into_a_clear_error(tmp_path):
-    from train_gpt2 import load_model
     for name, message in bad_checkpoints(tmp_path).items():
         with pytest.raises(ValueError) as e:
             load_model(str(tmp_path / name))
@@ -140,7 +142,6 @@ def test_one_reader_turns_every_bad_checkpoint_into_a_clear_error(tmp_path):
 
 
 def test_every_entry_point_that_reads_a_checkpoint_refuses_a_bad_one_in_one_line(tmp_path):
-    import eval_hellaswag, export_hf, sample, train_gpt2
     messages = bad_checkpoints(tmp_path)
     log = tmp_path / "log"
     cases = [
@@ -157,7 +158,6 @@ def test_every_entry_point_that_reads_a_checkpoint_refuses_a_bad_one_in_one_line
 
 
 def test_resume_needs_a_whole_training_checkpoint(tmp_path):
-    import train_gpt2
     good = torch.load(tiny_checkpoint(tmp_path / "good.pt"), weights_only=True)
     torch.save({"model": good["model"], "model_config": good["model_config"]}, tmp_path / "weights.pt")
     error = error_of(train_gpt2.main, [*TINY, "--n_layer", "1", "--n_embd", "16", "--log_dir", str(tmp_path / "log"),
@@ -183,12 +183,11 @@ def test_a_resume_after_a_kill_between_log_and_checkpoint_logs_each_step_once(tm
     (b / "model_00002.pt").write_bytes((a / "model_00002.pt").read_bytes())
     out = run(args + ["--log_dir", str(b), "--resume", "auto"])
     assert out.returncode == 0, out.stderr
-    assert log_text(b) == log_text(a)  # steps 3-5 once each, not twice
+    assert_same_log(b, a)  # steps 3-5 once each, not twice
     assert (b / "log.txt.1").read_text() == log_text(a)
 
 
 def test_a_full_disk_while_checkpointing_leaves_no_partial_file_and_names_the_last_good_one(tmp_path, monkeypatch):
-    import train_gpt2
     (tmp_path / "model_00007.pt.tmp").write_bytes(b"x" * 100)  # half-written by a run that died writing it
     real_save, saves = torch.save, []
     def save_until_the_disk_fills(obj, f):
@@ -257,8 +256,6 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
 
 
 def test_one_call_restores_weights_optimizer_data_position_and_random_state(tmp_path, monkeypatch):
-    from machinery.checkpoints import restore_checkpoint
-    from train_gpt2 import GPT, DataLoaderLite, GPTConfig
     checkpoint = torch.load(tiny_checkpoint(tmp_path / "c.pt"), weights_only=True)
     weights, moments = dict(checkpoint["model"]), checkpoint["optimizer"]["state"][0]["exp_avg"]
     rng = checkpoint["rng"]["cpu"]
@@ -286,7 +283,6 @@ def test_one_call_restores_weights_optimizer_data_position_and_random_state(tmp_
 
 def test_no_logits_or_checkpoint_weights_outlive_their_use(tmp_path, monkeypatch):
     import weakref
-    import train_gpt2
     args = [*TINY, "--max_steps", "4", "--checkpoint_every", "2"]
     train_gpt2.main([*args, "--log_dir", str(tmp_path / "a")])
     loaded, logits, alive = [], [], []

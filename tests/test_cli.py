@@ -8,6 +8,11 @@ import sys
 import pytest
 
 from conftest import INPUT, ROOT, SMALL, error_of, read_log, run
+import train_gpt2
+from machinery.cli import error_text
+from machinery.perf import duration
+from machinery.settings import check_config, GPT2_PROMPT, MODELS, parse_args, samples_prompt, TrainConfig
+from machinery.world import maybe_compile
 
 
 def readme_main_command():
@@ -34,7 +39,6 @@ def test_readme_main_command_trains_and_samples(tmp_path):
 
 
 def test_samples_start_from_the_texts_first_line_or_the_lectures_prompt(tmp_path):
-    from machinery.settings import GPT2_PROMPT, parse_args, samples_prompt
     assert samples_prompt(parse_args(["--data", INPUT])) == "First Citizen:\n"
     assert samples_prompt(parse_args(["--data", INPUT, "--prompt", "ROMEO:"])) == "ROMEO:"
     assert samples_prompt(parse_args(["--data", str(tmp_path)])) == GPT2_PROMPT == "Hello, I'm a language model,"
@@ -54,7 +58,6 @@ def test_samples_start_from_the_texts_first_line_or_the_lectures_prompt(tmp_path
     (["--device", "cuda"], "sees no CUDA GPU"),
 ])
 def test_bad_input_is_an_error_that_says_what_to_do_and_clobbers_nothing(tmp_path, args, message):
-    import train_gpt2
     log = tmp_path / "log.txt"
     log.write_text("0 train 10.000000\n")  # an earlier run's log
     error = error_of(train_gpt2.main, [*SMALL, *args, "--log_dir", str(tmp_path)])
@@ -70,7 +73,6 @@ def test_a_bad_input_in_a_real_process_is_one_line_on_stderr_and_exit_code_1(tmp
 
 
 def test_each_step_prints_loss_lr_norm_time_throughput_mfu_and_eta(tmp_path):
-    from machinery.perf import duration
     out = run(["train_gpt2.py", *SMALL, "--max_steps", "3", "--log_dir", str(tmp_path)])
     assert out.returncode == 0, out.stderr
     steps = re.findall(r"^step +(\d+) \| loss ([0-9.]+) \| lr ([0-9.e+-]+) \| norm ([0-9.]+) "
@@ -92,20 +94,23 @@ def test_each_step_prints_loss_lr_norm_time_throughput_mfu_and_eta(tmp_path):
 
 
 def test_help_lists_every_flag_with_its_default():
-    from dataclasses import fields
-    from machinery.settings import TrainConfig
     out = run(["train_gpt2.py", "--help"])
     assert out.returncode == 0, out.stderr
-    helps = " ".join(out.stdout.split())  # argparse wraps lines
-    assert len(fields(TrainConfig)) >= 25
-    for f in fields(TrainConfig):
-        assert f"--{f.name} {f.name.upper()}" in helps, f.name
-        assert f"(default: {f.default})" in helps or f"(default: {f.default} for gpt2; other models" in helps, f.name
-    assert "--n_embd N_EMBD channels (scratch only) (default: 768 for gpt2; other models set their own)" in helps
+    # each option's text, its wrapped lines joined
+    options = {flag: " ".join(text.split()) for flag, text in
+               re.findall(r"^  --(\w+) [A-Z_0-9]+\s+(.*?)(?=^  -|\Z)", out.stdout, re.M | re.S)}
+    assert list(options) == [
+        "data", "shuffle_shards", "model", "init_from", "n_layer", "n_head", "n_embd", "total_batch_size", "batch_size",
+        "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "eval_every", "val_steps",
+        "hellaswag", "hellaswag_file", "sample_every", "prompt", "log_dir", "checkpoint_every", "resume", "seed",
+        "device", "bf16", "compile", "fsdp", "activation_checkpointing", "dry_run"]
+    for flag, default in (("data", "edu_fineweb10B"), ("max_steps", "19073 for gpt2; other models set their own"),
+                          ("log_dir", "log"), ("bf16", "auto"), ("compile", "True"), ("resume", "")):
+        assert options[flag].endswith(f"(default: {default})"), (flag, options[flag])
+    assert options["n_embd"] == "channels (scratch only) (default: 768 for gpt2; other models set their own)"
 
 
 def test_a_model_sets_its_shape_and_recipe_and_explicit_flags_win():
-    from machinery.settings import TrainConfig, parse_args
     assert parse_args([]) == parse_args(["--model", "gpt2"]) == TrainConfig()  # the defaults are GPT-2 124M's
     c = parse_args(["--model", "gpt3-xl"])  # GPT-3 XL: 24 layers of 2048, 1M tokens a step, lr 2e-4, context 2048
     assert (c.n_layer, c.n_head, c.n_embd, c.seq_len, c.total_batch_size) == (24, 16, 2048, 2048, 2**20)
@@ -118,7 +123,6 @@ def test_a_model_sets_its_shape_and_recipe_and_explicit_flags_win():
 
 
 def test_the_readme_lists_every_model_as_the_trainer_resolves_it():
-    from machinery.settings import MODELS, parse_args
     with open(os.path.join(ROOT, "README.md")) as f:
         rows = re.findall(r"^\| `([\w.-]+)`(?: \(default\))? \| ([\d,]+)M \|(.*)\|$", f.read(), re.M)
     assert [name for name, _, _ in rows] == list(MODELS)
@@ -157,8 +161,6 @@ def test_every_command_in_the_readme_names_real_scripts_and_flags():
 
 def test_an_exception_becomes_one_line_even_when_it_says_nothing(monkeypatch, capsys):
     import torch
-    from machinery.cli import error_text
-    from machinery.world import maybe_compile
     assert error_text(ValueError("first\nsecond")) == "first"
     assert error_text(RuntimeError()) == "RuntimeError"  # str(e) is '': no IndexError
     assert error_text(OSError("  \n")) == "OSError"
@@ -176,7 +178,6 @@ def test_an_exception_becomes_one_line_even_when_it_says_nothing(monkeypatch, ca
     ("file/sub", "--log_dir {d}/file/sub cannot be written (Not a directory): pass a writable directory"),
 ])
 def test_an_unusable_log_dir_is_refused_before_any_work(tmp_path, capsys, where, message):
-    import train_gpt2
     (tmp_path / "file").write_text("mine\n")
     assert error_of(train_gpt2.main, [*SMALL, "--log_dir", str(tmp_path / where)]) == "error: " + message.format(d=tmp_path)
     assert "input.txt (train)" not in capsys.readouterr().out  # refused before tokenizing
@@ -185,7 +186,6 @@ def test_an_unusable_log_dir_is_refused_before_any_work(tmp_path, capsys, where,
 
 def test_a_second_run_in_the_same_log_dir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
     import signal, time
-    import train_gpt2
     first = subprocess.Popen([sys.executable, "train_gpt2.py", *SMALL, "--max_steps", "100000", "--log_dir", str(tmp_path)],
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -215,7 +215,6 @@ def test_a_second_run_in_the_same_log_dir_is_refused_and_a_killed_run_leaves_no_
     (["input.txt"], "unrecognized arguments: input.txt (see --help)"),
 ])
 def test_a_bad_flag_is_an_error_that_names_it(args, message):
-    from machinery.settings import parse_args
     with pytest.raises(ValueError) as e:
         parse_args(args)
     assert str(e.value) == message
@@ -233,7 +232,6 @@ def test_a_bad_flag_is_an_error_that_names_it(args, message):
     (["--total_batch_size", "-524288"], "--total_batch_size must be at least 1, got -524288"),
 ])
 def test_settings_that_make_no_sense_are_refused(args, message):
-    from machinery.settings import check_config, parse_args
     with pytest.raises(ValueError) as e:
         check_config(parse_args(args))
     assert str(e.value).startswith(message)
@@ -271,22 +269,22 @@ def test_ctrl_c_during_startup_ends_in_one_line_not_a_traceback(tmp_path):
     assert not (tmp_path / "log").exists()
 
 
-def test_every_script_ends_a_ctrl_c_with_one_line_and_code_130(capsys):
-    from machinery.cli import run_script
-    def interrupted():
-        raise KeyboardInterrupt
+@pytest.mark.parametrize("script", ["fineweb.py", "hellaswag.py", "eval_hellaswag.py", "sample.py", "export_hf.py",
+                                    "bench.py", "train_gpt2.py"])
+def test_every_script_ends_a_ctrl_c_with_one_line_and_code_130(script, monkeypatch, capsys):
+    import argparse, runpy
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt  # as if pressed while the script reads its command line
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", ctrl_c)  # parse_args goes through it too
+    monkeypatch.setattr(sys, "argv", [script])
     with pytest.raises(SystemExit) as e:
-        run_script(interrupted)
-    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
-    for script in ("fineweb.py", "hellaswag.py", "eval_hellaswag.py", "sample.py", "export_hf.py", "bench.py", "train_gpt2.py"):
-        with open(os.path.join(ROOT, script)) as f:
-            assert "    run_script(main" in f.read().split('if __name__ == "__main__":')[1], script
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")  # the script as `python script` runs it
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.startswith("interrupted") and err.count("\n") == 1, err
 
 
 def test_a_dry_run_prints_every_models_exact_size_and_plans_memory_without_training(tmp_path, monkeypatch, capsys):
     import numpy as np
-    import train_gpt2
-    from machinery.settings import MODELS, parse_args
     for i, n in enumerate((1000, 3000), start=1):  # shards of 1,000 and 3,000 tokens: only their headers are read
         np.save(tmp_path / f"edufineweb_train_{i:06d}.npy", np.arange(n, dtype=np.uint16))
     def no_loader(*args, **kwargs):

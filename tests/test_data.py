@@ -1,10 +1,13 @@
 import numpy as np
 import pytest
-from tokenizer import gpt2_encoding
 import torch
 
 from conftest import INPUT, SMALL, error_of
-from train_gpt2 import DataLoaderLite, load_text_tokens
+import sample
+import train_gpt2
+from machinery.world import World
+from tokenizer import gpt2_encoding
+from train_gpt2 import DataLoaderLite, evaluate_loss, GPT, GPTConfig, load_text_tokens
 
 
 def test_input_txt_tokenizes_with_gpt2():
@@ -39,7 +42,6 @@ def test_a_text_file_splits_90_train_10_val():
 
 
 def test_untrained_loss_on_real_text_is_about_ln_vocab():
-    from train_gpt2 import GPT, GPTConfig
     torch.manual_seed(1337)
     model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=4, n_embd=64))
     x, y = DataLoaderLite(4, 64, data_root=INPUT).next_batch()
@@ -121,8 +123,6 @@ def test_missing_or_bad_data_is_a_clear_error(tmp_path, shard_dir):
 
 
 def test_val_loss_is_the_mean_over_the_first_val_steps_chunks(shard_dir):
-    from machinery.world import World
-    from train_gpt2 import GPT, GPTConfig, evaluate_loss
     d, _ = shard_dir
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=65536, n_layer=1, n_head=1, n_embd=8))
@@ -135,11 +135,9 @@ def test_val_loss_is_the_mean_over_the_first_val_steps_chunks(shard_dir):
 
 
 def test_token_ids_beyond_the_models_vocabulary_are_refused_before_training(shard_dir, tmp_path, hf_checkpoint):
-    import sample, train_gpt2
     d, stream = shard_dir
-    error = error_of(train_gpt2.main, ["--data", str(d), "--hellaswag", "0", "--n_layer", "1", "--n_head", "1",
-                                       "--n_embd", "8", "--batch_size", "1", "--seq_len", "4", "--total_batch_size", "4",
-                                       "--warmup_steps", "1", "--compile", "0", "--log_dir", str(tmp_path / "log")])
+    error = error_of(train_gpt2.main, [*SMALL, "--data", str(d), "--batch_size", "1", "--seq_len", "4",
+                                       "--total_batch_size", "4", "--log_dir", str(tmp_path / "log")])
     assert error.startswith(f"error: {d} (train) holds token id {stream.max()}, but the model's vocabulary has 50304 ids")
     assert not (tmp_path / "log").exists()
     assert DataLoaderLite(2, 4, split="val", data_root=str(d)).max_id == int(np.load(d / "edufineweb_val_000000.npy").max())
@@ -149,7 +147,6 @@ def test_token_ids_beyond_the_models_vocabulary_are_refused_before_training(shar
 
 
 def test_a_data_file_that_is_not_text_is_named_in_one_line(tmp_path):
-    import train_gpt2
     np.save(tmp_path / "tokens.npy", np.arange(10, dtype=np.uint16))  # a shard passed as a file
     error = error_of(train_gpt2.main, ["--data", str(tmp_path / "tokens.npy"), "--compile", "0", "--log_dir", str(tmp_path / "log")])
     assert error.startswith(f"error: data {tmp_path}/tokens.npy is not UTF-8 text (byte 0x93 at offset 0): pass a text file")
@@ -199,7 +196,6 @@ def test_shuffled_shards_change_order_each_epoch_the_same_on_any_number_of_proce
 
 
 def test_shuffle_shards_shuffles_the_train_split_only_with_the_runs_seed(tmp_path, monkeypatch):
-    import train_gpt2
     for split, n in (("train", 3), ("val", 1)):
         for i in range(n):
             np.save(tmp_path / f"edufineweb_{split}_{i:06d}.npy", np.arange(100, dtype=np.uint16) + i)

@@ -8,9 +8,10 @@ import time
 
 import numpy as np
 import pytest
-from tokenizer import gpt2_encoding
 
 from conftest import FIXTURES, ROOT, error_of
+import fineweb as fineweb_py
+from tokenizer import gpt2_encoding
 from train_gpt2 import DataLoaderLite
 
 DOCS = os.path.join(FIXTURES, "fineweb_edu_40.jsonl")  # 40 real FineWeb-Edu documents
@@ -100,7 +101,6 @@ def test_a_rerun_never_mixes_two_shard_sets(tmp_path, capsys):
     before = {n: (d / n).read_bytes() for n in os.listdir(d)}
     # the same again: nothing to do; another --shard_size: refused, every file as it was (both decided
     # before any tokenizing, so they run in this process)
-    import fineweb as fineweb_py
     fineweb_py.main([*args, "--shard_size", "5000"])
     assert "already holds these 5 shards: nothing to do" in capsys.readouterr().out
     assert error_of(fineweb_py.main, [*args, "--shard_size", "3000"]).startswith(

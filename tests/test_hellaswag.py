@@ -2,14 +2,17 @@ import os
 import re
 
 import pytest
-from tokenizer import gpt2_encoding
 import torch
 from torch.nn import functional as F
 
+from conftest import FIXTURES, HELLASWAG_20 as EXAMPLES, SMALL, error_of, run
 import eval_hellaswag
 import hellaswag
-from conftest import FIXTURES, HELLASWAG_20 as EXAMPLES, INPUT, error_of, run
-from train_gpt2 import GPT, GPTConfig
+import train_gpt2
+from machinery.settings import parse_args
+from machinery.world import World
+from tokenizer import gpt2_encoding
+from train_gpt2 import evaluate_hellaswag, GPT, GPTConfig, load_hellaswag
 
 HELLASWAG_64 = os.path.join(FIXTURES, "hellaswag_val_64.jsonl")  # rows of 17 to 123 tokens, 34 to 302 packed
 
@@ -122,9 +125,6 @@ def test_a_model_with_a_short_context_sees_the_end_of_the_context_as_generate_wo
 
 
 def test_the_loop_scores_the_examples_shortest_first_so_its_rounds_pad_little():
-    from machinery.world import World
-    from machinery.settings import parse_args
-    from train_gpt2 import evaluate_hellaswag, load_hellaswag
     enc = gpt2_encoding()
     examples = list(hellaswag.iterate_examples(HELLASWAG_64))
     loaded = load_hellaswag(parse_args(["--hellaswag_file", HELLASWAG_64]), World())
@@ -160,10 +160,8 @@ def test_cli_scores_a_local_checkpoint_on_a_local_file(hf_checkpoint):
 def test_offline_without_a_cache_the_run_says_so_once_and_goes_on(tmp_path):
     env = dict(os.environ, HELLASWAG_CACHE=str(tmp_path / "cache"),
                https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")  # nothing leaves this machine
-    out = run(["train_gpt2.py", "--data", INPUT, "--n_layer", "1", "--n_head", "1",
-                          "--n_embd", "16", "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "32",
-                          "--max_steps", "3", "--warmup_steps", "1", "--eval_every", "1", "--val_steps", "1", "--compile", "0",
-                          "--log_dir", str(tmp_path / "log")], env=env)
+    out = run(["train_gpt2.py", *SMALL, "--hellaswag", "1", "--max_steps", "3", "--eval_every", "1", "--val_steps", "1",
+               "--log_dir", str(tmp_path / "log")], env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("hellaswag: no data (") == 1
     assert "training goes on without it" in out.stdout
@@ -172,8 +170,7 @@ def test_offline_without_a_cache_the_run_says_so_once_and_goes_on(tmp_path):
 
 
 def test_a_missing_hellaswag_file_is_a_clear_error(tmp_path):
-    out = run(["train_gpt2.py", "--data", INPUT, "--hellaswag_file", "nope.jsonl",
-                          "--log_dir", str(tmp_path)])
+    out = run(["train_gpt2.py", *SMALL, "--hellaswag", "1", "--hellaswag_file", "nope.jsonl", "--log_dir", str(tmp_path)])
     assert out.returncode != 0
     assert out.stderr.strip() == "error: --hellaswag_file 'nope.jsonl' not found (or pass --hellaswag 0)"
 
@@ -200,17 +197,14 @@ def test_rows_that_are_not_hellaswag_examples_are_refused_with_their_line(tmp_pa
 
 
 def test_a_bad_hellaswag_file_is_a_one_line_error_in_the_scorer_and_in_training(tmp_path):
-    import train_gpt2
     bad = tmp_path / "three_endings.jsonl"
     bad.write_text(GOOD + "\n" + GOOD.replace('"c", ', "") + "\n")
     assert error_of(eval_hellaswag.main, ["-m", "nowhere.pt", "--data_file", EXAMPLES, "--limit", "0"]) == \
         "error: --limit must be at least 1, got 0"
     assert error_of(eval_hellaswag.main, ["-m", "nowhere.pt", "--data_file", str(bad)]) == \
         f"error: {bad} line 2: 'endings' must be a list of 4 texts, got 3: each line must be one HellaSwag example"
-    error = error_of(train_gpt2.main, ["--data", INPUT, "--hellaswag_file", str(bad),
-                                       "--n_layer", "1", "--n_head", "1", "--n_embd", "16", "--batch_size", "2",
-                                       "--seq_len", "16", "--total_batch_size", "32", "--max_steps", "1",
-                                       "--warmup_steps", "1", "--compile", "0", "--log_dir", str(tmp_path / "log")])
+    error = error_of(train_gpt2.main, [*SMALL, "--hellaswag", "1", "--hellaswag_file", str(bad), "--max_steps", "1",
+                                       "--log_dir", str(tmp_path / "log")])
     assert error.startswith(f"error: --hellaswag_file: {bad} line 2: 'endings' must be a list of 4 texts, got 3")
     assert not (tmp_path / "log" / "log.txt").exists()
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from train_gpt2 import GPT
+from machinery.world import init_device
+from train_gpt2 import CausalSelfAttention, GPT, GPTConfig
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -92,7 +93,6 @@ def test_sequence_longer_than_block_size_is_a_clear_error(hf_checkpoint):
 
 
 def test_init_device_picks_cpu_without_a_gpu_and_honours_an_override(monkeypatch):
-    from machinery.world import init_device
     assert init_device("auto") == "cpu"  # the tests hide any GPU
     assert init_device("cpu") == "cpu"
     assert torch.get_float32_matmul_precision() == "highest"  # full fp32 on the CPU
@@ -107,7 +107,6 @@ def test_init_device_picks_cpu_without_a_gpu_and_honours_an_override(monkeypatch
 
 
 def test_weight_tying_and_the_124M_parameter_count():
-    from train_gpt2 import GPTConfig
     with torch.device("meta"):  # shapes only: no memory, no time
         model = GPT(GPTConfig(vocab_size=50257))
     assert model.lm_head.weight is model.transformer.wte.weight
@@ -124,7 +123,6 @@ def test_tied_weights_survive_loading(hf_checkpoint):
 
 
 def test_gpt2_initialisation_statistics():
-    from train_gpt2 import GPTConfig
     torch.manual_seed(0)
     L = 8
     model = GPT(GPTConfig(block_size=256, vocab_size=4096, n_layer=L, n_head=4, n_embd=256))
@@ -144,7 +142,6 @@ def test_gpt2_initialisation_statistics():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_causal_sdpa_equals_explicit_masked_softmax_attention(dtype, tol):
-    from train_gpt2 import CausalSelfAttention, GPTConfig
     torch.manual_seed(0)
     attn = CausalSelfAttention(GPTConfig(block_size=16, n_head=4, n_embd=32)).to(dtype)
     x = torch.randn(3, 16, 32, dtype=dtype)
@@ -159,14 +156,12 @@ def test_causal_sdpa_equals_explicit_masked_softmax_attention(dtype, tol):
 
 
 def test_state_dict_holds_no_attention_mask():
-    from train_gpt2 import GPTConfig
     model = GPT(GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=4, n_embd=32))
     assert not [k for k in model.state_dict() if k.endswith((".attn.bias", ".attn.masked_bias"))]
     assert not list(model.buffers())
 
 
 def test_forward_takes_slices_of_one_tensor_as_inputs_and_targets():
-    from train_gpt2 import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
     idx = torch.randint(0, 64, (3, 17))

@@ -1,7 +1,8 @@
 import torch
 
-from conftest import INPUT, run
-from train_gpt2 import GPT
+from conftest import NO_SHAPE, SMALL, run
+from tokenizer import gpt2_encoding
+from train_gpt2 import GPT, GPTConfig, sample
 
 
 def test_generate_is_reproducible_with_a_seeded_generator(hf_checkpoint):
@@ -31,25 +32,22 @@ def test_generate_only_picks_from_the_top_k(hf_checkpoint):
 
 def test_main_prints_five_continuations_of_the_prompt(hf_checkpoint, tmp_path):
     path = hf_checkpoint(vocab_size=50257, n_embd=16)  # the prompt's ids need the full vocabulary
-    out = run(["train_gpt2.py", "--data", INPUT, "--hellaswag", "0", "--init_from", path, "--max_steps", "1", "--warmup_steps", "1",
-                          "--batch_size", "2", "--seq_len", "32", "--total_batch_size", "64", "--compile", "0", "--log_dir", str(tmp_path)])
+    out = run(["train_gpt2.py", *NO_SHAPE, "--init_from", path, "--max_steps", "1", "--seq_len", "32",
+               "--total_batch_size", "64", "--log_dir", str(tmp_path)])
     assert out.returncode == 0, out.stderr
     # 4 samples at the last step, from the text's first line (they may hold newlines: count the prompts)
     assert [out.stdout.count(f"\nsample {i}: First Citizen:\n") for i in range(5)] == [1, 1, 1, 1, 0]
 
 
 def test_main_samples_from_a_random_model_on_the_chosen_device(tmp_path):
-    out = run(["train_gpt2.py", "--data", INPUT, "--hellaswag", "0", "--init_from", "scratch", "--device", "cpu", "--max_steps", "1", "--warmup_steps", "1",
-                          "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "32", "--compile", "0",
-                          "--log_dir", str(tmp_path)])
+    out = run(["train_gpt2.py", *SMALL, "--init_from", "scratch", "--device", "cpu", "--max_steps", "1",
+               "--log_dir", str(tmp_path)])
     assert out.returncode == 0, out.stderr
     assert "using device: cpu" in out.stdout
     assert out.stdout.count(": First Citizen:\n") == 4
 
 
 def test_generate_never_returns_padded_vocabulary_ids():
-    from tokenizer import gpt2_encoding
-    from train_gpt2 import GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)).eval()
     with torch.no_grad():  # make the 47 padded rows the most likely "tokens" by far
@@ -63,8 +61,6 @@ def test_generate_never_returns_padded_vocabulary_ids():
 
 
 def test_an_empty_prompt_samples_from_endoftext():
-    from tokenizer import gpt2_encoding
-    from train_gpt2 import GPTConfig, sample
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16))
     texts = sample(model, "cpu", num_samples=3, max_new_tokens=6, seed=5, prompt="")

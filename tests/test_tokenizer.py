@@ -3,19 +3,21 @@ import subprocess
 import sys
 
 from conftest import ROOT
-from tokenizer import gpt2_encoding
+from tokenizer import EOT, gpt2_encoding, GPT2_VOCAB_SIZE
+from machinery.settings import parse_args
+from train_gpt2 import scratch_config
 
 PROMPT = "Hello, I'm a language model,"
 PROMPT_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]  # the lecture's prompt, as GPT-2 tokenizes it
 
 
 def test_gpt2_encoding_offline_from_the_repos_files():
-    from tokenizer import EOT, GPT2_VOCAB_SIZE
-    from train_gpt2 import PADDED_VOCAB_SIZE
     enc = gpt2_encoding()
     assert enc.n_vocab == GPT2_VOCAB_SIZE == 50257
     assert enc.eot_token == EOT == 50256
-    assert PADDED_VOCAB_SIZE == 50304 and PADDED_VOCAB_SIZE % 128 == 0
+    # a model trained from scratch pads the vocabulary to the next multiple of 128, and no further
+    vocab = scratch_config(parse_args([])).vocab_size
+    assert vocab % 128 == 0 and 0 <= vocab - enc.n_vocab < 128 and vocab == 50304
     assert enc.encode(PROMPT) == PROMPT_IDS
     assert enc.decode(PROMPT_IDS) == PROMPT
 

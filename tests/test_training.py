@@ -3,8 +3,12 @@ import re
 
 import torch
 
-from conftest import HELLASWAG_20, INPUT, SMALL, read_log
-from train_gpt2 import GPT, GPTConfig, DataLoaderLite
+from conftest import HELLASWAG_20, INPUT, SMALL, assert_same_log, read_log
+import train_gpt2
+from machinery import world
+from machinery.settings import parse_args
+from machinery.world import bf16_fast, maybe_compile
+from train_gpt2 import DataLoaderLite, get_lr, GPT, GPTConfig
 
 
 def test_a_tiny_model_overfits_one_batch():
@@ -40,7 +44,6 @@ def test_bf16_autocast_runs_matmuls_in_bf16_and_keeps_the_loss_close():
 
 
 def test_compiled_model_computes_the_eager_loss_and_trains():
-    from machinery.world import maybe_compile
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=512, n_layer=2, n_head=4, n_embd=32))
     compiled = maybe_compile(model, True, "cpu")
@@ -62,16 +65,14 @@ def test_compiled_model_computes_the_eager_loss_and_trains():
 
 
 def test_compile_falls_back_to_eager_without_a_c_compiler(monkeypatch, capsys):
-    from machinery import world
     monkeypatch.setattr(world.shutil, "which", lambda name: None)
     model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
-    assert world.maybe_compile(model, True, "cpu") is model
+    assert maybe_compile(model, True, "cpu") is model
     assert "no C/C++ compiler found" in capsys.readouterr().out
-    assert world.maybe_compile(model, False, "cpu") is model
+    assert maybe_compile(model, False, "cpu") is model
 
 
 def test_the_optimizer_steps_with_the_clipped_gradient(tmp_path, monkeypatch, capsys):
-    import train_gpt2
     seen = []  # the global gradient norm as each optimizer step sees it
     real_step = torch.optim.AdamW.step
     def step_and_watch(self, *args, **kwargs):
@@ -91,7 +92,6 @@ def test_the_optimizer_steps_with_the_clipped_gradient(tmp_path, monkeypatch, ca
 
 def test_get_lr_warmup_cosine_and_floor():
     import math
-    from train_gpt2 import get_lr
     kw = dict(warmup_steps=715, max_steps=19073, max_lr=6e-4, min_lr=6e-5)
     cosine = lambda s: 6e-5 + 0.5 * (1 + math.cos(math.pi * (s - 715) / (19073 - 715))) * (6e-4 - 6e-5)
     expected = {0: 6e-4 * 1 / 715, 714: 6e-4, 715: 6e-4, 9894: cosine(9894), 19072: cosine(19072), 20000: 6e-5}
@@ -133,18 +133,17 @@ def test_accumulated_gradient_of_micro_batches_equals_the_one_batch_gradient():
 
 def test_compiled_run_with_hellaswag_and_sampling_in_the_loop(tmp_path, capsys):
     import torch._dynamo
-    import train_gpt2
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    train_gpt2.main(["--data", INPUT, "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2",
-                     "--seq_len", "16", "--total_batch_size", "32", "--max_steps", "4", "--warmup_steps", "1", "--eval_every", "1",
-                     "--val_steps", "2", "--sample_every", "1", "--hellaswag_file", HELLASWAG_20, "--compile", "1",
+    train_gpt2.main([*SMALL, "--n_layer", "1", "--max_steps", "4", "--eval_every", "1", "--val_steps", "2",
+                     "--sample_every", "1", "--hellaswag", "1", "--hellaswag_file", HELLASWAG_20, "--compile", "1",
                      "--bf16", "0", "--device", "cpu", "--log_dir", str(tmp_path)])
     out = capsys.readouterr().out
     kinds = [line.split()[1] for line in (tmp_path / "log.txt").read_text().splitlines()]
     assert (kinds.count("train"), kinds.count("val"), kinds.count("hella")) == (4, 4, 4)
     assert out.count("sample 3: First Citizen:\n") == 3  # steps 1, 2, 3; the prompt: input.txt's first line
-    assert len(re.findall(r"^HellaSwag accuracy: 0\.\d{4} over 20 examples \(\d+\.\d s\)$", out, re.M)) == 4
+    printed = re.findall(r"^HellaSwag accuracy: (0\.\d{4}) over 20 examples \(\d+\.\d s\)$", out, re.M)
+    assert printed == [value for _, kind, value in read_log(tmp_path) if kind == "hella"] and len(printed) == 4
     # 4 HellaSwag passes of varied shapes and 3 rounds of 32-token sampling, yet only the
     # training and validation graphs were compiled: eval runs on the eager model
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
@@ -154,14 +153,12 @@ def test_a_compile_failure_at_the_first_step_is_one_line_that_says_compile_0(tmp
     import pytest
     import torch._dynamo
     import torch._inductor.config
-    import train_gpt2
     torch._dynamo.reset()
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # compile for real, not from a cache
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))  # as if no compiler worked
     with pytest.raises(SystemExit) as e:
-        train_gpt2.main(["--data", INPUT, "--n_layer", "1", "--n_head", "2", "--n_embd", "24", "--batch_size", "2",
-                         "--seq_len", "8", "--total_batch_size", "16", "--max_steps", "2", "--warmup_steps", "1",
-                         "--hellaswag", "0", "--compile", "1", "--bf16", "0", "--device", "cpu", "--log_dir", str(tmp_path)])
+        train_gpt2.main([*SMALL, "--n_layer", "1", "--n_embd", "24", "--seq_len", "8", "--total_batch_size", "16",
+                         "--max_steps", "2", "--compile", "1", "--bf16", "0", "--device", "cpu", "--log_dir", str(tmp_path)])
     torch._dynamo.reset()
     message = str(e.value.code)
     assert message.startswith("error: torch.compile failed (") and "No working C++ compiler" in message
@@ -170,21 +167,16 @@ def test_a_compile_failure_at_the_first_step_is_one_line_that_says_compile_0(tmp
 
 
 def test_bf16_defaults_to_auto_which_is_off_on_the_cpu(tmp_path):
-    import train_gpt2
-    from machinery.settings import parse_args
     assert parse_args([]).bf16 == "auto"
     assert (parse_args(["--bf16", "1"]).bf16, parse_args(["--bf16", "0"]).bf16) == (True, False)
-    from machinery.world import bf16_fast
     assert bf16_fast("cpu") is False and bf16_fast("mps") is False
-    train_gpt2.main(["--data", INPUT, "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--batch_size", "2", "--seq_len", "8",
-                     "--total_batch_size", "16", "--max_steps", "1", "--warmup_steps", "1", "--hellaswag", "0",
-                     "--compile", "0", "--device", "cpu", "--log_dir", str(tmp_path)])
+    train_gpt2.main([*SMALL, "--n_layer", "1", "--n_embd", "16", "--seq_len", "8", "--total_batch_size", "16",
+                     "--max_steps", "1", "--device", "cpu", "--log_dir", str(tmp_path)])  # no --bf16: auto
     saved = torch.load(tmp_path / "model_00000.pt", weights_only=True)["config"]
     assert saved["bf16"] is False  # the checkpoint records what auto meant here, so a resume compares like with like
 
 
 def test_activation_checkpointing_runs_each_block_again_in_backward_and_changes_no_loss(tmp_path, monkeypatch):
-    import train_gpt2
     calls = []
     real_forward = train_gpt2.Block.forward
     def counted(self, *args):
@@ -196,8 +188,7 @@ def test_activation_checkpointing_runs_each_block_again_in_backward_and_changes_
         calls.clear()
         train_gpt2.main([*SMALL, "--max_steps", "3", "--eval_every", "2", "--val_steps", "2",
                          "--activation_checkpointing", flag, "--log_dir", str(tmp_path / flag)])
-        runs[flag] = (read_log(tmp_path / flag), len(calls))
-    (plain, n_plain), (recomputed, n_recomputed) = runs["0"], runs["1"]
-    assert n_recomputed - n_plain == 2 * 3  # 2 blocks run again in each of 3 backward passes
-    assert [l[:2] for l in plain] == [l[:2] for l in recomputed] and len(plain) == 5  # 3 train, 2 val
-    assert all(abs(float(a[2]) - float(b[2])) <= 1e-6 for a, b in zip(plain, recomputed)), (plain, recomputed)
+        runs[flag] = len(calls)
+    assert runs["1"] - runs["0"] == 2 * 3  # 2 blocks run again in each of 3 backward passes
+    assert len(read_log(tmp_path / "0")) == 5  # 3 train, 2 val
+    assert_same_log(tmp_path / "1", tmp_path / "0", tol=1e-6)
