@@ -616,6 +616,7 @@ def main(argv=None):
     if world.ddp:
         # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
         dist.init_process_group(backend="nccl" if world.device_type == "cuda" else "gloo")
+    stopped = None  # True or False once train() returns
     try:
         run = RunDir(cfg.log_dir, writes=world.master)
         with one_line_errors(), contextlib.ExitStack() as claim:  # claim holds the log_dir for the run (rank 0)
@@ -638,12 +639,13 @@ def main(argv=None):
             checkpoint = checkpoint_to_resume(cfg, world, run, model)
             data = Data(train_loader, val_loader, hellaswag=load_hellaswag(cfg, world))
             stopped = train(cfg, world, model, data, run, checkpoint)
+            model = data = checkpoint = None  # freed before the process group is: see World.leave
     except torch._dynamo.exc.TorchDynamoException as e:
         # compiling happens at the first forward, not at torch.compile(): a missing compiler shows up here
         sys.exit(f"error: torch.compile failed ({error_text(e)}): pass --compile 0 to train without it")
     finally:
         if world.ddp:
-            dist.destroy_process_group()
+            world.leave(finished=stopped is not None)
     if stopped:
         sys.exit(STOPPED)
 

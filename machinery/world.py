@@ -1,5 +1,6 @@
 """Where a run computes: the device, and the processes torchrun starts (who is who, and how they agree)."""
 import contextlib
+import gc
 import os
 import shutil
 import sys
@@ -97,6 +98,15 @@ class World:
             dist.broadcast_object_list(box, src=0)
             obj = box[0]
         return obj
+
+    def leave(self, finished):
+        """Leave the process group. After a run every rank finished, the ranks leave together, once what holds
+        on to the group (FSDP's shards, DDP's buckets, kept by reference cycles) is freed: a group torn down
+        under them can abort a process at exit ("terminate called without an active exception", FSDP2 on gloo)."""
+        if finished:
+            gc.collect()
+            dist.barrier()
+        dist.destroy_process_group()
 
     @contextlib.contextmanager
     def together(self):
