@@ -359,18 +359,22 @@ Data = collections.namedtuple("Data", "train val hellaswag")
 
 
 @torch.no_grad()
-def evaluate_loss(model, val_loader, val_steps, world, use_bf16=False):
+def evaluate_loss(model, val_loader, val_steps, world, use_bf16=False, should_stop=lambda: False):
     """Mean loss over the first val_steps chunks of the val split, the same on any number of processes.
 
     val_loader's process r reads chunks r, r + N, r + 2N, ...: together the processes cover
     chunks 0 .. val_steps-1 once each, so 1 GPU and 8 GPUs measure the same tokens. Every process
     runs as many forward passes (under FSDP each one is a collective); past val_steps, one is not counted.
+    None if a stop was requested meanwhile: a long pass must not delay the checkpoint.
     """
     model.eval()
     val_loader.reset()
     loss_sum = torch.zeros((), device=world.device)
     N = val_loader.num_processes
     for chunk in range(val_loader.process_rank, -(-val_steps // N) * N, N):  # this process's chunks
+        if world.any(should_stop()):  # asked on every rank alike, so all of them stop at the same chunk
+            model.train()
+            return None
         x, y = val_loader.next_batch()
         x, y = x.to(world.device), y.to(world.device)
         with torch.autocast(device_type=world.device_type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -447,8 +451,12 @@ def evaluate_hellaswag(model, examples, world, use_bf16=False, should_stop=lambd
 
 
 def evaluate(step, eval_model, raw_model, data, cfg, world, run, should_stop):
-    """The val loss, and HellaSwag where there is data: printed and logged; then curves.png is redrawn."""
-    val_loss = evaluate_loss(eval_model, data.val, cfg.val_steps, world, cfg.bf16)
+    """The val loss, and HellaSwag where there is data: printed and logged; then curves.png is redrawn. False if
+    a stop requested meanwhile cut them short."""
+    val_loss = evaluate_loss(eval_model, data.val, cfg.val_steps, world, cfg.bf16, should_stop)
+    if val_loss is None:
+        world.print("validation: cut short, a stop was requested")
+        return False
     world.print(f"validation loss: {val_loss:.4f}")
     run.log(step, "val", f"{val_loss:.4f}")
     if data.hellaswag is not None:
@@ -456,11 +464,11 @@ def evaluate(step, eval_model, raw_model, data, cfg, world, run, should_stop):
         acc_norm = evaluate_hellaswag(raw_model, data.hellaswag, world, cfg.bf16, should_stop, sharded=cfg.fsdp)
         if acc_norm is None:
             world.print("HellaSwag: cut short, a stop was requested")
-        else:
-            world.print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(data.hellaswag)} examples "
-                        f"({time.time() - t0:.1f} s)")
-            run.log(step, "hella", f"{acc_norm:.4f}")
+            return False
+        world.print(f"HellaSwag accuracy: {acc_norm:.4f} over {len(data.hellaswag)} examples ({time.time() - t0:.1f} s)")
+        run.log(step, "hella", f"{acc_norm:.4f}")
     run.draw_curves()
+    return True
 
 
 @torch.no_grad()
@@ -530,11 +538,14 @@ def train(cfg, world, model, data, run, checkpoint=None):
     with StopRequest(world) as stop:  # SIGTERM or Ctrl-C: finish the step, checkpoint, exit
         for step in range(start_step, cfg.max_steps):
             last_step = step == cfg.max_steps - 1
-            if step % cfg.eval_every == 0 or last_step:
-                # HellaSwag is scored with the eager model: its shapes vary from batch to batch
-                evaluate(step, eval_model, raw_model, data, cfg, world, run, should_stop=lambda: stop.requested)
+            # HellaSwag is scored with the eager model: its shapes vary from batch to batch
+            if (step % cfg.eval_every == 0 or last_step) and not evaluate(
+                    step, eval_model, raw_model, data, cfg, world, run, should_stop=lambda: stop.requested):
+                stopping, step = True, step - 1  # cut short: the step is not trained; a resume evaluates it again
+                break
             # under FSDP every rank takes part in each forward pass, so every rank samples (the same text)
-            if (world.master or cfg.fsdp) and ((step > 0 and step % cfg.sample_every == 0) or last_step):
+            sample_due = (step > 0 and step % cfg.sample_every == 0) or last_step
+            if sample_due and not world.any(stop.requested) and (world.master or cfg.fsdp):
                 # the eager model again: each new token makes a new shape, which would recompile every time
                 for i, text in enumerate(sample(raw_model, device, prompt=samples_prompt(cfg))):
                     world.print(f"sample {i}: {text}")
@@ -583,11 +594,15 @@ def train(cfg, world, model, data, run, checkpoint=None):
             run.log(step, "train", f"{loss_accum.item():.6f}")
 
             stopping = world.any(stop.requested)  # the signal may reach the ranks at different steps
-            if (step + 1) % cfg.checkpoint_every == 0 or last_step or stopping:
-                save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg)
             if stopping:
-                world.print(f"stopped at step {step}: continue with --resume auto --log_dir {cfg.log_dir}")
                 break
+            if (step + 1) % cfg.checkpoint_every == 0 or last_step:
+                save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg)
+        if stopping:
+            if step >= start_step:  # else nothing was trained since the start, or since the checkpoint resumed
+                save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg)
+            run.mark_stopped(step + 1, stop.requested)  # log_dir/STOPPED: what a requeue script looks for
+            world.print(f"stopped before step {step + 1}: continue with --resume auto --log_dir {cfg.log_dir}")
     return stopping
 
 
@@ -646,7 +661,7 @@ def main(argv=None):
     finally:
         if world.ddp:
             world.leave(finished=stopped is not None)
-    if stopped:
+    if stopped and not world.ddp:  # under torchrun, exit 0: its own report would call a stop a failure
         sys.exit(STOPPED)
 
 

@@ -23,6 +23,7 @@ class RunDir:
         self.path = path
         self.writes = writes  # rank 0 writes; the other ranks only read through it
         self.log_file = os.path.join(path, "log.txt")
+        self.stopped_file = os.path.join(path, "STOPPED")  # there while the run stopped on request may resume
         self.last_saved = None  # the newest checkpoint this run wrote: named if a later one fails
 
     def checkpoint_path(self, step):
@@ -87,13 +88,18 @@ class RunDir:
                              "in another --log_dir")
 
     def start_log(self, start_step):
-        """Make log.txt agree with a run that starts at start_step: lines of steps it will run again go.
+        """Make log.txt agree with a run that starts at start_step: lines of steps it will run again go, and
+        so does STOPPED, the mark of the run this one continues or replaces.
 
         A run killed after logging a step but before its checkpoint would log that step twice on
         resume. The whole earlier log is kept beside it (log.txt.1, .2, ...) before anything is dropped.
         """
         log_file = self.log_file
-        if not self.writes or not os.path.exists(log_file):
+        if not self.writes:
+            return
+        if os.path.exists(self.stopped_file):
+            os.remove(self.stopped_file)  # a stopped run resumes, or a new one starts: it stands no more
+        if not os.path.exists(log_file):
             return
         with open(log_file) as f:
             lines = f.readlines()
@@ -109,6 +115,15 @@ class RunDir:
         os.replace(log_file + ".tmp", log_file)
         print(f"{log_file}: {len(lines) - len(keep)} lines of step {start_step} on set aside (this run logs them "
               f"again); the earlier log is kept whole as {log_file}.{n}")
+
+    def mark_stopped(self, next_step, reason):
+        """STOPPED: this run stopped on request before next_step, its checkpoint written; a new run here removes it."""
+        if self.writes:
+            saved = f"checkpoint {self.last_saved}" if self.last_saved else "no new checkpoint"
+            with open(self.stopped_file + ".tmp", "w") as f:
+                f.write(f"stopped before step {next_step} ({reason}); {saved}: continue with --resume auto "
+                        f"--log_dir {self.path}\n")
+            os.replace(self.stopped_file + ".tmp", self.stopped_file)
 
     def log(self, step, kind, value):
         """A line of log.txt: only ever appended to (a resumed run adds lines)."""

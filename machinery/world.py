@@ -86,7 +86,7 @@ class World:
 
     def any(self, flag):
         """True on every process if flag is true on any of them: how the processes agree to stop or fail together."""
-        t = torch.tensor(float(flag), device=self.device)
+        t = torch.tensor(float(bool(flag)), device=self.device)
         if self.ddp:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())

@@ -1,0 +1,138 @@
+"""Stops as clusters deliver them (machinery/stopping.py): every stop signal checkpoints, repeated ones never
+escalate, long evaluations give way, and a stopped run leaves STOPPED for a requeue script to find."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT, TINY, assert_same_log, read_log, torchrun
+from machinery.stopping import AT_ONCE_AFTER
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+def default_signals():
+    """In the child, before it starts: the stop signals as a terminal leaves them, however the suite was started
+    (nohup ignores SIGHUP, a background job SIGINT, and a child inherits that)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def start(cmd, **kwargs):
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
+
+
+def wait_for_log(log_dir, step, proc, timeout=120):
+    """Until log_dir/log.txt holds step's train loss (the run is training, its handlers installed)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(log_dir / "log.txt") and f"\n{step} train " in "\n" + (log_dir / "log.txt").read_text():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} never logged")
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGHUP,), (signal.SIGUSR1,), (signal.SIGTERM, signal.SIGTERM),
+                                     (signal.SIGINT, signal.SIGINT)], ids=["hup", "usr1", "term-term", "int-int"])
+def test_each_stop_signal_checkpoints_and_a_repeat_50_ms_later_changes_nothing(tmp_path, signals):
+    log = tmp_path / "log"
+    proc = start([sys.executable, "train_gpt2.py", *TINY, "--max_steps", "100000", "--log_dir", str(log)])
+    try:
+        wait_for_log(log, 1, proc)
+        for sig in signals:
+            proc.send_signal(sig)
+            time.sleep(0.05)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    name = signal.Signals(signals[0]).name
+    assert proc.returncode == 75 and stderr == "", stderr  # stopped with a checkpoint: not a crash, not a kill
+    assert stdout.count(f"{name}: stopping after this step, with a checkpoint") == 1
+    step = int(read_log(log)[-1][0])  # the last step trained is the one the checkpoint follows
+    assert read_log(log)[-1][1] == "train"
+    assert sorted(os.listdir(log)) == ["STOPPED", "curves.png", "log.txt", f"model_{step:05d}.pt"]
+    assert (log / "STOPPED").read_text().startswith(f"stopped before step {step + 1} ({name}); checkpoint ")
+
+
+def test_a_stop_during_a_long_validation_pass_checkpoints_within_seconds(tmp_path):
+    log = tmp_path / "log"  # 200,000 val batches: minutes of validation before step 0 trains
+    proc = start([sys.executable, "train_gpt2.py", *TINY, "--max_steps", "3", "--val_steps", "200000",
+                  "--log_dir", str(log)])
+    try:
+        for line in proc.stdout:
+            if line.startswith("MFU is measured against"):  # the loop starts, with validation
+                break
+        time.sleep(1)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+        seconds = time.time() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, stderr
+    assert seconds < 30, seconds  # torchrun's kill comes about 30 s after its SIGTERM
+    assert "validation: cut short, a stop was requested" in stdout and "stopped before step 0" in stdout
+    # nothing trained, nothing to checkpoint: a resume starts with step 0's evaluation
+    assert os.listdir(log) == ["STOPPED"]
+
+
+def children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_two_sigterms_50_ms_apart_to_torchrun_and_its_workers_checkpoint_and_resume_exactly(tmp_path):
+    args = [*TINY, "--max_steps", "40", "--checkpoint_every", "1000"]  # no checkpoint but the stop's and the last
+    whole = torchrun(2, [*args, "--log_dir", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+    cut = tmp_path / "cut"
+    proc = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  "train_gpt2.py", *args, "--log_dir", str(cut)])
+    try:
+        wait_for_log(cut, 3, proc)
+        for pid in children(proc.pid):  # the workers, as a scheduler signals every process of the job
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # and torchrun, which forwards it to them once more
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert stdout.count("SIGTERM: stopping after this step, with a checkpoint") == 1  # rank 0 prints
+    step = int((cut / "STOPPED").read_text().split()[3])  # "stopped before step N (SIGTERM); checkpoint ..."
+    assert 4 <= step < 40 and os.path.exists(cut / f"model_{step - 1:05d}.pt")
+    resumed = torchrun(2, [*args, "--log_dir", str(cut), "--resume", "auto"])
+    assert resumed.returncode == 0 and resumed.stderr == "", resumed.stderr
+    assert f"resuming at step {step}" in resumed.stdout and not os.path.exists(cut / "STOPPED")
+    assert_same_log(cut, tmp_path / "whole")  # digit for digit, as if never stopped
+
+
+def test_a_second_ctrl_c_seconds_after_the_first_stops_at_once_without_a_checkpoint(tmp_path):
+    log = tmp_path / "log"  # 2,048 micro-batches a step: it outlasts AT_ONCE_AFTER by far
+    proc = start([sys.executable, "train_gpt2.py", *TINY, "--total_batch_size", "65536", "--max_steps", "1000",
+                  "--log_dir", str(log)])
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout))
+    reader.start()
+    try:
+        wait_for_log(log, 0, proc)
+        proc.send_signal(signal.SIGINT)
+        deadline = time.time() + 60
+        while time.time() < deadline and not any("stopping after this step" in line for line in lines):
+            time.sleep(0.01)  # the first is answered (a loaded machine may take a moment)
+        time.sleep(AT_ONCE_AFTER + 0.3)  # a person pressing again, not the same keypress reaching it twice
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        stderr = proc.stderr.read()  # a line or two: the pipe never filled
+    finally:
+        proc.kill()
+        reader.join()
+    stdout = "".join(lines)
+    assert proc.returncode == 130, stdout
+    assert stderr == "interrupted: stopped at once, without a checkpoint\n"
+    assert "SIGINT: stopping after this step, with a checkpoint (Ctrl-C again to stop at once" in stdout
+    assert sorted(os.listdir(log)) == ["curves.png", "log.txt"]  # no checkpoint, no STOPPED, no lock left behind
