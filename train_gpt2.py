@@ -30,7 +30,8 @@ from machinery.checkpoints import (check_weights, checkpoint_to_resume, read_che
 from machinery.cli import error_text, one_line_errors, run_script
 from machinery.perf import Meter
 from machinery.run_dir import RunDir
-from machinery.settings import GPT2_PROMPT, batch_plan, check_config, dry_run, parse_args, samples_prompt
+from machinery.settings import (GPT2_PROMPT, batch_plan, check_config, dry_run, fit_batch_size, parse_args,
+                                samples_prompt)
 from machinery.shards import open_shard, shard_paths
 from machinery.stopping import STOPPED, StopRequest
 from machinery.world import World, bf16_fast, maybe_compile, synchronize
@@ -619,8 +620,9 @@ def scratch_config(cfg):
 def main(argv=None):
     with one_line_errors():  # the same settings on every rank: if these fail, they fail on all of them alike
         cfg = parse_args(argv)
-        world = World.from_env(cfg.device)
+        world = World.from_env(cfg.device, planning=cfg.dry_run)
         check_config(cfg, world.world_size)
+        cfg.batch_size = fit_batch_size(cfg, world)
         if cfg.dry_run:
             return dry_run(cfg, world, GPT, scratch_config(cfg))
         if cfg.fsdp and not world.ddp:

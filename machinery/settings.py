@@ -135,17 +135,28 @@ def check_config(cfg, world_size=1):
         raise ValueError(f"--min_lr must be from 0 to --max_lr {cfg.max_lr}, got {cfg.min_lr}")
     if not cfg.weight_decay >= 0:
         raise ValueError(f"--weight_decay must be at least 0, got {cfg.weight_decay}")
-    tokens_per_step = cfg.batch_size * cfg.seq_len * world_size  # one micro-batch on every process
-    if cfg.total_batch_size % tokens_per_step:
-        raise ValueError(f"--total_batch_size {cfg.total_batch_size} is not a multiple of --batch_size x "
-                         f"--seq_len x processes = {cfg.batch_size} x {cfg.seq_len} x {world_size}: change one of them")
+    if cfg.total_batch_size % (cfg.seq_len * world_size):  # a whole number of sequences on every process
+        raise ValueError(f"--total_batch_size {cfg.total_batch_size} is not a multiple of --seq_len x processes = "
+                         f"{cfg.seq_len} x {world_size}: change one of them")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
 
 
-# settings that change what is computed: a resumed run must use the checkpoint's
+def fit_batch_size(cfg, world):
+    """The micro-batch B to use: the largest up to --batch_size that divides the sequences each process adds up
+    in a step, so any number of GPUs keeps --total_batch_size. B changes how many sequences go through a GPU
+    at once, not which tokens a step trains on: a run may resume with another B, or on another number of GPUs."""
+    sequences = cfg.total_batch_size // (cfg.seq_len * world.world_size)
+    fitted = max(b for b in range(1, min(cfg.batch_size, sequences) + 1) if sequences % b == 0)
+    if fitted != cfg.batch_size:
+        world.print(f"--batch_size {cfg.batch_size} does not divide the {sequences} sequences each of "
+                    f"{world.world_size} processes adds up in a step: using {fitted}")
+    return fitted
+
+
+# settings that change what is computed: a resumed run must use the checkpoint's (not --batch_size: see above)
 RESUME_MUST_MATCH = ("data", "shuffle_shards", "init_from", "n_layer", "n_head", "n_embd", "total_batch_size",
-                     "batch_size", "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "seed", "bf16")
+                     "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "seed", "bf16")
 
 
 def batch_plan(cfg, world_size):

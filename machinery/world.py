@@ -60,6 +60,19 @@ def maybe_compile(model, enabled, device_type, log=print):
         return model
 
 
+# what torchrun sets in each process's environment: all of them, or none for a plain run
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def env_int(name, default):
+    """An environment variable that holds a whole number, or a ValueError naming it."""
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a whole number: unset it, or start the run with torchrun") from None
+
+
 @dataclass
 class World:
     """This process's place in the run: which process it is, of how many, on which device."""
@@ -74,10 +87,19 @@ class World:
         self.master = self.rank == 0  # rank 0 alone prints, logs and writes files
 
     @classmethod
-    def from_env(cls, requested_device="auto"):
-        """torchrun tells each process who it is in environment variables; a plain run is a world of one."""
-        ddp = "RANK" in os.environ
-        rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    def from_env(cls, requested_device="auto", planning=False):
+        """torchrun tells each process who it is in environment variables; a plain run is a world of one.
+        Planning (a dry run), WORLD_SIZE alone is the number of processes to plan for."""
+        given = [k for k in LAUNCHER_VARIABLES if k in os.environ]
+        if given and not planning and len(given) < len(LAUNCHER_VARIABLES):  # set by hand, or a launcher's half
+            missing = next(k for k in LAUNCHER_VARIABLES if k not in os.environ)
+            raise ValueError(f"{given[0]} is set but {missing} is not: torchrun sets them all; start the run with "
+                             f"torchrun --nproc_per_node=N, or unset {', '.join(given)}")
+        rank, local_rank, world_size = (env_int(k, d) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+        if not (world_size >= 1 and 0 <= rank < world_size and local_rank >= 0):
+            raise ValueError(f"RANK={rank}, LOCAL_RANK={local_rank} and WORLD_SIZE={world_size} do not fit together: "
+                             "start the run with torchrun")
+        ddp = bool(given) and not planning
         return cls(rank, local_rank, world_size, ddp, init_device(requested_device, local_rank if ddp else None))
 
     def print(self, *args):

@@ -110,10 +110,11 @@ def read_log(log_dir):
         return [line.split() for line in f.read().splitlines()]
 
 
-def assert_same_log(got, expected, tol=0.0, after=-1):
+def assert_same_log(got, expected, tol=0.0, after=-1, kinds=("train", "val", "hella")):
     """Two runs logged the same records (step and kind, in order) with values within tol; tol 0: the very same
-    text, digit for digit. after: only the steps after this one count (what a resumed run logs)."""
-    got, expected = ([r for r in read_log(d) if int(r[0]) > after] for d in (got, expected))
+    text, digit for digit. after: only the steps after this one count (what a resumed run logs); kinds: only
+    these records count."""
+    got, expected = ([r for r in read_log(d) if int(r[0]) > after and r[1] in kinds] for d in (got, expected))
     assert [r[:2] for r in got] == [r[:2] for r in expected] and got, (got, expected)
     for (step, kind, a), (_, _, b) in zip(got, expected):
         assert (a == b) if tol == 0 else abs(float(a) - float(b)) <= tol, (step, kind, a, b)

@@ -10,7 +10,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from conftest import HELLASWAG_20, INPUT, ROOT, TINY, assert_same_log, error_of, run
+from conftest import HELLASWAG_20, INPUT, ROOT, TINY, assert_same_log, error_of, run, torchrun
 import eval_hellaswag
 import export_hf
 import sample
@@ -294,3 +294,18 @@ def test_no_logits_or_checkpoint_weights_outlive_their_use(tmp_path, monkeypatch
     train_gpt2.main([*args, "--log_dir", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "model_00001.pt")])
     assert len(loaded) == 17 and len(alive) == 2 * 2 + 2 * 2  # steps 2 and 3: 2 micro-steps and 2 val batches each
     assert alive == [(0, 0)] * len(alive)  # the checkpoint's weights freed, no earlier logits kept
+
+
+def test_a_resume_with_another_micro_batch_on_another_number_of_processes_continues_the_same_steps(tmp_path):
+    # B and the number of processes change how a step's 64 tokens go through the model, not which tokens
+    args = [*TINY, "--max_steps", "6", "--checkpoint_every", "3", "--eval_every", "1000"]
+    whole = run(["train_gpt2.py", *args, "--batch_size", "4", "--log_dir", str(tmp_path / "whole")])
+    assert whole.returncode == 0 and "1 micro-batches of 4 x 16 on each of 1 processes" in whole.stdout, whole.stderr
+    resume = ["--resume", str(tmp_path / "whole" / "model_00002.pt")]
+    smaller = run(["train_gpt2.py", *args, "--batch_size", "2", *resume, "--log_dir", str(tmp_path / "smaller")])
+    assert smaller.returncode == 0 and "2 micro-batches of 2 x 16 on each of 1 processes" in smaller.stdout
+    two = torchrun(2, [*args, "--batch_size", "4", *resume, "--log_dir", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr
+    assert "--batch_size 4 does not divide the 2 sequences each of 2 processes adds up in a step: using 2" in two.stdout
+    for d in ("smaller", "two"):  # the val loss, measured in batches of B x T, changes with B: train losses only
+        assert_same_log(tmp_path / d, tmp_path / "whole", tol=1e-5, after=2, kinds=("train",))

@@ -12,7 +12,7 @@ import train_gpt2
 from machinery.cli import error_text
 from machinery.perf import duration
 from machinery.settings import check_config, GPT2_PROMPT, MODELS, parse_args, samples_prompt, TrainConfig
-from machinery.world import maybe_compile
+from machinery.world import LAUNCHER_VARIABLES, maybe_compile
 
 
 def readme_main_command():
@@ -51,7 +51,7 @@ def test_samples_start_from_the_texts_first_line_or_the_lectures_prompt(tmp_path
     (["--n_embd", "30", "--n_head", "4"], "--n_embd 30 must be a multiple of --n_head 4"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--warmup_steps", "-1"], "--warmup_steps must be at least 0"),
-    (["--total_batch_size", "100"], "--total_batch_size 100 is not a multiple of --batch_size x --seq_len x processes = 2 x 16 x 1"),
+    (["--total_batch_size", "100"], "--total_batch_size 100 is not a multiple of --seq_len x processes = 16 x 1"),
     (["--init_from", "gpt3"], "unknown model 'gpt3'"),
     (["--model", "gpt3"], "--model 'gpt3' is not one of gpt2, gpt2-medium,"),
     (["--device", "tpu"], "unknown device 'tpu'"),
@@ -310,3 +310,36 @@ def test_a_dry_run_prints_every_models_exact_size_and_plans_memory_without_train
     n = 6_658_596_864
     assert abs(ddp[2] - 8 * n / 2**30) < 0.01 and abs(fsdp[2] - 8 * n / 8 / 2**30) < 0.01  # AdamW: 8 bytes, sharded 8 ways
     assert ddp[3:5] == fsdp[3:5] and abs(sum(ddp[:5]) - ddp[5]) < 0.03 and fsdp[5] < 0.5 * ddp[5]
+
+
+TORCHRUN_ENV = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE is set but RANK is not: torchrun sets them all; start the run with torchrun "
+                          "--nproc_per_node=N, or unset WORLD_SIZE"),
+    ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}, "RANK is set but MASTER_ADDR is not: torchrun sets them all; "
+     "start the run with torchrun --nproc_per_node=N, or unset RANK, LOCAL_RANK, WORLD_SIZE"),
+    ({"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "2", **TORCHRUN_ENV},
+     "RANK=2, LOCAL_RANK=0 and WORLD_SIZE=2 do not fit together: start the run with torchrun"),
+    ({"RANK": "0", "LOCAL_RANK": "abc", "WORLD_SIZE": "1", **TORCHRUN_ENV},
+     "LOCAL_RANK='abc' is not a whole number: unset it, or start the run with torchrun"),
+])
+def test_launcher_variables_set_by_hand_or_by_half_are_one_line_that_names_one(tmp_path, monkeypatch, env, message):
+    # WORLD_SIZE=2 alone used to train as process 0 of 2: half the batch, every other chunk, half the val loss
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert error_of(train_gpt2.main, [*SMALL, "--log_dir", str(tmp_path / "log")]) == f"error: {message}"
+    assert not (tmp_path / "log").exists()
+
+
+def test_a_dry_run_of_the_default_recipe_on_16_processes_halves_the_micro_batch(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "16")  # a planning input: no launcher needed for a dry run
+    train_gpt2.main(["--dry_run", "1"])
+    out = capsys.readouterr().out
+    assert out.startswith("--batch_size 64 does not divide the 32 sequences each of 16 processes adds up in a "
+                          "step: using 32\n")
+    assert "  --batch_size 32\n" in out and "total batch 524,288 tokens = 1 micro-batches of 32 x 1024 on each of " \
+                                          "16 processes\n" in out
