@@ -11,6 +11,7 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 
 from machinery.cli import one_line_errors, run_script
 from tokenizer import EOT, GPT2_VOCAB_SIZE
@@ -33,10 +34,14 @@ def export(model, out_dir):
     missing = [k for k in missing if not k.endswith(HF_MASK_BUFFERS)]
     if missing or unexpected:
         raise ValueError(f"cannot map the checkpoint onto GPT-2: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(tmp)
-    os.replace(tmp, out_dir)  # all or nothing
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)  # a name no one else uses
+    try:
+        hf.save_pretrained(tmp)
+        os.replace(tmp, out_dir)  # all or nothing
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours alone: made just now
+        raise
 
 
 def main(argv=None):

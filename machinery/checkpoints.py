@@ -71,7 +71,7 @@ def checkpoint_to_resume(cfg, world, run, model):
         checkpoint = load_checkpoint(path, cfg, model) if path else None
         if cfg.resume and not path:  # killed before its first checkpoint: there is nothing to continue
             world.print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
-        elif not cfg.resume:
+        elif not cfg.resume and world.master:  # rank 0's log_dir decides: another node's may be a stale copy
             run.check_new_run()
         run.start_log(checkpoint["step"] if checkpoint else 0)
     return checkpoint

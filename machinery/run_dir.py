@@ -4,7 +4,6 @@ One object, RunDir, is the only code that knows these names. Every rank has one;
 writes (rank 0) touches the disk through it.
 """
 import contextlib
-import glob
 import os
 import re
 import socket
@@ -16,6 +15,8 @@ from machinery.cli import error_text
 BASELINES = {"val": [("OpenAI GPT-2 124M (FineWeb-Edu val)", 3.2924)],
              "hella": [("OpenAI GPT-2 124M", 0.2945), ("GPT-3 Small (paper)", 0.337)]}
 CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt")  # model_{step:05d}.pt: the step it was written after
+# what a run writes under a temporary name, then renames: a file of these names left behind is half-written
+TEMPORARY_NAME = re.compile(r"(model_\d+\.pt|log\.txt|curves\.png|STOPPED)\.tmp")
 
 
 class RunDir:
@@ -25,6 +26,7 @@ class RunDir:
         self.log_file = os.path.join(path, "log.txt")
         self.stopped_file = os.path.join(path, "STOPPED")  # there while the run stopped on request may resume
         self.last_saved = None  # the newest checkpoint this run wrote: named if a later one fails
+        self.log_failed = False  # a log line could not be written: said once
 
     def checkpoint_path(self, step):
         """Where the checkpoint written after step goes."""
@@ -70,8 +72,9 @@ class RunDir:
             os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        for stale in glob.glob(os.path.join(log_dir, "*.tmp")):
-            os.remove(stale)  # half-written by a run that died writing it: never a whole file
+        for name in os.listdir(log_dir):  # a shared folder may hold other programs' .tmp files: only ours go
+            if TEMPORARY_NAME.fullmatch(name) and os.path.isfile(os.path.join(log_dir, name)):
+                os.remove(os.path.join(log_dir, name))  # half-written by a run that died writing it
         try:
             yield
         finally:
@@ -126,10 +129,16 @@ class RunDir:
             os.replace(self.stopped_file + ".tmp", self.stopped_file)
 
     def log(self, step, kind, value):
-        """A line of log.txt: only ever appended to (a resumed run adds lines)."""
+        """A line of log.txt: only ever appended to (a resumed run adds lines). A line that cannot be written
+        (a full disk) is said once, not fatal: the checkpoints are what a run must not lose."""
         if self.writes:
-            with open(self.log_file, "a") as f:
-                f.write(f"{step} {kind} {value}\n")
+            try:
+                with open(self.log_file, "a") as f:
+                    f.write(f"{step} {kind} {value}\n")
+            except OSError as e:
+                if not self.log_failed:
+                    print(f"{self.log_file}: not written from step {step} on ({error_text(e)}); training goes on")
+                self.log_failed = True
 
     def draw_curves(self):
         """curves.png, drawn from log.txt: a run on a remote machine can be looked at as an image. A picture is

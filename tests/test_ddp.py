@@ -129,3 +129,14 @@ open({str(tmp_path)!r} + "/exited_" + os.environ["RANK"], "w").write(repr(time.t
     assert out.returncode == 0, out.stderr
     saved, exited = (float((tmp_path / name).read_text()) for name in ("saved", "exited_1"))
     assert exited >= saved  # rank 1 waited for the checkpoint
+
+
+def test_rank_0s_log_dir_decides_whether_a_run_is_new_a_stale_copy_on_another_node_does_not(tmp_path):
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"  # each node's own disk: --log_dir log is not shared
+    (node1 / "log").mkdir(parents=True)
+    (node1 / "log" / "log.txt").write_text("0 train 10.0\n")  # an old run's log, copied there long ago
+    node0.mkdir()
+    out = two_nodes([*DDP, "--hellaswag", "0", "--max_steps", "2", "--log_dir", "log"], [node0, node1], [{}, {}])
+    assert [code for code, _, _ in out] == [0, 0], out[0][2] + out[1][2]
+    assert [k for _, k, _ in read_log(node0 / "log")] == ["val", "train", "val", "train"]  # rank 0 wrote the run
+    assert (node1 / "log" / "log.txt").read_text() == "0 train 10.0\n"  # rank 1 writes nothing, loses nothing

@@ -57,3 +57,28 @@ def test_a_curves_png_that_cannot_be_drawn_is_one_line_and_the_run_goes_on(tmp_p
     out = capsys.readouterr().out
     assert out.count("curves.png: not drawn ([Errno 28] No space left on device); training goes on") == 3
     assert [k for _, k, _ in read_log(tmp_path)].count("train") == 3  # every step ran
+
+
+def test_a_claim_removes_only_the_half_written_files_of_this_project(tmp_path):
+    # a shared folder (--log_dir .) holds other programs' .tmp files, even directories: they are not ours
+    (tmp_path / "thesis.tmp").write_text("a user's draft")
+    (tmp_path / "build.tmp").mkdir()
+    for name in ("model_00007.pt.tmp", "log.txt.tmp", "curves.png.tmp", "STOPPED.tmp"):
+        (tmp_path / name).write_bytes(b"half of it")  # left by a run that died writing them
+    with RunDir(str(tmp_path)).claim():
+        assert sorted(os.listdir(tmp_path)) == ["build.tmp", "run.lock", "thesis.tmp"]
+    assert (tmp_path / "thesis.tmp").read_text() == "a user's draft"
+
+
+def test_a_log_line_that_cannot_be_written_is_said_once_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    real_open = open
+    def full_disk(path, mode="r", *args, **kwargs):
+        if str(path).endswith("log.txt") and "a" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(run_dir, "open", full_disk, raising=False)  # what RunDir opens, and nothing else
+    train_gpt2.main([*SMALL, "--max_steps", "3", "--eval_every", "1", "--val_steps", "1", "--log_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.count(f"{tmp_path}/log.txt: not written from step 0 on ([Errno 28] No space left on device); "
+                     "training goes on") == 1
+    assert "step     2 |" in out and sorted(os.listdir(tmp_path)) == ["model_00002.pt"]  # trained and checkpointed

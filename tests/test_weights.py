@@ -1,4 +1,5 @@
 """Starting from weights, sampling from a checkpoint, exporting to Hugging Face."""
+import os
 
 import pytest
 import torch
@@ -21,8 +22,11 @@ def checkpoint(tmp_path_factory):
 
 
 def test_export_loads_in_transformers_with_the_same_logits(checkpoint, tmp_path):
+    (tmp_path / "hf.tmp").mkdir()  # a user's own directory of the name export once used for its temporary copy
+    (tmp_path / "hf.tmp" / "notes.txt").write_text("mine")
     out = run(["export_hf.py", checkpoint, str(tmp_path / "hf")])
     assert out.returncode == 0, out.stderr
+    assert sorted(os.listdir(tmp_path)) == ["hf", "hf.tmp"] and (tmp_path / "hf.tmp" / "notes.txt").read_text() == "mine"
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     ours = load_model(checkpoint).eval()
     assert hf.config.vocab_size == 50257 and ours.config.vocab_size == 50304
