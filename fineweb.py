@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from machinery.cli import error_text, one_line_errors, run_script
+from machinery.locks import hold_directory
 from machinery.shards import MANIFEST, PREFIX, read_manifest, write_manifest, write_shard
 from tokenizer import EOT, gpt2_encoding
 
@@ -44,8 +45,6 @@ def tokenize(text):
 
 def prepare_local_dir(local_dir, settings):
     """True if local_dir is ready for this run's shards, False if it already holds them all; else an error."""
-    if os.path.exists(local_dir) and not os.path.isdir(local_dir):
-        raise ValueError(f"--local_dir {local_dir} is a file: pass a directory")
     shards = glob.glob(os.path.join(local_dir, f"{PREFIX}_*.npy"))
     manifest = read_manifest(local_dir)
     if manifest is None:
@@ -154,29 +153,29 @@ def main(argv=None):
         sys.exit(f"error: cannot read the documents: {error_text(e)}")
     settings = {"data": [os.path.abspath(f) for f in args.data_files] if args.data_files
                 else "HuggingFaceFW/fineweb-edu sample-10BT", "shard_size": args.shard_size}
-    created = not os.path.exists(args.local_dir)
-    with one_line_errors():
-        if not prepare_local_dir(args.local_dir, settings):
-            return
-        os.makedirs(args.local_dir, exist_ok=True)
-        write_manifest(args.local_dir, settings)  # not complete until the end
-    t0 = time.time()
-    try:
-        written, total = write_shards(docs, args.local_dir, args.shard_size, args.num_proc)
-        if not written:
-            raise ValueError("the documents hold no text: there is nothing to tokenize")
-    except (ValueError, OSError, KeyboardInterrupt) as e:
-        # a bad document or a Ctrl-C: leave nothing of this run behind, not even a partial set
-        for path in glob.glob(os.path.join(args.local_dir, f"{PREFIX}_*")) + [os.path.join(args.local_dir, MANIFEST)]:
-            os.remove(path)
-        if created:
-            os.rmdir(args.local_dir)
-        print(file=sys.stderr)  # a progress bar may have been cut mid-line: the message gets a line of its own
-        if isinstance(e, KeyboardInterrupt):
-            print("interrupted: stopped, and this run's shards removed", file=sys.stderr)
-            sys.exit(130)
-        sys.exit(f"error: {error_text(e)}")
-    write_manifest(args.local_dir, settings, written)
+    with contextlib.ExitStack() as held:
+        with one_line_errors():
+            # one run at a time in --local_dir: a second would delete the first's shards while it writes them.
+            # A directory made for a run that leaves nothing in it is removed again
+            held.enter_context(hold_directory(args.local_dir, "--local_dir", "fineweb.lock"))
+            if not prepare_local_dir(args.local_dir, settings):
+                return
+            write_manifest(args.local_dir, settings)  # not complete until the end
+        t0 = time.time()
+        try:
+            written, total = write_shards(docs, args.local_dir, args.shard_size, args.num_proc)
+            if not written:
+                raise ValueError("the documents hold no text: there is nothing to tokenize")
+        except (ValueError, OSError, KeyboardInterrupt) as e:
+            # a bad document or a Ctrl-C: leave nothing of this run behind, not even a partial set
+            for path in glob.glob(os.path.join(args.local_dir, f"{PREFIX}_*")) + [os.path.join(args.local_dir, MANIFEST)]:
+                os.remove(path)
+            print(file=sys.stderr)  # a progress bar may have been cut mid-line: the message gets a line of its own
+            if isinstance(e, KeyboardInterrupt):
+                print("interrupted: stopped, and this run's shards removed", file=sys.stderr)
+                sys.exit(130)
+            sys.exit(f"error: {error_text(e)}")
+        write_manifest(args.local_dir, settings, written)
     dt = time.time() - t0
     print(f"{total:,} tokens in {len(written)} shards in {args.local_dir}/: {dt:.1f} s, "
           f"{total / dt:,.0f} tokens/s with {args.num_proc} processes")

@@ -6,9 +6,9 @@ writes (rank 0) touches the disk through it.
 import contextlib
 import os
 import re
-import socket
 
 from machinery.cli import error_text
+from machinery.locks import hold_directory
 
 # what a GPT-2 124M run aims for: OpenAI's checkpoint's val loss on the FineWeb-Edu val shard, and the
 # HellaSwag acc_norm of GPT-2 124M and of GPT-3 Small (from its paper)
@@ -43,46 +43,13 @@ class RunDir:
 
     @contextlib.contextmanager
     def claim(self):
-        """Hold the directory for this run: made if need be, writable, and locked so that a second run is refused.
-
-        flock() locks belong to the process: the OS releases them when it ends, however it ends, so
-        a run killed with kill -9 never leaves the directory locked.
-        """
-        import fcntl  # Unix only, like the rest of the multi-process tooling
-        log_dir = self.path
-        created = not os.path.exists(log_dir)
-        if os.path.exists(log_dir) and not os.path.isdir(log_dir):
-            raise ValueError(f"--log_dir {log_dir} is a file: pass a directory")
-        path = os.path.join(log_dir, "run.lock")
-        while True:
-            try:
-                os.makedirs(log_dir, exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise ValueError(f"--log_dir {log_dir} cannot be written ({e.strerror}): pass a writable directory") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise ValueError(f"--log_dir {log_dir} is in use by another run ({holder}): wait for it to end, "
-                                 "or use another --log_dir") from None
-            if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
-                break  # else the previous holder removed the file as we opened it: lock the new one
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        for name in os.listdir(log_dir):  # a shared folder may hold other programs' .tmp files: only ours go
-            if TEMPORARY_NAME.fullmatch(name) and os.path.isfile(os.path.join(log_dir, name)):
-                os.remove(os.path.join(log_dir, name))  # half-written by a run that died writing it
-        try:
+        """Hold the directory for this run (see locks.py): a second run there is refused. What a run that died
+        left half-written goes; nothing else does."""
+        with hold_directory(self.path, "--log_dir", "run.lock"):
+            for name in os.listdir(self.path):  # a shared folder may hold other programs' .tmp files: only ours go
+                if TEMPORARY_NAME.fullmatch(name) and os.path.isfile(os.path.join(self.path, name)):
+                    os.remove(os.path.join(self.path, name))  # half-written by a run that died writing it
             yield
-        finally:
-            os.remove(path)  # while still locked, so no other run can hold this file meanwhile
-            os.close(fd)
-            if created:
-                with contextlib.suppress(OSError):
-                    os.rmdir(log_dir)  # made for a run that never wrote anything: leave no trace
 
     def check_new_run(self):
         """A run that does not resume must not write into another run's log."""

@@ -2,6 +2,7 @@ import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -160,3 +161,27 @@ def test_fineweb_needs_neither_the_trainer_nor_torch():
     code = "import sys, fineweb; print(sorted(m for m in ('torch', 'train_gpt2') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_second_run_into_the_same_local_dir_is_refused_and_the_first_makes_one_whole_set(tmp_path):
+    # the second used to see the first's unfinished record, delete its shards while it wrote them, and write its
+    # own: both exited 0, and the set was a mix of the two
+    big = tmp_path / "docs.jsonl"
+    with open(DOCS) as f:
+        big.write_text(f.read() * 40)  # ~0.9M tokens: 47 shards, a few seconds
+    d = tmp_path / "d"
+    args = ["--data_files", str(big), "--local_dir", str(d), "--shard_size", "20000"]
+    first = subprocess.Popen(fineweb(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not glob.glob(str(d / "*.npy")) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.01)  # the first is writing its shards
+    error = error_of(fineweb_py.main, [*args, "--num_proc", "1"])
+    assert error == (f"error: --local_dir {d} is in use by another run (pid {first.pid} on {socket.gethostname()}): "
+                     "wait for it to end, or use another --local_dir")
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    manifest = json.loads((d / "fineweb.json").read_text())
+    assert manifest["complete"] and len(manifest["shards"]) == len(glob.glob(str(d / "*.npy")))
+    stream = np.concatenate([np.load(d / s["name"]) for s in manifest["shards"]])
+    assert np.array_equal(stream, expected_stream(str(big)))  # the first run's documents, whole, once
+    assert "fineweb.lock" not in os.listdir(d)

@@ -51,7 +51,7 @@ def test_no_import_cycle_and_the_package_never_imports_the_lesson_or_the_scripts
     for module, imported in graph.items():
         if module.startswith("machinery"):
             assert all(m.startswith("machinery") for m in imported), (module, imported)
-    assert graph["fineweb"] == ["machinery.cli", "machinery.shards", "tokenizer"]
+    assert graph["fineweb"] == ["machinery.cli", "machinery.locks", "machinery.shards", "tokenizer"]
     assert "train_gpt2" not in graph["hellaswag"]  # the trainer imports it
 
 
