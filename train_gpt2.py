@@ -25,8 +25,8 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag  # downloads, renders and scores HellaSwag; of ours, it imports only the tokenizer
-from machinery.checkpoints import (check_weights, checkpoint_to_resume, read_checkpoint, restore_checkpoint,
-                                   save_checkpoint)
+from machinery.checkpoints import (check_weights, checkpoint_due, checkpoint_to_resume, read_checkpoint,
+                                   restore_checkpoint, save_checkpoint)
 from machinery.cli import error_text, one_line_errors, run_script
 from machinery.perf import Meter
 from machinery.run_dir import RunDir
@@ -597,8 +597,8 @@ def train(cfg, world, model, data, run, checkpoint=None):
             stopping = world.any(stop.requested)  # the signal may reach the ranks at different steps
             if stopping:
                 break
-            if (step + 1) % cfg.checkpoint_every == 0 or last_step:
-                save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg)
+            if due := checkpoint_due(cfg, world, run, step):  # every --checkpoint_every steps, minutes, or the end
+                save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg, rotate=due == "time")
         if stopping:
             if step >= start_step:  # else nothing was trained since the start, or since the checkpoint resumed
                 save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg)

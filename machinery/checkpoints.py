@@ -3,6 +3,7 @@ model and the run's settings, written atomically, and restored exactly, whether 
 import contextlib
 import os
 import sys
+import time
 from dataclasses import asdict
 
 import torch
@@ -77,9 +78,20 @@ def checkpoint_to_resume(cfg, world, run, model):
     return checkpoint
 
 
-def save_checkpoint(run, world, step, model, optimizer, train_loader, cfg):
+def checkpoint_due(cfg, world, run, step):
+    """Why to checkpoint after step, or None: "steps" at the last step and every --checkpoint_every steps, "time"
+    when --checkpoint_minutes have passed since the last checkpoint (rank 0's clock decides, for every rank)."""
+    if step == cfg.max_steps - 1 or (step + 1) % cfg.checkpoint_every == 0:
+        return "steps"
+    late = world.master and time.time() - run.last_saved_time >= 60 * cfg.checkpoint_minutes
+    return "time" if cfg.checkpoint_minutes and world.any(late) else None
+
+
+def save_checkpoint(run, world, step, model, optimizer, train_loader, cfg, rotate=False):
     """Checkpoint the run after step: every rank calls this (under FSDP each gathers its shards), rank 0 writes
-    the file. If the write fails (a full disk), every rank stops, with one line naming the last good one."""
+    the file. If the write fails (a full disk), every rank stops, with one line naming the last good one.
+    Once it is written, the checkpoint before it goes if it was a rotating one (written for time, not steps);
+    rotate: this one rotates too."""
     path = run.checkpoint_path(step)
     state = whole_state(model, optimizer, keep=world.master)
     error = None
@@ -87,7 +99,10 @@ def save_checkpoint(run, world, step, model, optimizer, train_loader, cfg):
         try:
             write_checkpoint_file(path, step + 1, model.config, state, train_loader, cfg)
             print(f"saved {path}")
-            run.last_saved = path
+            if run.rotating and run.rotating != path:
+                with contextlib.suppress(OSError):  # an older checkpoint: the one just written is newer
+                    os.remove(run.rotating)
+            run.last_saved, run.rotating, run.last_saved_time = path, path if rotate else None, time.time()
         except (OSError, RuntimeError) as e:  # a full disk, say: the temporary file is already gone
             error = (f"cannot write checkpoint {path} ({error_text(e)}): free some space; " +
                      (f"the last good checkpoint is {run.last_saved}" if run.last_saved else

@@ -6,6 +6,7 @@ writes (rank 0) touches the disk through it.
 import contextlib
 import os
 import re
+import time
 
 from machinery.cli import error_text
 from machinery.locks import hold_directory
@@ -26,6 +27,8 @@ class RunDir:
         self.log_file = os.path.join(path, "log.txt")
         self.stopped_file = os.path.join(path, "STOPPED")  # there while the run stopped on request may resume
         self.last_saved = None  # the newest checkpoint this run wrote: named if a later one fails
+        self.last_saved_time = time.time()  # --checkpoint_minutes count from here
+        self.rotating = None  # the newest checkpoint if it was written for time: the next one replaces it
         self.log_failed = False  # a log line could not be written: said once
 
     def checkpoint_path(self, step):

@@ -79,6 +79,8 @@ class TrainConfig:
                                f"text's form, else the lecture's {GPT2_PROMPT!r}")
     log_dir: str = flag("log", "where log.txt and the checkpoints are written")
     checkpoint_every: int = flag(5000, "write log_dir/model_{step:05d}.pt every this many steps, and at the last")
+    checkpoint_minutes: float = flag(60, "also write one when this many minutes have passed since the last (0: never); "
+                                         "each of these replaces the one before it, once written")
     resume: str = flag("", "continue a run exactly from a checkpoint: a path, or 'auto' (the newest in --log_dir)")
     # system
     seed: int = flag(1337, "seed for initialisation and training")
@@ -133,6 +135,8 @@ def check_config(cfg, world_size=1):
         raise ValueError(f"--max_lr must be above 0, got {cfg.max_lr}")
     if not 0 <= cfg.min_lr <= cfg.max_lr:
         raise ValueError(f"--min_lr must be from 0 to --max_lr {cfg.max_lr}, got {cfg.min_lr}")
+    if not cfg.checkpoint_minutes >= 0:
+        raise ValueError(f"--checkpoint_minutes must be at least 0 (0: never), got {cfg.checkpoint_minutes}")
     if not cfg.weight_decay >= 0:
         raise ValueError(f"--weight_decay must be at least 0, got {cfg.weight_decay}")
     if cfg.total_batch_size % (cfg.seq_len * world_size):  # a whole number of sequences on every process
@@ -225,6 +229,11 @@ def dry_run(cfg, world, model_class, config):
                     f"{cfg.max_steps * cfg.total_batch_size / tokens:.2f} epochs")
     else:
         world.print(f"data: {cfg.data} is {'a text file' if os.path.isfile(cfg.data) else 'not here'}: not read by a dry run")
+    size = 12 * n_params  # fp32 weights and AdamW's two moments
+    world.print(f"checkpoints: {size / 1e9:,.1f} GB each (12 bytes a parameter), {size / 1e9:,.0f} s to write at 1 GB/s; "
+                f"every {cfg.checkpoint_every} steps ({cfg.max_steps // cfg.checkpoint_every} in {cfg.max_steps:,})" +
+                (f", every {cfg.checkpoint_minutes:g} minutes (each replacing the one before)" if cfg.checkpoint_minutes
+                 else "") + ", and at the end")
     precision = "fp32" if cfg.bf16 is False else "bf16 autocast"
     world.print(f"memory per GPU, estimated (GiB; {precision}, flash attention, eager; "
                 f"WORLD_SIZE={world.world_size} processes):")

@@ -309,3 +309,14 @@ def test_a_resume_with_another_micro_batch_on_another_number_of_processes_contin
     assert "--batch_size 4 does not divide the 2 sequences each of 2 processes adds up in a step: using 2" in two.stdout
     for d in ("smaller", "two"):  # the val loss, measured in batches of B x T, changes with B: train losses only
         assert_same_log(tmp_path / d, tmp_path / "whole", tol=1e-5, after=2, kinds=("train",))
+
+
+def test_checkpoints_written_for_time_replace_each_other_and_those_for_steps_stay(tmp_path, uninterrupted):
+    # every step is --checkpoint_minutes late: time checkpoints after steps 0, 1, 3 and 4, step ones after 2 and 5
+    out = run(["train_gpt2.py", *TINY, "--max_steps", "6", "--checkpoint_every", "3", "--checkpoint_minutes", "1e-9",
+               "--log_dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr
+    assert [line.split("/")[-1] for line in out.stdout.splitlines() if line.startswith("saved ")] == \
+        [f"model_{step:05d}.pt" for step in range(6)]
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["model_00002.pt", "model_00005.pt"]
+    assert_same_log(tmp_path, uninterrupted)  # checkpointing changes nothing of the run
