@@ -17,14 +17,16 @@ def read_checkpoint(path, keys=("model", "model_config")):
     """A checkpoint of this project, read safely, or a ValueError that says what is wrong with the file.
 
     weights_only=True unpickles tensors and plain data only: a file that needs more could run
-    code when loaded, so it is refused, never retried with weights_only=False.
+    code when loaded, so it is refused, never retried with weights_only=False. mmap=True maps the file
+    instead of reading it: the tensors are read as they are copied into the model and the optimizer, so a
+    host never holds a second whole copy (8 ranks of a node resuming 6.7B: 80 GB each, otherwise).
     """
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} not found")
     if os.path.getsize(path) == 0:
         raise ValueError(f"checkpoint {path} is empty (0 bytes): use another checkpoint")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # torch's own message would suggest weights_only=False: never that
         raise ValueError(f"cannot read checkpoint {path}: it is truncated, or not a checkpoint of this project "
                          "(only tensors and plain data are loaded: anything else could run code)") from None

@@ -320,3 +320,16 @@ def test_checkpoints_written_for_time_replace_each_other_and_those_for_steps_sta
         [f"model_{step:05d}.pt" for step in range(6)]
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == ["model_00002.pt", "model_00005.pt"]
     assert_same_log(tmp_path, uninterrupted)  # checkpointing changes nothing of the run
+
+
+def test_a_checkpoint_is_read_memory_mapped_not_into_memory(tmp_path):
+    # 256 MB of weights: read whole, the process would hold as much more in memory (its resident set)
+    torch.save({"model": {"w": torch.ones(64, 2**20)}, "model_config": {}}, tmp_path / "big.pt")
+    code = ("import sys; from machinery.checkpoints import read_checkpoint\n"
+            "def resident(): return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])\n"
+            "before = resident(); c = read_checkpoint(sys.argv[1])\n"
+            "assert c['model']['w'].shape == (64, 2**20)\n"
+            "print((resident() - before) // 1024)")  # MiB
+    out = run(["-c", code, str(tmp_path / "big.pt")])
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) < 32, out.stdout  # MiB more: the file is mapped, its pages read when used
