@@ -510,8 +510,7 @@ def train(cfg, world, model, data, run, checkpoint=None):
     device = world.device
     world.print(f"using device: {device}" + (f", {world.world_size} processes" if world.ddp else ""))
     world.print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
-    grad_accum_steps, plan = batch_plan(cfg, world.world_size)
-    world.print(plan)
+    grad_accum_steps = batch_plan(cfg, world)
     meter = Meter(model, cfg, world)  # MFU and the time left, for each step line
     model.to(device)
     if cfg.fsdp:
@@ -532,8 +531,10 @@ def train(cfg, world, model, data, run, checkpoint=None):
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     model = eval_model = maybe_compile(model, cfg.compile, world.device_type, log=world.print)  # eval_model: no DDP
     if world.ddp and not cfg.fsdp:
-        # DDP averages the gradients of all processes during backward, bucket by bucket
-        model = DDP(model, device_ids=[world.local_rank] if world.device_type == "cuda" else None)
+        # DDP averages the gradients of all processes during backward, bucket by bucket; compiled around DDP, not
+        # inside it, the graph breaks at the buckets so that each one's all-reduce overlaps the rest of backward
+        model = DDP(raw_model, device_ids=[world.local_rank] if world.device_type == "cuda" else None)
+        model = maybe_compile(model, cfg.compile, world.device_type, log=lambda *_: None)
 
     stopping = False
     with StopRequest(world) as stop:  # SIGTERM or Ctrl-C: finish the step, checkpoint, exit
@@ -581,8 +582,7 @@ def train(cfg, world, model, data, run, checkpoint=None):
                          f"updated; the checkpoints already in {cfg.log_dir} are untouched (try a lower --max_lr)")
             # clip the global gradient norm at 1.0: one unlucky batch cannot shock the weights
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # under FSDP, over every rank's shards
-            if isinstance(norm, DTensor):
-                norm = norm.full_tensor()
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # (FSDP returns it as a DTensor)
             lr = get_lr(step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr

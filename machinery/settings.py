@@ -163,12 +163,13 @@ RESUME_MUST_MATCH = ("data", "shuffle_shards", "init_from", "n_layer", "n_head",
                      "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "seed", "bf16")
 
 
-def batch_plan(cfg, world_size):
-    """How a step's tokens are made up: (micro-steps per process, the line that says so)."""
+def batch_plan(cfg, world):
+    """How a step's tokens are made up: the micro-steps of each process, said in a line."""
     # a 0.5M-token batch does not fit in memory at once: add up the gradients of several micro-batches
-    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * world_size)
-    return grad_accum_steps, (f"total batch {cfg.total_batch_size:,} tokens = {grad_accum_steps} micro-batches of "
-                              f"{cfg.batch_size} x {cfg.seq_len} on each of {world_size} processes")
+    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * world.world_size)
+    world.print(f"total batch {cfg.total_batch_size:,} tokens = {grad_accum_steps} micro-batches of "
+                f"{cfg.batch_size} x {cfg.seq_len} on each of {world.world_size} processes")
+    return grad_accum_steps
 
 
 def memory_estimate(config, n_params, cfg, world_size, fsdp, grad_accum_steps):
@@ -220,8 +221,7 @@ def dry_run(cfg, world, model_class, config):
         model = model_class(config)
     n_params = sum(p.numel() for p in model.parameters())
     world.print(f"model: {n_params:,} parameters")
-    grad_accum_steps, plan = batch_plan(cfg, world.world_size)
-    world.print(plan)
+    grad_accum_steps = batch_plan(cfg, world)
     if os.path.isdir(cfg.data):
         paths, _ = shard_paths(cfg.data, "train")
         tokens = sum(len(open_shard(path)) for path in paths)  # memory-mapped: only the headers are read

@@ -140,3 +140,12 @@ def test_rank_0s_log_dir_decides_whether_a_run_is_new_a_stale_copy_on_another_no
     assert [code for code, _, _ in out] == [0, 0], out[0][2] + out[1][2]
     assert [k for _, k, _ in read_log(node0 / "log")] == ["val", "train", "val", "train"]  # rank 0 wrote the run
     assert (node1 / "log" / "log.txt").read_text() == "0 train 10.0\n"  # rank 1 writes nothing, loses nothing
+
+
+def test_ddp_compiled_around_the_ddp_module_logs_what_one_process_logs(one, tmp_path):
+    # torch.compile(DDP(model)): compile splits its graph at DDP's buckets, so each all-reduce overlaps backward
+    out = torchrun(2, [*DDP, "--compile", "1", "--log_dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr
+    # on stderr, only dynamo's notice that it skips DDP's profiler markers, once a rank
+    assert [line.endswith("will be ignored") for line in out.stderr.splitlines()] == [True, True], out.stderr
+    assert_same_log(tmp_path, one, tol=1e-5)
