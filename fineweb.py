@@ -170,10 +170,13 @@ def main(argv=None):
             # a bad document or a Ctrl-C: leave nothing of this run behind, not even a partial set
             for path in glob.glob(os.path.join(args.local_dir, f"{PREFIX}_*")) + [os.path.join(args.local_dir, MANIFEST)]:
                 os.remove(path)
+            held.close()  # the lock, and the directory if this run made it
             print(file=sys.stderr)  # a progress bar may have been cut mid-line: the message gets a line of its own
             if isinstance(e, KeyboardInterrupt):
-                print("interrupted: stopped, and this run's shards removed", file=sys.stderr)
-                sys.exit(130)
+                print("interrupted: stopped, and this run's shards removed", file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                # not sys.exit: the pool, interrupted mid-task, can leave a thread that Python's exit waits on forever
+                os._exit(130)
             sys.exit(f"error: {error_text(e)}")
         write_manifest(args.local_dir, settings, written)
     dt = time.time() - t0
