@@ -537,7 +537,7 @@ def train(cfg, world, model, data, run, checkpoint=None):
         model = maybe_compile(model, cfg.compile, world.device_type, log=lambda *_: None)
 
     stopping = False
-    with StopRequest(world) as stop:  # SIGTERM or Ctrl-C: finish the step, checkpoint, exit
+    with StopRequest(world) as stop:  # SIGTERM, Ctrl-C, SIGHUP, SIGUSR1: finish the step, checkpoint, exit
         for step in range(start_step, cfg.max_steps):
             last_step = step == cfg.max_steps - 1
             # HellaSwag is scored with the eager model: its shapes vary from batch to batch
