@@ -53,6 +53,7 @@ class StopRequest:
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
-            # once stopping, a SIGTERM still on its way (torchrun forwards one) must not kill the exit
-            keep_ignoring = self.requested and sig != signal.SIGINT
-            signal.signal(sig, signal.SIG_IGN if keep_ignoring else handler)
+            # once stopping, the checkpoint is written and only the exit is left: a SIGTERM still on its way
+            # (torchrun forwards one), or the same Ctrl-C reaching the process twice, must not turn exit code
+            # STOPPED into a kill (Python hands signals back to the default action while it shuts down)
+            signal.signal(sig, signal.SIG_IGN if self.requested else handler)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import ROOT, TINY, assert_same_log, read_log, torchrun
-from machinery.stopping import AT_ONCE_AFTER
+from machinery.stopping import AT_ONCE_AFTER, StopRequest
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
@@ -35,6 +35,34 @@ def wait_for_log(log_dir, step, proc, timeout=120):
             return
         time.sleep(0.02)
     raise AssertionError(f"step {step} never logged")
+
+
+class QuietWorld:
+    def __init__(self):
+        self.printed = []
+
+    def print(self, text):
+        self.printed.append(text)
+
+
+def test_once_a_stop_is_under_way_the_exit_ignores_every_stop_signal_and_otherwise_restores_them():
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        with StopRequest(QuietWorld()) as stop:  # no stop: the handlers found are put back
+            pass
+        assert stop.requested is None and all(signal.getsignal(sig) is signal.SIG_DFL for sig in STOP_SIGNALS)
+        world = QuietWorld()
+        with StopRequest(world) as stop:
+            os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C: Python runs the handler before the next line
+            os.kill(os.getpid(), signal.SIGINT)  # the same keypress reaching the process twice
+        assert stop.requested == "SIGINT" and len(world.printed) == 1
+        # the checkpoint is written, only the exit is left: a repeat must not turn exit code 75 into a kill
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in STOP_SIGNALS)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 @pytest.mark.parametrize("signals", [(signal.SIGHUP,), (signal.SIGUSR1,), (signal.SIGTERM, signal.SIGTERM),
