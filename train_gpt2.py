@@ -655,7 +655,8 @@ def main(argv=None):
                     check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
             checkpoint = checkpoint_to_resume(cfg, world, run, model)
             data = Data(train_loader, val_loader, hellaswag=load_hellaswag(cfg, world))
-            stopped = train(cfg, world, model, data, run, checkpoint)
+            with world.stop_all_on_error():  # an error on one rank alone: it says why, and every rank stops
+                stopped = train(cfg, world, model, data, run, checkpoint)
             model = data = checkpoint = None  # freed before the process group is: see World.leave
     except torch._dynamo.exc.TorchDynamoException as e:
         # compiling happens at the first forward, not at torch.compile(): a missing compiler shows up here

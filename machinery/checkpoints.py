@@ -99,7 +99,8 @@ def save_checkpoint(run, world, step, model, optimizer, train_loader, cfg, rotat
     error = None
     if world.master:
         try:
-            write_checkpoint_file(path, step + 1, model.config, state, train_loader, cfg)
+            with world.writing:  # a rank leaving on another's error finishes this first
+                write_checkpoint_file(path, step + 1, model.config, state, train_loader, cfg)
             print(f"saved {path}")
             if run.rotating and run.rotating != path:
                 with contextlib.suppress(OSError):  # an older checkpoint: the one just written is newer

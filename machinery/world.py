@@ -4,6 +4,8 @@ import gc
 import os
 import shutil
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +87,7 @@ class World:
     def __post_init__(self):
         self.device_type = self.device.split(":")[0]  # cuda, mps or cpu: what autocast wants, never 'cuda:3'
         self.master = self.rank == 0  # rank 0 alone prints, logs and writes files
+        self.writing = threading.Lock()  # held while a file is written: a rank leaving after another's error waits
 
     @classmethod
     def from_env(cls, requested_device="auto", planning=False):
@@ -141,3 +144,38 @@ class World:
             error = error_text(e)
         if self.any(error is not None):
             sys.exit(f"error: {error}" if error else 1)
+
+    @contextlib.contextmanager
+    def stop_all_on_error(self):
+        """Training, where an error can strike one rank alone (out of memory, a full disk): that rank says why in one
+        line, and every other rank leaves within seconds, wherever it waits. Without this, the others would wait
+        for it in a collective (NCCL: until its timeout, 10 minutes) or crash there with a traceback of their own.
+        The ranks learn of the failure through the store torchrun gives the job, which every node reaches."""
+        if not self.ddp:
+            yield
+            return
+        store = dist.distributed_c10d._get_default_store()
+        key = f"failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a restarted job starts afresh
+        done = threading.Event()
+        threading.Thread(target=self._leave_once_failed, args=(store, key, done), daemon=True).start()
+        try:
+            yield
+        except Exception as e:
+            if store.check([key]):  # another rank failed first: this error follows from it, and it said why
+                sys.exit(1)
+            line = f"error: rank {self.rank}: {type(e).__name__}: {error_text(e)}"
+            print(line, file=sys.stderr, flush=True)
+            store.set(key, line)
+            sys.exit(1)
+        finally:
+            done.set()
+
+    def _leave_once_failed(self, store, key, done):
+        # a thread, as the main one may be stuck in a collective that never returns; a file being written is finished
+        try:
+            while not done.wait(1):
+                if store.check([key]):
+                    with self.writing:
+                        os._exit(1)
+        except Exception:  # the store is gone: the job is over
+            pass

@@ -1,8 +1,10 @@
 """DistributedDataParallel on the CPU: torchrun with the gloo backend."""
+import glob
 import os
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -149,3 +151,31 @@ def test_ddp_compiled_around_the_ddp_module_logs_what_one_process_logs(one, tmp_
     # on stderr, only dynamo's notice that it skips DDP's profiler markers, once a rank
     assert [line.endswith("will be ignored") for line in out.stderr.splitlines()] == [True, True], out.stderr
     assert_same_log(tmp_path, one, tol=1e-5)
+
+
+def test_an_error_on_one_rank_stops_every_rank_within_seconds_in_one_line(tmp_path):
+    # rank 1 runs out of memory in its half of the HellaSwag pass; rank 0 meanwhile waits for it as in an NCCL
+    # collective that never returns (gloo's would fail at once): only the word passed between ranks ends it
+    wrapper = tmp_path / "oom_on_rank_1.py"
+    wrapper.write_text(f"""import os, sys, time
+sys.path.insert(0, {ROOT!r})
+import torch, train_gpt2
+from machinery.cli import run_script
+def evaluate_hellaswag(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    time.sleep(300)
+train_gpt2.evaluate_hellaswag = evaluate_hellaswag
+run_script(train_gpt2.main)
+""")
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--redirects", "2",
+           "--log-dir", str(logs), str(wrapper), *DDP, "--log_dir", str(tmp_path / "log")]
+    t0 = time.time()
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    seconds = time.time() - t0
+    assert out.returncode != 0
+    assert seconds < 25, seconds  # torchrun's own kill of a worker that ignores its SIGTERM comes after 30 s
+    err0, err1 = (open(glob.glob(str(logs / "*" / "attempt_0" / str(r) / "stderr.log"))[0]).read() for r in (0, 1))
+    assert err1 == "error: rank 1: OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB\n"
+    assert err0 == ""  # one line for the whole run: the rank that failed says why
