@@ -10,7 +10,9 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from machinery.cli import error_text
-from machinery.settings import RESUME_MUST_MATCH, TrainConfig
+from machinery.settings import RESUME_MUST_MATCH, TrainConfig, checkpoint_bytes
+
+SLOW_DISK = 50e6  # bytes a second: a busy network file system
 
 
 def read_checkpoint(path, keys=("model", "model_config")):
@@ -112,8 +114,15 @@ def save_checkpoint(run, world, step, model, optimizer, train_loader, cfg, rotat
                       f"this run wrote none yet, and those already in {cfg.log_dir} are untouched"))
     del state  # under FSDP, a whole copy on the CPU: not kept until the next checkpoint
     # every rank waits here for rank 0's write, so none tears the process group down while it writes
-    if world.any(error is not None):
-        sys.exit(f"error: {error}" if error else 1)
+    error = world.wait_for_master(f"checkpoint {step}", error, seconds=write_seconds(model))
+    if error:
+        sys.exit(f"error: {error}" if world.master else 1)
+
+
+def write_seconds(model):
+    """How long writing model's checkpoint may take before a rank waiting for it gives up: long enough for the
+    slowest disk a cluster is likely to have."""
+    return 600 + checkpoint_bytes(sum(p.numel() for p in model.parameters())) / SLOW_DISK
 
 
 def shard_like(whole, tensor):

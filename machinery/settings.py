@@ -172,6 +172,11 @@ def batch_plan(cfg, world):
     return grad_accum_steps
 
 
+def checkpoint_bytes(n_params):
+    """A checkpoint's size: fp32 weights and AdamW's two moments, 12 bytes a parameter."""
+    return 12 * n_params
+
+
 def memory_estimate(config, n_params, cfg, world_size, fsdp, grad_accum_steps):
     """One training process's peak memory in bytes, part by part: a planning figure for a GPU with flash attention,
     eager (torch.compile fuses the loss and usually needs less). Weights and gradients are fp32, as are AdamW's
@@ -229,7 +234,7 @@ def dry_run(cfg, world, model_class, config):
                     f"{cfg.max_steps * cfg.total_batch_size / tokens:.2f} epochs")
     else:
         world.print(f"data: {cfg.data} is {'a text file' if os.path.isfile(cfg.data) else 'not here'}: not read by a dry run")
-    size = 12 * n_params  # fp32 weights and AdamW's two moments
+    size = checkpoint_bytes(n_params)
     world.print(f"checkpoints: {size / 1e9:,.1f} GB each (12 bytes a parameter), {size / 1e9:,.0f} s to write at 1 GB/s; "
                 f"every {cfg.checkpoint_every} steps ({cfg.max_steps // cfg.checkpoint_every} in {cfg.max_steps:,})" +
                 (f", every {cfg.checkpoint_minutes:g} minutes (each replacing the one before)" if cfg.checkpoint_minutes

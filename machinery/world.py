@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -145,6 +146,27 @@ class World:
         if self.any(error is not None):
             sys.exit(f"error: {error}" if error else 1)
 
+    def _store(self):
+        """The key-value store torchrun gives the job: every rank of every node reaches it, outside any collective."""
+        return dist.distributed_c10d._get_default_store()
+
+    def _key(self, name):
+        return f"{name}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a restarted job starts afresh
+
+    def wait_for_master(self, name, result, seconds):
+        """Rank 0's result (a line of text, or None) on every rank, once rank 0 has it: the others wait up to
+        seconds, in the job's store rather than in a collective, whose timeout (NCCL's: 10 minutes) a long
+        write on rank 0 (a big checkpoint, a slow disk) would outlast."""
+        if not self.ddp:
+            return result
+        store, key = self._store(), self._key(name)
+        if self.master:
+            store.set(key, "" if result is None else "=" + result)
+            return result
+        store.wait([key], timedelta(seconds=seconds))
+        value = store.get(key).decode()
+        return value[1:] if value else None
+
     @contextlib.contextmanager
     def stop_all_on_error(self):
         """Training, where an error can strike one rank alone (out of memory, a full disk): that rank says why in one
@@ -154,8 +176,7 @@ class World:
         if not self.ddp:
             yield
             return
-        store = dist.distributed_c10d._get_default_store()
-        key = f"failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a restarted job starts afresh
+        store, key = self._store(), self._key("failed")
         done = threading.Event()
         threading.Thread(target=self._leave_once_failed, args=(store, key, done), daemon=True).start()
         try:

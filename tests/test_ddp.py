@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from conftest import DDP, HELLASWAG_20, ROOT, assert_same_log, read_log, run, torchrun
 import train_gpt2
@@ -107,20 +108,22 @@ def test_a_checkpoint_one_node_cannot_read_stops_every_node_with_the_error(tmp_p
     assert err0 == ""
 
 
-def test_no_rank_finishes_while_rank_0_is_still_writing_the_final_checkpoint(tmp_path):
-    # rank 0's torch.save takes 2 s here; without the ranks agreeing after each save, rank 1 would
-    # leave the loop, tear down the process group and exit while rank 0 still writes
+def test_no_rank_finishes_while_rank_0_writes_a_checkpoint_even_past_the_collectives_timeout(tmp_path):
+    # rank 0's torch.save takes 6 s here, the process group's timeout is 3 s (NCCL's 10 minutes against a
+    # big checkpoint on a slow disk): waiting in a collective, rank 1 would time out; leaving without waiting,
+    # it would tear the process group down and exit while rank 0 still writes
     wrapper = tmp_path / "slow_save.py"
-    wrapper.write_text(f"""import os, sys, time
+    wrapper.write_text(f"""import datetime, os, sys, time
 sys.path.insert(0, {ROOT!r})
-import torch, train_gpt2
-real_save = torch.save
+import torch, torch.distributed as dist, train_gpt2
+real_save, real_init = torch.save, dist.init_process_group
 def slow_save(obj, f):
-    time.sleep(2)
+    time.sleep(6)
     real_save(obj, f)
     open({str(tmp_path)!r} + "/saved", "w").write(repr(time.time()))
 if os.environ["RANK"] == "0":
     torch.save = slow_save
+dist.init_process_group = lambda **kw: real_init(**kw, timeout=datetime.timedelta(seconds=3))
 train_gpt2.main(sys.argv[1:])
 open({str(tmp_path)!r} + "/exited_" + os.environ["RANK"], "w").write(repr(time.time()))
 """)
@@ -131,6 +134,7 @@ open({str(tmp_path)!r} + "/exited_" + os.environ["RANK"], "w").write(repr(time.t
     assert out.returncode == 0, out.stderr
     saved, exited = (float((tmp_path / name).read_text()) for name in ("saved", "exited_1"))
     assert exited >= saved  # rank 1 waited for the checkpoint
+    assert torch.load(tmp_path / "log" / "model_00001.pt", weights_only=True)["step"] == 2
 
 
 def test_rank_0s_log_dir_decides_whether_a_run_is_new_a_stale_copy_on_another_node_does_not(tmp_path):
