@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
@@ -505,6 +506,19 @@ def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
 # The training loop
 
 
+def shard_model(model, device, master):
+    """FSDP2: each block, then the root (embeddings, ln_f, lm_head), becomes a unit whose weights, gradients and
+    AdamW moments are split across the processes, and gathered whole only while the unit computes. Rank 0 alone
+    holds the weights whole: each rank allocates its own shards, then takes its part of rank 0's weights, which
+    are sent one tensor at a time."""
+    whole = model.state_dict() if master else {}
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    model.to_empty(device=device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
 def train(cfg, world, model, data, run, checkpoint=None):
     """The training loop: from step 0, or from where checkpoint left off. True if it stopped on request."""
     device = world.device
@@ -512,13 +526,10 @@ def train(cfg, world, model, data, run, checkpoint=None):
     world.print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     grad_accum_steps = batch_plan(cfg, world)
     meter = Meter(model, cfg, world)  # MFU and the time left, for each step line
-    model.to(device)
     if cfg.fsdp:
-        # FSDP2: each block, then the root (embeddings, ln_f, lm_head), is a unit whose weights, gradients and
-        # AdamW moments are split across the processes, and gathered whole only while the unit computes
-        for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
+        shard_model(model, device, world.master)
+    else:
+        model.to(device)
     # GPT-3's AdamW: beta2 0.95 (not 0.999) lets the second moment follow the gradients' scale faster
     optimizer = model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
                                            device_type=world.device_type, log=world.print)
@@ -643,7 +654,10 @@ def main(argv=None):
                     claim.enter_context(run.claim())
                 torch.manual_seed(cfg.seed)  # the same initial weights on every rank
                 if cfg.init_from == "scratch":
-                    model = GPT(scratch_config(cfg))
+                    # FSDP: rank 0 alone builds the weights; the others build shapes without memory (the meta
+                    # device) and take their shards of rank 0's in shard_model: one whole model a job, not a process
+                    with torch.device("meta") if cfg.fsdp and not world.master else contextlib.nullcontext():
+                        model = GPT(scratch_config(cfg))
                 else:  # fine-tuning: the weights only, with a fresh optimizer from step 0
                     model = load_model(cfg.init_from)
                 if cfg.seq_len > model.config.block_size:

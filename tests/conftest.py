@@ -90,13 +90,14 @@ def run(args, cwd=ROOT, timeout=600, env=None):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def torchrun(nproc, args, timeout=600, launcher=("--standalone",), cwd=ROOT, env=None):
-    """train_gpt2.py on nproc processes of this machine, started by torchrun (gloo on the CPU). Its stderr is what
-    the processes themselves wrote there, rank by rank (torchrun's own report of a failure is left out)."""
+def torchrun(nproc, args, timeout=600, launcher=("--standalone",), cwd=ROOT, env=None, script=None):
+    """train_gpt2.py (or script) on nproc processes of this machine, started by torchrun (gloo on the CPU). Its
+    stderr is what the processes themselves wrote there, rank by rank (torchrun's own report of a failure is
+    left out)."""
     import tempfile
     with tempfile.TemporaryDirectory() as logs:
         cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}",
-               "--redirects", "2", "--log-dir", logs, os.path.join(ROOT, "train_gpt2.py"), *args]
+               "--redirects", "2", "--log-dir", logs, script or os.path.join(ROOT, "train_gpt2.py"), *args]
         out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
         files = sorted(glob.glob(os.path.join(logs, "*", "attempt_0", "*", "stderr.log")),
                        key=lambda f: int(f.split(os.sep)[-2]))  # by local rank

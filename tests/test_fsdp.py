@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import DDP, assert_same_log, error_of, read_log, run, torchrun
+from conftest import DDP, ROOT, assert_same_log, error_of, read_log, run, torchrun
 import train_gpt2
 
 # DDP's 5 steps, with checkpoints after steps 2 and 4
@@ -77,3 +77,29 @@ def test_fsdp_without_torchrun_says_how_to_start_it(tmp_path):
     assert error_of(train_gpt2.main, [*RUN, "--fsdp", "1", "--log_dir", str(tmp_path)]) == (
         "error: --fsdp 1 shards the model across the processes torchrun starts: launch with torchrun "
         "(--nproc_per_node=N), or pass --fsdp 0")
+
+
+def test_under_fsdp_only_rank_0_builds_the_weights_and_every_rank_holds_its_shards_alone(one, tmp_path):
+    wrapper = tmp_path / "devices.py"  # what train() is handed on each rank, and what it trains
+    wrapper.write_text(f"""import os, sys
+sys.path.insert(0, {ROOT!r})
+import train_gpt2
+real_train, real_shard = train_gpt2.train, train_gpt2.shard_model
+def train(cfg, world, model, *args, **kwargs):
+    built = {{p.device.type for p in model.parameters()}}
+    print(f"rank {{world.rank}} built on {{built}}", file=sys.stderr)
+    return real_train(cfg, world, model, *args, **kwargs)
+def shard_model(model, device, master):
+    real_shard(model, device, master)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    print(f"rank {{os.environ['RANK']}} holds {{local}} of {{sum(p.numel() for p in model.parameters())}}", file=sys.stderr)
+train_gpt2.train, train_gpt2.shard_model = train, shard_model
+train_gpt2.main(sys.argv[1:])
+""")
+    out = torchrun(2, [*RUN, "--fsdp", "1", "--log_dir", str(tmp_path / "log")], script=str(wrapper))
+    assert out.returncode == 0, out.stderr
+    n = 2 * (12 * 32 * 32 + 13 * 32) + 50304 * 32 + 16 * 32 + 2 * 32  # 2 blocks, wte (= lm_head), wpe, ln_f
+    assert f"model: {n:,} parameters" in out.stdout
+    assert out.stderr.splitlines() == [  # by rank
+        "rank 0 built on {'cpu'}", f"rank 0 holds {n // 2} of {n}", "rank 1 built on {'meta'}", f"rank 1 holds {n // 2} of {n}"]
+    assert_same_log(tmp_path / "log", one)  # rank 0's weights, in both ranks' shards: the same run, digit for digit
