@@ -19,7 +19,7 @@ from train_gpt2 import check_vocab, load_model
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Score a model on HellaSwag (completion style).")
-    p.add_argument("-m", "--model", default="gpt2", help="gpt2 ... gpt2-xl, a Hugging Face GPT-2 directory, or a .pt checkpoint")
+    p.add_argument("-m", "--model", default="gpt2", help="gpt2 ... gpt2-xl, a Hugging Face GPT-2 directory, or a checkpoint (.pt, .dcp)")
     p.add_argument("-d", "--device", default="auto")
     p.add_argument("--data_file", help="a local HellaSwag jsonl (no download)")
     p.add_argument("--split", default="val", choices=("train", "val"))

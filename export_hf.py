@@ -46,14 +46,14 @@ def export(model, out_dir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", help="a .pt checkpoint written by train_gpt2.py")
+    p.add_argument("checkpoint", help="a checkpoint written by train_gpt2.py: a .pt file, or a .dcp directory of shards")
     p.add_argument("out_dir", help="the Hugging Face directory to create (must not exist)")
     args = p.parse_args(argv)
     if os.path.exists(args.out_dir):
         sys.exit(f"error: {args.out_dir} exists: choose a new directory")
     with one_line_errors():
-        if not args.checkpoint.endswith(".pt"):
-            raise ValueError(f"{args.checkpoint!r} is not a .pt checkpoint of this project")
+        if not os.path.normpath(args.checkpoint).endswith((".pt", ".dcp")):
+            raise ValueError(f"{args.checkpoint!r} is not a checkpoint of this project (a .pt file or a .dcp directory)")
         export(load_model(args.checkpoint), args.out_dir)
     print(f"wrote {args.out_dir}: load it with GPT2LMHeadModel.from_pretrained({args.out_dir!r})")
 

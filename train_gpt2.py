@@ -237,8 +237,9 @@ def check_vocab(model, max_id, what):
 
 
 def load_model(name_or_path):
-    """A model's weights: a published name, a Hugging Face GPT-2 directory, or a checkpoint of this project."""
-    if name_or_path.endswith(".pt"):
+    """A model's weights: a published name, a Hugging Face GPT-2 directory, or a checkpoint of this project (a
+    file, or a directory of shards)."""
+    if os.path.normpath(name_or_path).endswith((".pt", ".dcp")):
         checkpoint = read_checkpoint(name_or_path)
         try:
             model = GPT(GPTConfig(**checkpoint["model_config"]))

@@ -2,17 +2,26 @@
 model and the run's settings, written atomically, and restored exactly, whether one process, DDP or FSDP wrote it."""
 import contextlib
 import os
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from machinery.cli import error_text
-from machinery.settings import RESUME_MUST_MATCH, TrainConfig, checkpoint_bytes
+from machinery.run_dir import is_sharded_save, remove_checkpoint
+from machinery.settings import RESUME_MUST_MATCH, TrainConfig, checkpoint_bytes, saves_sharded
 
 SLOW_DISK = 50e6  # bytes a second: a busy network file system
+META_FILE = "meta.pt"  # in a sharded checkpoint's directory: all but the tensors, as plain data
 
 
 def read_checkpoint(path, keys=("model", "model_config")):
@@ -23,6 +32,8 @@ def read_checkpoint(path, keys=("model", "model_config")):
     instead of reading it: the tensors are read as they are copied into the model and the optimizer, so a
     host never holds a second whole copy (8 ranks of a node resuming 6.7B: 80 GB each, otherwise).
     """
+    if os.path.isdir(path):
+        return read_sharded_checkpoint(path, keys)
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} not found")
     if os.path.getsize(path) == 0:
@@ -36,6 +47,34 @@ def read_checkpoint(path, keys=("model", "model_config")):
     if missing:
         raise ValueError(f"{path} is not a checkpoint of this project: it has no {', '.join(missing)}")
     return checkpoint
+
+
+def read_sharded_checkpoint(path, keys, whole=True):
+    """A sharded checkpoint (a directory) as read_checkpoint reads a file: its weights read whole in this process
+    (for sampling, exporting, fine-tuning), or, not whole, only their shapes (a resume reads its shards later)."""
+    try:
+        meta = torch.load(os.path.join(path, META_FILE), map_location="cpu", weights_only=True)
+        tensors = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception:
+        raise ValueError(f"cannot read checkpoint {path}: a directory, but not a whole sharded checkpoint of this "
+                         "project") from None
+    model = {k.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype, device="cpu" if whole else "meta")
+             for k, m in tensors.items() if k.startswith("model.")}
+    if whole:
+        read_shards({"model": model}, path, alone=True)  # tensors only: nothing is unpickled
+    checkpoint = {**meta, "model": model, "sharded": path}
+    missing = [k for k in keys if k not in checkpoint and k != "optimizer"]  # the optimizer's: read on resuming
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of this project: it has no {', '.join(missing)}")
+    return checkpoint
+
+
+def read_shards(state, path, alone):
+    """Fill state's tensors from a sharded checkpoint: each rank its own shards, or, alone, whole in this process
+    (which torch.distributed.checkpoint warns of, though it is what is meant)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=alone)
 
 
 def check_weights(model, state_dict, path):
@@ -53,8 +92,9 @@ def check_weights(model, state_dict, path):
 
 def load_checkpoint(path, cfg, model):
     """A checkpoint to resume from, read: complete, made with the settings of this run, fitting its model."""
-    checkpoint = read_checkpoint(path, keys=("model", "model_config", "optimizer", "step", "train_loader",
-                                             "rng", "config"))
+    keys = ("model", "model_config", "optimizer", "step", "train_loader", "rng", "config")
+    # a sharded one is read later, each rank its own shards: here its shapes, for the checks below
+    checkpoint = read_sharded_checkpoint(path, keys, whole=False) if os.path.isdir(path) else read_checkpoint(path, keys)
     for name in RESUME_MUST_MATCH:
         # a setting newer than the checkpoint: the run that wrote it did what the default does
         saved = checkpoint["config"].get(name, getattr(TrainConfig(), name))
@@ -92,26 +132,31 @@ def checkpoint_due(cfg, world, run, step):
 
 
 def save_checkpoint(run, world, step, model, optimizer, train_loader, cfg, rotate=False):
-    """Checkpoint the run after step: every rank calls this (under FSDP each gathers its shards), rank 0 writes
-    the file. If the write fails (a full disk), every rank stops, with one line naming the last good one.
-    Once it is written, the checkpoint before it goes if it was a rotating one (written for time, not steps);
-    rotate: this one rotates too."""
-    path = run.checkpoint_path(step)
-    state = whole_state(model, optimizer, keep=world.master)
+    """Checkpoint the run after step. Every rank calls this: one file, for which each rank gathers its FSDP shards
+    and rank 0 writes them, or a sharded checkpoint, where each rank writes its own. If the write fails (a full
+    disk), every rank stops, with one line naming the last good one. Once it is written, the checkpoint before it
+    goes if it was a rotating one (written for time, not steps); rotate: this one rotates too."""
+    sharded = saves_sharded(cfg, sum(p.numel() for p in model.parameters()))
+    path = run.checkpoint_path(step, sharded)
+    meta = checkpoint_meta(step + 1, model.config, train_loader, cfg)
+    state = None if sharded else whole_state(model, optimizer, keep=world.master)
     error = None
-    if world.master:
-        try:
+    try:
+        if sharded:
+            write_sharded_checkpoint(path, model, optimizer, meta, world)
+        elif world.master:
             with world.writing:  # a rank leaving on another's error finishes this first
-                write_checkpoint_file(path, step + 1, model.config, state, train_loader, cfg)
+                write_checkpoint_file(path, state, meta)
+        if world.master:
             print(f"saved {path}")
             if run.rotating and run.rotating != path:
                 with contextlib.suppress(OSError):  # an older checkpoint: the one just written is newer
-                    os.remove(run.rotating)
+                    remove_checkpoint(run.rotating)
             run.last_saved, run.rotating, run.last_saved_time = path, path if rotate else None, time.time()
-        except (OSError, RuntimeError) as e:  # a full disk, say: the temporary file is already gone
-            error = (f"cannot write checkpoint {path} ({error_text(e)}): free some space; " +
-                     (f"the last good checkpoint is {run.last_saved}" if run.last_saved else
-                      f"this run wrote none yet, and those already in {cfg.log_dir} are untouched"))
+    except (OSError, RuntimeError, CheckpointException) as e:  # a full disk, say: what was half-written is gone
+        error = (f"cannot write checkpoint {path} ({error_text(e)}): free some space; " +
+                 (f"the last good checkpoint is {run.last_saved}" if run.last_saved else
+                  f"this run wrote none yet, and those already in {cfg.log_dir} are untouched"))
     del state  # under FSDP, a whole copy on the CPU: not kept until the next checkpoint
     # every rank waits here for rank 0's write, so none tears the process group down while it writes
     error = world.wait_for_master(f"checkpoint {step}", error, seconds=write_seconds(model))
@@ -135,18 +180,27 @@ def shard_like(whole, tensor):
 
 def restore_checkpoint(checkpoint, model, optimizer, train_loader):
     """Continue where a checkpoint left off (weights, optimizer, data position, random state): the step to run
-    next. The checkpoint holds whole tensors, whether DDP, FSDP or one process wrote it; a model sharded by
-    FSDP takes its shards of them. The checkpoint is emptied as it is used: it is 1.5 GB at 124M."""
-    current = model.state_dict()
-    model.load_state_dict({k: shard_like(v, current[k]) for k, v in checkpoint.pop("model").items()})
-    optimizer_state = checkpoint.pop("optimizer")
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # the state's keys index these
-    for i, state in optimizer_state["state"].items():
-        for k, v in state.items():
-            if k != "step":  # AdamW's moments have their parameter's shape; the step count is a scalar
-                state[k] = shard_like(v, params[i])
+    next. A file holds whole tensors, whether DDP, FSDP or one process wrote it; a model sharded by FSDP takes
+    its shards of them. A sharded checkpoint is read by each rank for its own shards, however many ranks wrote
+    it. The checkpoint is emptied as it is used: it is 1.5 GB at 124M."""
     fused = [group["fused"] for group in optimizer.param_groups]  # this device's choice, not the saving one's
-    optimizer.load_state_dict(optimizer_state)
+    if "sharded" in checkpoint:
+        model_state = get_model_state_dict(model)
+        optimizer_state = get_optimizer_state_dict(model, optimizer)  # AdamW's moments made, to be read into
+        read_shards({"model": model_state, "optimizer": optimizer_state["state"]}, checkpoint["sharded"],
+                    alone=not dist.is_initialized())
+        set_model_state_dict(model, model_state)
+        set_optimizer_state_dict(model, optimizer, {**optimizer_state, "param_groups": checkpoint["param_groups"]})
+    else:
+        current = model.state_dict()
+        model.load_state_dict({k: shard_like(v, current[k]) for k, v in checkpoint.pop("model").items()})
+        optimizer_state = checkpoint.pop("optimizer")
+        params = [p for group in optimizer.param_groups for p in group["params"]]  # the state's keys index these
+        for i, state in optimizer_state["state"].items():
+            for k, v in state.items():
+                if k != "step":  # AdamW's moments have their parameter's shape; the step count is a scalar
+                    state[k] = shard_like(v, params[i])
+        optimizer.load_state_dict(optimizer_state)
     for group, f in zip(optimizer.param_groups, fused):
         group["fused"] = f
     train_loader.load_state_dict(checkpoint["train_loader"])
@@ -178,24 +232,48 @@ def whole_state(model, optimizer, keep):
     return model_state, optimizer_state
 
 
-def write_checkpoint_file(path, step, model_config, state, train_loader, cfg):
-    """Everything needed to continue exactly, as tensors and plain data (loads with weights_only=True)."""
-    model_state, optimizer_state = state
-    checkpoint = {
-        "model": model_state,
+def checkpoint_meta(step, model_config, train_loader, cfg):
+    """All of a checkpoint but the weights and the optimizer's state, as plain data."""
+    return {
         "model_config": asdict(model_config),
-        "optimizer": optimizer_state,
         "step": step,  # the next step to run
         "train_loader": train_loader.state_dict(),
         # the CPU generator only: nothing in training draws CUDA random numbers (sampling has its own)
         "rng": {"cpu": torch.get_rng_state()},
         "config": asdict(cfg),
     }
+
+
+def write_checkpoint_file(path, state, meta):
+    """Everything needed to continue exactly, as tensors and plain data (loads with weights_only=True)."""
+    model_state, optimizer_state = state
     tmp = path + ".tmp"
     try:
-        torch.save(checkpoint, tmp)
+        torch.save({"model": model_state, "optimizer": optimizer_state, **meta}, tmp)
         os.replace(tmp, path)  # atomic: a crash mid-write never leaves a truncated checkpoint
     except BaseException:  # a full disk, say: never leave 1.5 GB of half a checkpoint behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        raise
+
+
+def write_sharded_checkpoint(path, model, optimizer, meta, world):
+    """A checkpoint no host holds whole: with torch.distributed.checkpoint every rank writes its own shards of
+    the weights and of AdamW's moments into one directory (on a folder every node shares), then rank 0 adds
+    meta.pt (the rest, as plain data) and gives the directory its name: a crash before that leaves no checkpoint
+    to resume from, only a .tmp directory that the next run removes."""
+    tmp = path + ".tmp"
+    if world.master and os.path.isdir(tmp) and is_sharded_save(tmp):
+        shutil.rmtree(tmp)  # a save of this step that died halfway
+    optimizer_state = get_optimizer_state_dict(model, optimizer)  # keyed by parameter name, not position
+    try:
+        dcp.save({"model": get_model_state_dict(model), "optimizer": optimizer_state["state"]}, checkpoint_id=tmp)
+        if world.master:
+            torch.save({**meta, "param_groups": optimizer_state["param_groups"]}, os.path.join(tmp, META_FILE))
+            if os.path.isdir(path):
+                shutil.rmtree(path)  # the same step saved before, by a run this one resumed from earlier
+            os.replace(tmp, path)
+    except BaseException:
+        if world.master:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -37,4 +37,6 @@ def on_off(text):
 
 def auto_on_off(text):
     """--bf16 takes auto, 1 or 0; the script decides what auto means on the device at hand."""
-    return text if text == "auto" else on_off(text)
+    if text not in ("auto", "0", "1"):
+        raise argparse.ArgumentTypeError(f"expected auto, 1 or 0, got {text!r}")
+    return text if text == "auto" else text == "1"

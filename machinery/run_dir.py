@@ -6,6 +6,7 @@ writes (rank 0) touches the disk through it.
 import contextlib
 import os
 import re
+import shutil
 import time
 
 from machinery.cli import error_text
@@ -15,9 +16,11 @@ from machinery.locks import hold_directory
 # HellaSwag acc_norm of GPT-2 124M and of GPT-3 Small (from its paper)
 BASELINES = {"val": [("OpenAI GPT-2 124M (FineWeb-Edu val)", 3.2924)],
              "hella": [("OpenAI GPT-2 124M", 0.2945), ("GPT-3 Small (paper)", 0.337)]}
-CHECKPOINT_NAME = re.compile(r"model_(\d+)\.pt")  # model_{step:05d}.pt: the step it was written after
-# what a run writes under a temporary name, then renames: a file of these names left behind is half-written
+# model_{step:05d}.pt, one file, or model_{step:05d}.dcp, a directory of every rank's shards: the step it follows
+CHECKPOINT_NAME = re.compile(r"model_(\d+)\.(pt|dcp)")
+# what a run writes under a temporary name, then renames: one of these names left behind is half-written
 TEMPORARY_NAME = re.compile(r"(model_\d+\.pt|log\.txt|curves\.png|STOPPED)\.tmp")
+TEMPORARY_SHARDS = re.compile(r"model_\d+\.dcp\.tmp")  # a directory, holding only what a sharded save writes
 
 
 class RunDir:
@@ -31,9 +34,9 @@ class RunDir:
         self.rotating = None  # the newest checkpoint if it was written for time: the next one replaces it
         self.log_failed = False  # a log line could not be written: said once
 
-    def checkpoint_path(self, step):
+    def checkpoint_path(self, step, sharded=False):
         """Where the checkpoint written after step goes."""
-        return os.path.join(self.path, f"model_{step:05d}.pt")
+        return os.path.join(self.path, f"model_{step:05d}.{'dcp' if sharded else 'pt'}")
 
     def find_checkpoint(self, resume):
         """The checkpoint --resume names: a path, or for 'auto' the newest here (None if there is none)."""
@@ -50,8 +53,11 @@ class RunDir:
         left half-written goes; nothing else does."""
         with hold_directory(self.path, "--log_dir", "run.lock"):
             for name in os.listdir(self.path):  # a shared folder may hold other programs' .tmp files: only ours go
-                if TEMPORARY_NAME.fullmatch(name) and os.path.isfile(os.path.join(self.path, name)):
-                    os.remove(os.path.join(self.path, name))  # half-written by a run that died writing it
+                path = os.path.join(self.path, name)  # half-written by a run that died writing it
+                if TEMPORARY_NAME.fullmatch(name) and os.path.isfile(path):
+                    os.remove(path)
+                elif TEMPORARY_SHARDS.fullmatch(name) and is_sharded_save(path):
+                    shutil.rmtree(path)
             yield
 
     def check_new_run(self):
@@ -149,3 +155,18 @@ def plot_curves(curves):
         ax.set_title(title)
         ax.legend()
     return fig
+
+
+def is_sharded_save(path):
+    """Whether path is a directory holding nothing but what torch.distributed.checkpoint (and meta.pt) write."""
+    return os.path.isdir(path) and all(name in (".metadata", "meta.pt") or name.endswith(".distcp")
+                                       for name in os.listdir(path))
+
+
+def remove_checkpoint(path):
+    """A checkpoint of this run gone: a file, or a directory of shards."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+

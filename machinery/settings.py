@@ -81,6 +81,9 @@ class TrainConfig:
     checkpoint_every: int = flag(5000, "write log_dir/model_{step:05d}.pt every this many steps, and at the last")
     checkpoint_minutes: float = flag(60, "also write one when this many minutes have passed since the last (0: never); "
                                          "each of these replaces the one before it, once written")
+    sharded_checkpoints: str = flag("auto", "save each rank's shards (torch.distributed.checkpoint, a directory "
+                                    "model_{step:05d}.dcp) instead of one file that rank 0 gathers whole: 1, 0, or "
+                                    "auto (on under --fsdp 1 when a checkpoint outgrows 64 GB: gpt3-6.7b and up)")
     resume: str = flag("", "continue a run exactly from a checkpoint: a path, or 'auto' (the newest in --log_dir)")
     # system
     seed: int = flag(1337, "seed for initialisation and training")
@@ -104,7 +107,7 @@ def parse_args(argv=None):
     preset = set().union(*MODELS.values())  # the flags whose default --model sets
     for f in fields(TrainConfig):  # default None: a flag left out takes the model's value, else the field's
         default = f"{f.default} for gpt2; other models set their own" if f.name in preset else f.default
-        parser.add_argument(f"--{f.name}", type=on_off if f.type is bool else auto_on_off if f.name == "bf16" else f.type,
+        parser.add_argument(f"--{f.name}", type=on_off if f.type is bool else auto_on_off if f.name in ("bf16", "sharded_checkpoints") else f.type,
                             default=None, help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
     try:
         args, unknown = parser.parse_known_args(argv)
@@ -142,6 +145,9 @@ def check_config(cfg, world_size=1):
     if cfg.total_batch_size % (cfg.seq_len * world_size):  # a whole number of sequences on every process
         raise ValueError(f"--total_batch_size {cfg.total_batch_size} is not a multiple of --seq_len x processes = "
                          f"{cfg.seq_len} x {world_size}: change one of them")
+    if cfg.sharded_checkpoints is True and not cfg.fsdp:
+        raise ValueError("--sharded_checkpoints 1 saves the shards FSDP makes: pass --fsdp 1 too, or "
+                         "--sharded_checkpoints auto")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
 
@@ -175,6 +181,17 @@ def batch_plan(cfg, world):
 def checkpoint_bytes(n_params):
     """A checkpoint's size: fp32 weights and AdamW's two moments, 12 bytes a parameter."""
     return 12 * n_params
+
+
+# a checkpoint bigger than this is saved sharded by default: rank 0's host need not hold it whole
+SHARDED_ABOVE = 64e9
+
+
+def saves_sharded(cfg, n_params):
+    """Whether the run's checkpoints are directories of every rank's shards rather than one file."""
+    if cfg.sharded_checkpoints == "auto":
+        return cfg.fsdp and checkpoint_bytes(n_params) > SHARDED_ABOVE
+    return cfg.sharded_checkpoints
 
 
 def memory_estimate(config, n_params, cfg, world_size, fsdp, grad_accum_steps):
@@ -235,7 +252,9 @@ def dry_run(cfg, world, model_class, config):
     else:
         world.print(f"data: {cfg.data} is {'a text file' if os.path.isfile(cfg.data) else 'not here'}: not read by a dry run")
     size = checkpoint_bytes(n_params)
-    world.print(f"checkpoints: {size / 1e9:,.1f} GB each (12 bytes a parameter), {size / 1e9:,.0f} s to write at 1 GB/s; "
+    form = "sharded: a directory of each rank's shards" if saves_sharded(cfg, n_params) else "one file"
+    world.print(f"checkpoints: {size / 1e9:,.1f} GB each ({form}; 12 bytes a parameter), {size / 1e9:,.0f} s to write "
+                "at 1 GB/s; "
                 f"every {cfg.checkpoint_every} steps ({cfg.max_steps // cfg.checkpoint_every} in {cfg.max_steps:,})" +
                 (f", every {cfg.checkpoint_minutes:g} minutes (each replacing the one before)" if cfg.checkpoint_minutes
                  else "") + ", and at the end")

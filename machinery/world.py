@@ -5,7 +5,6 @@ import os
 import shutil
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 

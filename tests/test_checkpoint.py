@@ -15,7 +15,7 @@ import eval_hellaswag
 import export_hf
 import sample
 import train_gpt2
-from machinery.checkpoints import restore_checkpoint, whole_state, write_checkpoint_file
+from machinery.checkpoints import checkpoint_meta, restore_checkpoint, whole_state, write_checkpoint_file
 from machinery.settings import TrainConfig
 from train_gpt2 import DataLoaderLite, GPT, GPTConfig, load_model
 
@@ -106,7 +106,7 @@ def tiny_checkpoint(path):
     model(*loader.next_batch())[1].backward()
     optimizer.step()
     state = whole_state(model, optimizer, keep=True)
-    write_checkpoint_file(str(path), 1, model.config, state, loader, TrainConfig(n_layer=1, n_head=2, n_embd=16, seq_len=16))
+    write_checkpoint_file(str(path), state, checkpoint_meta(1, model.config, loader, TrainConfig(n_layer=1, n_head=2, n_embd=16, seq_len=16)))
     return path
 
 

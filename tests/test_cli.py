@@ -102,7 +102,8 @@ def test_help_lists_every_flag_with_its_default():
     assert list(options) == [
         "data", "shuffle_shards", "model", "init_from", "n_layer", "n_head", "n_embd", "total_batch_size", "batch_size",
         "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "eval_every", "val_steps",
-        "hellaswag", "hellaswag_file", "sample_every", "prompt", "log_dir", "checkpoint_every", "checkpoint_minutes", "resume", "seed",
+        "hellaswag", "hellaswag_file", "sample_every", "prompt", "log_dir", "checkpoint_every", "checkpoint_minutes",
+        "sharded_checkpoints", "resume", "seed",
         "device", "bf16", "compile", "fsdp", "activation_checkpointing", "dry_run"]
     for flag, default in (("data", "edu_fineweb10B"), ("max_steps", "19073 for gpt2; other models set their own"),
                           ("log_dir", "log"), ("bf16", "auto"), ("compile", "True"), ("resume", "")):
@@ -210,7 +211,7 @@ def test_a_second_run_in_the_same_log_dir_is_refused_and_a_killed_run_leaves_no_
     (["--max_steps", "ten"], "argument --max_steps: invalid int value: 'ten' (see --help)"),
     (["--max_steps"], "argument --max_steps: expected one argument (see --help)"),
     (["--compile", "yes"], "argument --compile: expected 1 or 0, got 'yes' (see --help)"),
-    (["--bf16", "2"], "argument --bf16: expected 1 or 0, got '2' (see --help)"),
+    (["--bf16", "2"], "argument --bf16: expected auto, 1 or 0, got '2' (see --help)"),
     (["--max", "5"], "unrecognized arguments: --max 5 (see --help)"),  # no guessing which --max_ flag was meant
     (["input.txt"], "unrecognized arguments: input.txt (see --help)"),
 ])
@@ -231,6 +232,8 @@ def test_a_bad_flag_is_an_error_that_names_it(args, message):
     (["--total_batch_size", "0"], "--total_batch_size must be at least 1, got 0"),
     (["--total_batch_size", "-524288"], "--total_batch_size must be at least 1, got -524288"),
     (["--checkpoint_minutes", "-1"], "--checkpoint_minutes must be at least 0 (0: never), got -1.0"),
+    (["--sharded_checkpoints", "1"], "--sharded_checkpoints 1 saves the shards FSDP makes: pass --fsdp 1 too"),
+    (["--sharded_checkpoints", "yes"], "argument --sharded_checkpoints: expected auto, 1 or 0, got 'yes'"),
 ])
 def test_settings_that_make_no_sense_are_refused(args, message):
     with pytest.raises(ValueError) as e:
@@ -307,8 +310,13 @@ def test_a_dry_run_prints_every_models_exact_size_and_plans_memory_without_train
     assert "total batch 2,097,152 tokens = 64 micro-batches of 2 x 2048 on each of 8 processes" in out
     assert "data: 4,000 train tokens in 2 shards: the run reads 2499805.18 epochs" in out
     # a 31-hour run on 8 H100s: 4,768 steps, none a multiple of 5000; the checkpoints come by the hour
-    assert ("checkpoints: 79.9 GB each (12 bytes a parameter), 80 s to write at 1 GB/s; every 5000 steps (0 in 4,768), "
-            "every 60 minutes (each replacing the one before), and at the end\n") in out
+    assert ("checkpoints: 79.9 GB each (one file; 12 bytes a parameter), 80 s to write at 1 GB/s; every 5000 steps "
+            "(0 in 4,768), every 60 minutes (each replacing the one before), and at the end\n") in out
+    # under FSDP a checkpoint that big is saved sharded: rank 0's host need not hold 80 GB whole
+    train_gpt2.main(["--model", "gpt3-6.7b", "--fsdp", "1", "--dry_run", "1", "--data", str(tmp_path)])
+    assert "checkpoints: 79.9 GB each (sharded: a directory of each rank's shards; " in capsys.readouterr().out
+    train_gpt2.main(["--model", "gpt3-2.7b", "--fsdp", "1", "--dry_run", "1", "--data", str(tmp_path)])
+    assert "checkpoints: 31.8 GB each (one file; " in capsys.readouterr().out
     rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out.splitlines()[-2:]}
     ddp, fsdp = rows["DDP"], rows["FSDP"]  # weights, gradients, optimizer, activations, logits, total (GiB)
     n = 6_658_596_864

@@ -63,11 +63,16 @@ def test_a_claim_removes_only_the_half_written_files_of_this_project(tmp_path):
     # a shared folder (--log_dir .) holds other programs' .tmp files, even directories: they are not ours
     (tmp_path / "thesis.tmp").write_text("a user's draft")
     (tmp_path / "build.tmp").mkdir()
+    (tmp_path / "model_00009.dcp.tmp").mkdir()  # our name, but a user's file inside: not a save of ours
+    (tmp_path / "model_00009.dcp.tmp" / "notes.txt").write_text("mine")
     for name in ("model_00007.pt.tmp", "log.txt.tmp", "curves.png.tmp", "STOPPED.tmp"):
         (tmp_path / name).write_bytes(b"half of it")  # left by a run that died writing them
+    (tmp_path / "model_00008.dcp.tmp").mkdir()  # a sharded save that died halfway
+    (tmp_path / "model_00008.dcp.tmp" / "__1_0.distcp").write_bytes(b"half of it")
     with RunDir(str(tmp_path)).claim():
-        assert sorted(os.listdir(tmp_path)) == ["build.tmp", "run.lock", "thesis.tmp"]
+        assert sorted(os.listdir(tmp_path)) == ["build.tmp", "model_00009.dcp.tmp", "run.lock", "thesis.tmp"]
     assert (tmp_path / "thesis.tmp").read_text() == "a user's draft"
+    assert (tmp_path / "model_00009.dcp.tmp" / "notes.txt").read_text() == "mine"
 
 
 def test_a_log_line_that_cannot_be_written_is_said_once_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
