@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -507,14 +507,17 @@ def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
 # The training loop
 
 
-def shard_model(model, device, master):
+def shard_model(model, device, master, bf16_traffic=False):
     """FSDP2: each block, then the root (embeddings, ln_f, lm_head), becomes a unit whose weights, gradients and
     AdamW moments are split across the processes, and gathered whole only while the unit computes. Rank 0 alone
     holds the weights whole: each rank allocates its own shards, then takes its part of rank 0's weights, which
-    are sent one tensor at a time."""
+    are sent one tensor at a time. bf16_traffic: the blocks gather their weights in bf16, half the bytes, and
+    compute in bf16 from input to output; gradients are still summed in fp32 (a bf16 sum over many ranks loses
+    precision), and the shards, AdamW and the root stay fp32."""
     whole = model.state_dict() if master else {}
+    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32, torch.float32) if bf16_traffic else MixedPrecisionPolicy()
     for block in model.transformer.h:
-        fully_shard(block)
+        fully_shard(block, mp_policy=policy)
     fully_shard(model)
     model.to_empty(device=device)
     set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -528,7 +531,7 @@ def train(cfg, world, model, data, run, checkpoint=None):
     grad_accum_steps = batch_plan(cfg, world)
     meter = Meter(model, cfg, world)  # MFU and the time left, for each step line
     if cfg.fsdp:
-        shard_model(model, device, world.master)
+        shard_model(model, device, world.master, cfg.fsdp_bf16)
     else:
         model.to(device)
     # GPT-3's AdamW: beta2 0.95 (not 0.999) lets the second moment follow the gradients' scale faster
@@ -637,11 +640,14 @@ def main(argv=None):
         cfg.batch_size = fit_batch_size(cfg, world)
         if cfg.dry_run:
             return dry_run(cfg, world, GPT, scratch_config(cfg))
+        if cfg.bf16 == "auto":  # decided once, here: the checkpoint records what the run really did
+            cfg.bf16 = bf16_fast(world.device)
+        if cfg.fsdp_bf16 and not cfg.bf16:
+            raise ValueError("--fsdp_bf16 1 computes the blocks in bf16, and bf16 autocast is off: pass --bf16 1 too, "
+                             "or --fsdp_bf16 0")
         if cfg.fsdp and not world.ddp:
             raise ValueError("--fsdp 1 shards the model across the processes torchrun starts: launch with torchrun "
                              "(--nproc_per_node=N), or pass --fsdp 0")
-        if cfg.bf16 == "auto":  # decided once, here: the checkpoint records what the run really did
-            cfg.bf16 = bf16_fast(world.device)
     if world.ddp:
         # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
         dist.init_process_group(backend="nccl" if world.device_type == "cuda" else "gloo")

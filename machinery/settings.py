@@ -93,6 +93,9 @@ class TrainConfig:
     compile: bool = flag(True, "torch.compile the model (slow to start, faster steps)")
     fsdp: bool = flag(False, "shard weights, gradients and optimizer state across the processes (FSDP2) instead of "
                              "copying them to each (DDP): for models that do not fit one GPU; needs torchrun")
+    fsdp_bf16: bool = flag(False, "FSDP: the blocks gather their weights in bf16, half the bytes, and compute in bf16 "
+                                  "throughout (not only the matmuls); gradients are still summed in fp32. The losses "
+                                  "move slightly. Needs --bf16 1")
     activation_checkpointing: bool = flag(False, "keep only each block's input for backward, recomputing the rest: "
                                                  "far less activation memory for about a third more compute")
     dry_run: bool = flag(False, "print the settings, the parameter count, the batch and an estimate of memory per "
@@ -145,6 +148,8 @@ def check_config(cfg, world_size=1):
     if cfg.total_batch_size % (cfg.seq_len * world_size):  # a whole number of sequences on every process
         raise ValueError(f"--total_batch_size {cfg.total_batch_size} is not a multiple of --seq_len x processes = "
                          f"{cfg.seq_len} x {world_size}: change one of them")
+    if cfg.fsdp_bf16 and not cfg.fsdp:
+        raise ValueError("--fsdp_bf16 1 sets what FSDP sends: pass --fsdp 1 too")
     if cfg.sharded_checkpoints is True and not cfg.fsdp:
         raise ValueError("--sharded_checkpoints 1 saves the shards FSDP makes: pass --fsdp 1 too, or "
                          "--sharded_checkpoints auto")
@@ -166,7 +171,8 @@ def fit_batch_size(cfg, world):
 
 # settings that change what is computed: a resumed run must use the checkpoint's (not --batch_size: see above)
 RESUME_MUST_MATCH = ("data", "shuffle_shards", "init_from", "n_layer", "n_head", "n_embd", "total_batch_size",
-                     "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "seed", "bf16")
+                     "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "seed", "bf16",
+                     "fsdp_bf16")
 
 
 def batch_plan(cfg, world):

@@ -104,7 +104,7 @@ def test_help_lists_every_flag_with_its_default():
         "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "eval_every", "val_steps",
         "hellaswag", "hellaswag_file", "sample_every", "prompt", "log_dir", "checkpoint_every", "checkpoint_minutes",
         "sharded_checkpoints", "resume", "seed",
-        "device", "bf16", "compile", "fsdp", "activation_checkpointing", "dry_run"]
+        "device", "bf16", "compile", "fsdp", "fsdp_bf16", "activation_checkpointing", "dry_run"]
     for flag, default in (("data", "edu_fineweb10B"), ("max_steps", "19073 for gpt2; other models set their own"),
                           ("log_dir", "log"), ("bf16", "auto"), ("compile", "True"), ("resume", "")):
         assert options[flag].endswith(f"(default: {default})"), (flag, options[flag])
@@ -233,6 +233,7 @@ def test_a_bad_flag_is_an_error_that_names_it(args, message):
     (["--total_batch_size", "-524288"], "--total_batch_size must be at least 1, got -524288"),
     (["--checkpoint_minutes", "-1"], "--checkpoint_minutes must be at least 0 (0: never), got -1.0"),
     (["--sharded_checkpoints", "1"], "--sharded_checkpoints 1 saves the shards FSDP makes: pass --fsdp 1 too"),
+    (["--fsdp_bf16", "1"], "--fsdp_bf16 1 sets what FSDP sends: pass --fsdp 1 too"),
     (["--sharded_checkpoints", "yes"], "argument --sharded_checkpoints: expected auto, 1 or 0, got 'yes'"),
 ])
 def test_settings_that_make_no_sense_are_refused(args, message):

@@ -122,3 +122,36 @@ train_gpt2.main(sys.argv[1:])
     assert out.stderr.splitlines() == [  # by rank
         "rank 0 built on {'cpu'}", f"rank 0 holds {n // 2} of {n}", "rank 1 built on {'meta'}", f"rank 1 holds {n // 2} of {n}"]
     assert_same_log(tmp_path / "log", one)  # rank 0's weights, in both ranks' shards: the same run, digit for digit
+
+
+def test_fsdp_bf16_gathers_the_blocks_weights_in_bf16_and_moves_the_losses_slightly(tmp_path):
+    wrapper = tmp_path / "dtypes.py"  # the dtype of block 0's weights as it computes, gathered by FSDP
+    wrapper.write_text(f"""import sys
+sys.path.insert(0, {ROOT!r})
+import train_gpt2
+real_shard = train_gpt2.shard_model
+def shard_model(model, *args):
+    real_shard(model, *args)
+    block = model.transformer.h[0]
+    hook = block.register_forward_pre_hook(lambda m, x: print("gathered", m.attn.c_attn.weight.dtype, file=sys.stderr))
+    model.register_forward_hook(lambda *_: hook.remove())  # the first forward only
+train_gpt2.shard_model = shard_model
+train_gpt2.main(sys.argv[1:])
+""")
+    args = [*RUN, "--fsdp", "1", "--bf16", "1", "--hellaswag", "0", "--max_steps", "4"]
+    logs = {}
+    for traffic in ("0", "1"):
+        logs[traffic] = tmp_path / traffic
+        out = torchrun(2, [*args, "--fsdp_bf16", traffic, "--log_dir", str(logs[traffic])], script=str(wrapper))
+        assert out.returncode == 0, out.stderr
+        dtype = "torch.bfloat16" if traffic == "1" else "torch.float32"
+        assert out.stderr == f"gathered {dtype}\n" * 2  # on each rank
+    assert_same_log(logs["1"], logs["0"], tol=1e-3)  # close: autocast ran the matmuls in bf16 already
+    assert read_log(logs["1"]) != read_log(logs["0"])  # but not the same: now everything in a block is bf16
+
+
+def test_fsdp_bf16_without_bf16_autocast_is_one_line(tmp_path):
+    assert error_of(train_gpt2.main, [*RUN, "--fsdp", "1", "--fsdp_bf16", "1", "--log_dir", str(tmp_path)]) == (
+        "error: --fsdp_bf16 1 computes the blocks in bf16, and bf16 autocast is off: pass --bf16 1 too, "
+        "or --fsdp_bf16 0")
+
