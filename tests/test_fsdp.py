@@ -98,54 +98,35 @@ def test_fsdp_without_torchrun_says_how_to_start_it(tmp_path):
         "(--nproc_per_node=N), or pass --fsdp 0")
 
 
-def test_under_fsdp_only_rank_0_builds_the_weights_and_every_rank_holds_its_shards_alone(one, tmp_path):
-    wrapper = tmp_path / "devices.py"  # what train() is handed on each rank, and what it trains
-    wrapper.write_text(f"""import os, sys
-sys.path.insert(0, {ROOT!r})
-import train_gpt2
-real_train, real_shard = train_gpt2.train, train_gpt2.shard_model
-def train(cfg, world, model, *args, **kwargs):
-    built = {{p.device.type for p in model.parameters()}}
-    print(f"rank {{world.rank}} built on {{built}}", file=sys.stderr)
-    return real_train(cfg, world, model, *args, **kwargs)
-def shard_model(model, device, master):
-    real_shard(model, device, master)
-    local = sum(p.to_local().numel() for p in model.parameters())
-    print(f"rank {{os.environ['RANK']}} holds {{local}} of {{sum(p.numel() for p in model.parameters())}}", file=sys.stderr)
-train_gpt2.train, train_gpt2.shard_model = train, shard_model
-train_gpt2.main(sys.argv[1:])
-""")
-    out = torchrun(2, [*RUN, "--fsdp", "1", "--log_dir", str(tmp_path / "log")], script=str(wrapper))
-    assert out.returncode == 0, out.stderr
-    n = 2 * (12 * 32 * 32 + 13 * 32) + 50304 * 32 + 16 * 32 + 2 * 32  # 2 blocks, wte (= lm_head), wpe, ln_f
-    assert f"model: {n:,} parameters" in out.stdout
-    assert out.stderr.splitlines() == [  # by rank
-        "rank 0 built on {'cpu'}", f"rank 0 holds {n // 2} of {n}", "rank 1 built on {'meta'}", f"rank 1 holds {n // 2} of {n}"]
-    assert_same_log(tmp_path / "log", one)  # rank 0's weights, in both ranks' shards: the same run, digit for digit
-
-
-def test_fsdp_bf16_gathers_the_blocks_weights_in_bf16_and_moves_the_losses_slightly(tmp_path):
-    wrapper = tmp_path / "dtypes.py"  # the dtype of block 0's weights as it computes, gathered by FSDP
+def test_only_rank_0_builds_the_weights_and_fsdp_bf16_gathers_the_blocks_in_bf16_moving_the_losses_slightly(tmp_path):
+    wrapper = tmp_path / "shards.py"  # where each rank built its model, what it holds, what block 0 computes with
     wrapper.write_text(f"""import sys
 sys.path.insert(0, {ROOT!r})
 import train_gpt2
 real_shard = train_gpt2.shard_model
-def shard_model(model, *args):
-    real_shard(model, *args)
-    block = model.transformer.h[0]
-    hook = block.register_forward_pre_hook(lambda m, x: print("gathered", m.attn.c_attn.weight.dtype, file=sys.stderr))
+def shard_model(model, device, master, *args):
+    built = {{p.device.type for p in model.parameters()}}
+    real_shard(model, device, master, *args)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    print(f"master {{master}} built on {{built}}, holds {{local}} of {{sum(p.numel() for p in model.parameters())}}",
+          file=sys.stderr)
+    hook = model.transformer.h[0].register_forward_pre_hook(
+        lambda m, x: print("gathered", m.attn.c_attn.weight.dtype, file=sys.stderr))
     model.register_forward_hook(lambda *_: hook.remove())  # the first forward only
 train_gpt2.shard_model = shard_model
 train_gpt2.main(sys.argv[1:])
 """)
     args = [*RUN, "--fsdp", "1", "--bf16", "1", "--hellaswag", "0", "--max_steps", "4"]
+    n = 2 * (12 * 32 * 32 + 13 * 32) + 50304 * 32 + 16 * 32 + 2 * 32  # 2 blocks, wte (= lm_head), wpe, ln_f
     logs = {}
     for traffic in ("0", "1"):
         logs[traffic] = tmp_path / traffic
         out = torchrun(2, [*args, "--fsdp_bf16", traffic, "--log_dir", str(logs[traffic])], script=str(wrapper))
         assert out.returncode == 0, out.stderr
         dtype = "torch.bfloat16" if traffic == "1" else "torch.float32"
-        assert out.stderr == f"gathered {dtype}\n" * 2  # on each rank
+        # rank 0 alone builds the weights; the other builds shapes only; each then holds its half, no more
+        assert out.stderr.splitlines() == [f"master True built on {{'cpu'}}, holds {n // 2} of {n}", f"gathered {dtype}",
+                                           f"master False built on {{'meta'}}, holds {n // 2} of {n}", f"gathered {dtype}"]
     assert_same_log(logs["1"], logs["0"], tol=1e-3)  # close: autocast ran the matmuls in bf16 already
     assert read_log(logs["1"]) != read_log(logs["0"])  # but not the same: now everything in a block is bf16
 
