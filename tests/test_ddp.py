@@ -183,3 +183,26 @@ run_script(train_gpt2.main)
     err0, err1 = (open(glob.glob(str(logs / "*" / "attempt_0" / str(r) / "stderr.log"))[0]).read() for r in (0, 1))
     assert err1 == "error: rank 1: OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB\n"
     assert err0 == ""  # one line for the whole run: the rank that failed says why
+
+
+def test_a_checkpoint_write_that_fails_on_rank_0_stops_both_ranks_in_one_line(tmp_path):
+    wrapper = tmp_path / "full_disk.py"  # rank 0's disk is full; rank 1 writes nothing, and must not go on alone
+    wrapper.write_text(f"""import os, sys
+sys.path.insert(0, {ROOT!r})
+import torch, train_gpt2
+from machinery.cli import run_script
+def full_disk(obj, f):
+    open(f, "wb").write(b"half")
+    raise OSError(28, "No space left on device")
+if os.environ["RANK"] == "0":
+    torch.save = full_disk
+run_script(train_gpt2.main)
+""")
+    args = [a for a in DDP if a not in ("--hellaswag_file", HELLASWAG_20)]
+    log = tmp_path / "log"
+    out = torchrun(2, [*args, "--hellaswag", "0", "--checkpoint_every", "2", "--log_dir", str(log)], script=str(wrapper))
+    assert out.returncode != 0
+    assert out.stderr == (f"error: cannot write checkpoint {log}/model_00001.pt ([Errno 28] No space left on device): "
+                          f"free some space; this run wrote none yet, and those already in {log} are untouched\n")
+    assert sorted(os.listdir(log)) == ["curves.png", "log.txt"]  # no half-written file left, no lock; step 2 never ran
+    assert [r[0] for r in read_log(log) if r[1] == "train"] == ["0", "1"]
