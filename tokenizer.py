@@ -2,7 +2,7 @@
 
 tiktoken downloads GPT-2's two BPE files once into its cache (TIKTOKEN_CACHE_DIR), each named by the
 sha1 of its URL, and checks their sha256 when it reads them. This repo ships the two files so named,
-so a machine without internet tokenizes too; a TIKTOKEN_CACHE_DIR set by the user still wins.
+so a machine without internet tokenizes too; a TIKTOKEN_CACHE_DIR set by the user wins where it holds them.
 """
 import os
 
@@ -16,6 +16,16 @@ CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiktoken_c
 
 
 def gpt2_encoding():
-    """tiktoken's GPT-2 encoding (50,257 tokens), read from this repo's files unless TIKTOKEN_CACHE_DIR is set."""
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", CACHE_DIR)
-    return tiktoken.get_encoding("gpt2")
+    """tiktoken's GPT-2 encoding (50,257 tokens): from TIKTOKEN_CACHE_DIR if it holds GPT-2's files, else from this
+    repo's (a shared cluster's cache may hold other encodings only: tiktoken would then try to download)."""
+    configured = os.environ.get("TIKTOKEN_CACHE_DIR")
+    if configured and all(os.path.isfile(os.path.join(configured, name)) for name in os.listdir(CACHE_DIR)):
+        return tiktoken.get_encoding("gpt2")
+    os.environ["TIKTOKEN_CACHE_DIR"] = CACHE_DIR  # read when the encoding loads, which it does once a process
+    try:
+        return tiktoken.get_encoding("gpt2")
+    finally:
+        if configured is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = configured
