@@ -29,6 +29,7 @@ import hellaswag  # downloads, renders and scores HellaSwag; of ours, it imports
 from machinery.checkpoints import (check_weights, checkpoint_due, checkpoint_to_resume, read_checkpoint,
                                    restore_checkpoint, save_checkpoint)
 from machinery.cli import error_text, one_line_errors, run_script
+from machinery.inputs import load_hf_gpt2, read_text
 from machinery.perf import Meter
 from machinery.run_dir import RunDir
 from machinery.settings import (GPT2_PROMPT, batch_plan, check_config, dry_run, fit_batch_size, parse_args,
@@ -207,17 +208,7 @@ class GPT(nn.Module):
         if name_or_path not in PRETRAINED and not os.path.isdir(name_or_path):
             raise ValueError(f"unknown model {name_or_path!r}: use one of {', '.join(PRETRAINED)} "
                              "or a directory holding a Hugging Face GPT-2 checkpoint")
-        from transformers import GPT2LMHeadModel  # imported here: only this path needs it
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()  # its bar over 28 tensors would bury a one-line error
-        try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
-        except Exception as e:
-            if name_or_path in PRETRAINED and not os.path.isdir(name_or_path):  # a download that failed: offline?
-                raise ValueError(f"cannot download {name_or_path!r} from Hugging Face (offline?): on a machine online, "
-                                 f"save it with GPT2LMHeadModel.from_pretrained({name_or_path!r}).save_pretrained("
-                                 f"'{name_or_path}-local'), copy that directory here and pass it instead") from None
-            raise ValueError(f"cannot load a GPT-2 checkpoint from {name_or_path!r}: {error_text(e)}") from e
+        hf = load_hf_gpt2(name_or_path, PRETRAINED)  # every tensor read from the files, or a one-line error
         c = hf.config  # the shape comes from the checkpoint, not from our defaults
         model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                               n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
@@ -256,17 +247,10 @@ def load_model(name_or_path):
 
 
 def load_text_tokens(path):
-    """A text file as one long array of GPT-2 token ids (uint16: every id is < 65536)."""
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"data {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
-                         "pass a text file, or a directory of fineweb.py shards") from None
-    if "\0" in text or not text.strip():
-        raise ValueError(f"data {path} is {'binary (it holds NUL bytes)' if text.strip() else 'empty'}: "
-                         "pass a text file, or a directory of fineweb.py shards")
-    return np.array(gpt2_encoding().encode(text), dtype=np.uint16)
+    """A text file as one long array of GPT-2 token ids (uint16: every id is < 65536). <|endoftext|> in the text is
+    the document separator it means, token 50256."""
+    text = read_text(path)  # UTF-8, not empty, not binary, not JSON: else a one-line error
+    return np.array(gpt2_encoding().encode(text, allowed_special={"<|endoftext|>"}), dtype=np.uint16)
 
 
 class DataLoaderLite:
@@ -480,7 +464,7 @@ def sample(model, device, num_samples=4, max_new_tokens=32, seed=42, prompt=GPT2
     model.eval()
     enc = gpt2_encoding()
     # no prompt: start where every training document starts, after <|endoftext|> (not printed)
-    tokens = enc.encode(prompt) if prompt else [enc.eot_token]
+    tokens = enc.encode(prompt, allowed_special={"<|endoftext|>"}) if prompt else [enc.eot_token]
     x = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
     g = torch.Generator(device=device).manual_seed(seed)  # never disturbs training's random stream
     out = model.generate(x, max_new_tokens, top_k=50, generator=g)
@@ -674,6 +658,9 @@ def main(argv=None):
                                             for split, shuffle in (("train", cfg.shuffle_shards), ("val", False)))
                 for loader in (train_loader, val_loader):
                     check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
+                if cfg.val_steps > (chunks := (val_loader.total - 1) // (cfg.batch_size * cfg.seq_len)):  # else repeats
+                    raise ValueError(f"--val_steps {cfg.val_steps} is more than the val split of {cfg.data} holds: "
+                                     f"{chunks} chunks of {cfg.batch_size} x {cfg.seq_len}: pass --val_steps {chunks} or less")
             checkpoint = checkpoint_to_resume(cfg, world, run, model)
             data = Data(train_loader, val_loader, hellaswag=load_hellaswag(cfg, world))
             with world.stop_all_on_error():  # an error on one rank alone: it says why, and every rank stops

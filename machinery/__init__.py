@@ -8,6 +8,7 @@ module a concern, each usable on its own:
 - world.py: the device, and the processes torchrun starts: who is who, and how they agree
 - perf.py: FLOPs per token, device peaks, MFU and the time left in each step line
 - settings.py: every setting of a run (TrainConfig), the --model presets, their checks, the dry run
+- inputs.py: what a user hands the trainer besides flags (a text file, Hugging Face weights), checked
 - locks.py: one process at a time in a directory (a run's --log_dir, fineweb.py's --local_dir)
 - run_dir.py: the --log_dir a run owns: its lock, log.txt, checkpoint names, curves.png
 - checkpoints.py: reading, checking, writing and restoring checkpoints, FSDP's shards included

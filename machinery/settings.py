@@ -148,6 +148,8 @@ def check_config(cfg, world_size=1):
     if cfg.total_batch_size % (cfg.seq_len * world_size):  # a whole number of sequences on every process
         raise ValueError(f"--total_batch_size {cfg.total_batch_size} is not a multiple of --seq_len x processes = "
                          f"{cfg.seq_len} x {world_size}: change one of them")
+    if cfg.seed < 0:  # numpy's generators (--shuffle_shards) take none below 0
+        raise ValueError(f"--seed must be at least 0, got {cfg.seed}")
     if cfg.fsdp_bf16 and not cfg.fsdp:
         raise ValueError("--fsdp_bf16 1 sets what FSDP sends: pass --fsdp 1 too")
     if cfg.sharded_checkpoints is True and not cfg.fsdp:
@@ -225,6 +227,9 @@ def memory_estimate(config, n_params, cfg, world_size, fsdp, grad_accum_steps):
     return dict(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, logits=logits)
 
 
+PROMPT_CHARS = 80  # the longest --prompt auto takes from a text's first line
+
+
 def samples_prompt(cfg):
     """What --prompt auto means: a text file's first line (in Shakespeare, a speaker's name and a line break),
     or for FineWeb's shards the lecture's prompt."""
@@ -232,7 +237,9 @@ def samples_prompt(cfg):
         return cfg.prompt
     if os.path.isfile(cfg.data):
         with open(cfg.data, encoding="utf-8") as f:
-            return f.readline()
+            line = f.readline(PROMPT_CHARS + 1)  # a text without line breaks must not be one whole-file prompt
+        # cut at the last space within PROMPT_CHARS: whole words, each sample's prompt a line or so on screen
+        return line if len(line) <= PROMPT_CHARS else line[:PROMPT_CHARS].rsplit(" ", 1)[0] or line[:PROMPT_CHARS]
     return GPT2_PROMPT
 
 

@@ -234,6 +234,7 @@ def test_a_bad_flag_is_an_error_that_names_it(args, message):
     (["--checkpoint_minutes", "-1"], "--checkpoint_minutes must be at least 0 (0: never), got -1.0"),
     (["--sharded_checkpoints", "1"], "--sharded_checkpoints 1 saves the shards FSDP makes: pass --fsdp 1 too"),
     (["--fsdp_bf16", "1"], "--fsdp_bf16 1 sets what FSDP sends: pass --fsdp 1 too"),
+    (["--seed", "-1"], "--seed must be at least 0, got -1"),
     (["--sharded_checkpoints", "yes"], "argument --sharded_checkpoints: expected auto, 1 or 0, got 'yes'"),
 ])
 def test_settings_that_make_no_sense_are_refused(args, message):

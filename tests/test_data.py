@@ -205,7 +205,7 @@ def test_shuffle_shards_shuffles_the_train_split_only_with_the_runs_seed(tmp_pat
             super().__init__(*args, **kwargs)
             seeds[self.split] = self.shuffle_seed
     monkeypatch.setattr(train_gpt2, "DataLoaderLite", Recording)
-    args = [*SMALL, "--data", str(tmp_path), "--max_steps", "1", "--seed", "7", "--log_dir", str(tmp_path / "log")]
+    args = [*SMALL, "--data", str(tmp_path), "--max_steps", "1", "--seed", "7", "--val_steps", "3", "--log_dir", str(tmp_path / "log")]
     train_gpt2.main([*args, "--shuffle_shards", "1"])
     assert seeds == {"train": 7, "val": None}
     error = error_of(train_gpt2.main, [*args, "--resume", str(tmp_path / "log" / "model_00000.pt")])

@@ -1,0 +1,64 @@
+"""What a user hands the trainer besides flags, checked before any work: a text file to train on, a Hugging Face
+GPT-2 directory to start from. Whatever is wrong is a ValueError of one line that names the file and says what to do.
+"""
+import json
+import os
+
+
+def read_text(path):
+    """A text file to train on, whole: UTF-8, not empty, not binary, and not JSON lines (whose documents are in
+    its "text" fields: fineweb.py tokenizes those)."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                         "pass a text file, or a directory of fineweb.py shards") from None
+    if "\0" in text or not text.strip():
+        raise ValueError(f"data {path} is {'binary (it holds NUL bytes)' if text.strip() else 'empty'}: "
+                         "pass a text file, or a directory of fineweb.py shards")
+    if path.endswith((".jsonl", ".json")) or is_json_object(text.lstrip().split("\n", 1)[0]):
+        raise ValueError(f"data {path} is JSON, not text: make shards of its documents with `python fineweb.py "
+                         f"--data_files {path} --local_dir DIR`, then pass --data DIR")
+    return text
+
+
+def is_json_object(line):
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def load_hf_gpt2(name_or_path, published):
+    """transformers' GPT2LMHeadModel from a published name or a local directory, every tensor read from the files:
+    transformers would fill a missing one with random numbers and carry on, and answer a mis-shaped one with a
+    report of twenty lines."""
+    from transformers import GPT2LMHeadModel  # imported here: only this path needs it
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # its bar over 28 tensors would bury a one-line error
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its warning about missing tensors: said below, in one line
+    try:
+        # mis-shaped tensors are listed below rather than raised: transformers' error points to a report
+        hf, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True, ignore_mismatched_sizes=True)
+    except Exception as e:
+        if name_or_path in published and not os.path.isdir(name_or_path):  # a download that failed: offline?
+            raise ValueError(f"cannot download {name_or_path!r} from Hugging Face (offline?): on a machine online, "
+                             f"save it with GPT2LMHeadModel.from_pretrained({name_or_path!r}).save_pretrained("
+                             f"'{name_or_path}-local'), copy that directory here and pass it instead") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load a GPT-2 checkpoint from {name_or_path!r}: {first}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # GPT-2's checkpoints leave out the attention masks (buffers, not weights) and lm_head (tied to wte)
+    missing = sorted(k for k in info["missing_keys"] if not k.endswith(("attn.bias", "attn.masked_bias", "lm_head.weight")))
+    unexpected = sorted(k for k in info["unexpected_keys"] if not k.endswith(("attn.bias", "attn.masked_bias")))
+    if missing or unexpected:
+        what = f"{missing[0]} is missing" if missing else f"{unexpected[0]} is not a GPT-2 tensor"
+        raise ValueError(f"{name_or_path} does not hold a whole GPT-2 ({what}): pass a complete checkpoint")
+    if info["mismatched_keys"]:
+        name, saved, made = sorted(info["mismatched_keys"])[0]
+        raise ValueError(f"{name_or_path}: {name} has shape {tuple(saved)}, but its config.json makes it {tuple(made)}: "
+                         "the weights and config.json are of different models")
+    return hf

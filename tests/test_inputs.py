@@ -1,0 +1,98 @@
+"""Every input a user can get wrong: it works as meant, or stops before any training with one line that names the
+file, flag or variable and says what to do, exit code 1, nothing written."""
+import json
+import os
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import INPUT, SMALL, error_of, make_hf_checkpoint
+from machinery.settings import PROMPT_CHARS, parse_args, samples_prompt
+from machinery.shards import shard_name, write_manifest, write_shard
+from tokenizer import EOT
+import train_gpt2
+from train_gpt2 import DataLoaderLite
+
+
+def refused(argv, tmp_path):
+    """main(argv)'s one-line error, checking that the run wrote nothing: no log_dir made."""
+    log = tmp_path / "log"
+    error = error_of(train_gpt2.main, [*argv, "--log_dir", str(log)])
+    assert not log.exists(), os.listdir(log)
+    return error
+
+
+# ----------------------------------------------------------------------------- text files and prompts
+
+def test_endoftext_in_a_text_file_is_the_document_separator(tmp_path):
+    text = tmp_path / "two.txt"
+    text.write_text("First document.<|endoftext|>Second document.\n" * 40)
+    tokens = train_gpt2.load_text_tokens(str(text))
+    assert list(tokens).count(EOT) == 40 and tokens[3] == EOT  # "First", " document", ".", then the separator
+
+
+def test_a_jsonl_given_as_text_is_refused_with_the_command_that_tokenizes_it(tmp_path):
+    for name in ("docs.jsonl", "docs.txt"):  # by its name, or by its first line
+        path = tmp_path / name
+        path.write_text('{"text": "a document"}\n' * 100)
+        assert refused([*SMALL, "--data", str(path), "--max_steps", "1"], tmp_path) == (
+            f"error: data {path} is JSON, not text: make shards of its documents with `python fineweb.py "
+            f"--data_files {path} --local_dir DIR`, then pass --data DIR")
+
+
+def test_prompt_auto_takes_at_most_a_short_first_line_in_whole_words(tmp_path):
+    text = tmp_path / "one_line.txt"
+    text.write_text("word " * 10000)  # no line break anywhere
+    prompt = samples_prompt(parse_args(["--data", str(text)]))
+    assert prompt == "word " * 15 + "word" and len(prompt) <= PROMPT_CHARS
+    assert samples_prompt(parse_args(["--data", INPUT])) == "First Citizen:\n"  # a short first line, whole
+
+
+def test_a_prompt_holding_endoftext_samples(tmp_path, capsys):
+    train_gpt2.main([*SMALL, "--max_steps", "1", "--val_steps", "1", "--prompt", "<|endoftext|>Once",
+                     "--log_dir", str(tmp_path)])
+    assert capsys.readouterr().out.count("sample 3: <|endoftext|>Once") == 1
+
+
+# ----------------------------------------------------------------------------- flags that used to fail late
+
+def test_more_val_steps_than_the_val_split_holds_is_refused_at_the_start(tmp_path):
+    # input.txt's val split: 33,803 tokens, 1,056 chunks of 2 x 16; more would average repeated chunks
+    assert refused([*SMALL, "--max_steps", "1", "--val_steps", "5000"], tmp_path) == (
+        f"error: --val_steps 5000 is more than the val split of {INPUT} holds: 1056 chunks of 2 x 16: "
+        "pass --val_steps 1056 or less")
+
+
+# ----------------------------------------------------------------------------- weights
+
+def test_a_hugging_face_directory_missing_a_tensor_or_mis_shaped_is_one_line(tmp_path):
+    whole = make_hf_checkpoint(tmp_path / "whole")
+    weights = load_file(os.path.join(whole, "model.safetensors"))
+    lacking = make_hf_checkpoint(tmp_path / "lacking")
+    save_file({k: v for k, v in weights.items() if k != "transformer.h.1.mlp.c_fc.weight"},
+              os.path.join(lacking, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError) as e:
+        train_gpt2.load_model(lacking)  # transformers would fill it with random numbers and say nothing we show
+    assert str(e.value) == f"{lacking} does not hold a whole GPT-2 (transformer.h.1.mlp.c_fc.weight is missing): " \
+                           "pass a complete checkpoint"
+    wrong = make_hf_checkpoint(tmp_path / "wrong")
+    config = json.loads((tmp_path / "wrong" / "config.json").read_text())
+    (tmp_path / "wrong" / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
+    with pytest.raises(ValueError) as e:
+        train_gpt2.load_model(wrong)
+    assert str(e.value).startswith(f"{wrong}: ") and "but its config.json makes it" in str(e.value)
+    assert str(e.value).endswith("the weights and config.json are of different models") and "\n" not in str(e.value)
+
+
+def test_a_raw_pickle_is_refused_in_one_line_without_torchs_warning(tmp_path):
+    path = tmp_path / "raw.pt"
+    path.write_bytes(pickle.dumps({"model": [1, 2, 3]}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        error = error_of(train_gpt2.main, [*SMALL, "--init_from", str(path), "--log_dir", str(tmp_path / "log")])
+    assert error.startswith(f"error: cannot read checkpoint {path}: it is truncated, or not a checkpoint")
+    assert [str(w.message) for w in caught] == []
