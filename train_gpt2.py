@@ -523,7 +523,7 @@ def train(cfg, world, model, data, run, checkpoint=None):
                                            device_type=world.device_type, log=world.print)
     start_step = restore_checkpoint(checkpoint, model, optimizer, data.train) if checkpoint else 0
     if start_step:  # a checkpoint's step is the next to run: 1 or more
-        world.print(f"resuming at step {start_step} from {cfg.resume}")
+        world.print(f"resuming at step {start_step}")
     # compile fuses the model's elementwise ops into a few kernels and cuts Python overhead; the
     # compiled module shares raw_model's weights, and raw_model stays for sampling (other shapes)
     raw_model = model

@@ -52,6 +52,9 @@ def read_checkpoint(path, keys=("model", "model_config")):
 def read_sharded_checkpoint(path, keys, whole=True):
     """A sharded checkpoint (a directory) as read_checkpoint reads a file: its weights read whole in this process
     (for sampling, exporting, fine-tuning), or, not whole, only their shapes (a resume reads its shards later)."""
+    if not os.path.exists(os.path.join(path, ".metadata")):  # not written by torch.distributed.checkpoint
+        raise ValueError(f"checkpoint {path} is a directory: pass a checkpoint file in it (model_NNNNN.pt), or "
+                         f"--resume auto --log_dir {path} for the newest one there")
     try:
         meta = torch.load(os.path.join(path, META_FILE), map_location="cpu", weights_only=True)
         tensors = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
@@ -114,6 +117,11 @@ def checkpoint_to_resume(cfg, world, run, model):
     path = world.broadcast(path)
     with world.together():
         checkpoint = load_checkpoint(path, cfg, model) if path else None
+        if checkpoint and checkpoint["step"] >= cfg.max_steps:
+            raise ValueError(f"{path} ends its run (step {cfg.max_steps} of {cfg.max_steps}): nothing is left to "
+                             "train; to train on, start a new run with --init_from it and another --log_dir")
+        if path:
+            world.print(f"resuming from {path}")  # for --resume auto, the file it chose
         if cfg.resume and not path:  # killed before its first checkpoint: there is nothing to continue
             world.print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
         elif not cfg.resume and world.master:  # rank 0's log_dir decides: another node's may be a stale copy

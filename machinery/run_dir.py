@@ -80,7 +80,7 @@ class RunDir:
             os.remove(self.stopped_file)  # a stopped run resumes, or a new one starts: it stands no more
         if not os.path.exists(log_file):
             return
-        with open(log_file) as f:
+        with open(log_file, errors="surrogateescape") as f:  # a damaged byte is kept as it is, not a crash
             lines = f.readlines()
         keep = [l for l in lines if not l.split()[:1] or not l.split()[0].isdigit() or int(l.split()[0]) < start_step]
         if len(keep) == len(lines):
@@ -89,7 +89,7 @@ class RunDir:
         while os.path.exists(f"{log_file}.{n}"):
             n += 1
         os.replace(log_file, f"{log_file}.{n}")
-        with open(log_file + ".tmp", "w") as f:
+        with open(log_file + ".tmp", "w", errors="surrogateescape") as f:
             f.writelines(keep)
         os.replace(log_file + ".tmp", log_file)
         print(f"{log_file}: {len(lines) - len(keep)} lines of step {start_step} on set aside (this run logs them "
@@ -133,7 +133,7 @@ class RunDir:
 def read_curves(log_file):
     """A run's log.txt as {kind: {step: value}}, for train (loss), val (loss) and hella (acc_norm)."""
     curves = {"train": {}, "val": {}, "hella": {}}
-    with open(log_file) as f:
+    with open(log_file, errors="replace") as f:
         for line in f:
             step, kind, value = line.split()
             curves[kind][int(step)] = float(value)

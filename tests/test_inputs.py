@@ -67,6 +67,36 @@ def test_more_val_steps_than_the_val_split_holds_is_refused_at_the_start(tmp_pat
         "pass --val_steps 1056 or less")
 
 
+# ----------------------------------------------------------------------------- resuming
+
+def test_resume_says_which_checkpoint_it_continues_and_refuses_a_finished_run_and_a_directory(tmp_path, capsys):
+    log = tmp_path / "log"
+    args = [*SMALL, "--max_steps", "3", "--checkpoint_every", "2", "--val_steps", "1", "--log_dir", str(log)]
+    train_gpt2.main(args)  # model_00001.pt, then model_00002.pt at the end
+    error = error_of(train_gpt2.main, [*args, "--resume", "auto"])
+    assert error == (f"error: {log}/model_00002.pt ends its run (step 3 of 3): nothing is left to train; to train "
+                     "on, start a new run with --init_from it and another --log_dir")
+    error = error_of(train_gpt2.main, [*args, "--resume", str(log)])
+    assert error == (f"error: checkpoint {log} is a directory: pass a checkpoint file in it (model_NNNNN.pt), or "
+                     f"--resume auto --log_dir {log} for the newest one there")
+    os.remove(log / "model_00002.pt")
+    capsys.readouterr()
+    train_gpt2.main([*args, "--resume", "auto"])
+    out = capsys.readouterr().out
+    assert f"resuming from {log}/model_00001.pt\n" in out and "resuming at step 2\n" in out
+
+
+def test_a_log_txt_with_a_byte_that_is_not_utf8_resumes_and_keeps_it(tmp_path):
+    log = tmp_path / "log"
+    args = [*SMALL, "--max_steps", "3", "--checkpoint_every", "2", "--val_steps", "1", "--log_dir", str(log)]
+    train_gpt2.main(args)
+    with open(log / "log.txt", "ab") as f:
+        f.write(b"# a note \xe9crit in Latin-1\n")  # a user's edit in another encoding
+    os.remove(log / "model_00002.pt")
+    train_gpt2.main([*args, "--resume", "auto"])  # from model_00001.pt: step 2's lines are set aside
+    assert b"\xe9crit" in (log / "log.txt").read_bytes()
+
+
 # ----------------------------------------------------------------------------- weights
 
 def test_a_hugging_face_directory_missing_a_tensor_or_mis_shaped_is_one_line(tmp_path):
