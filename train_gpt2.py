@@ -272,23 +272,23 @@ class DataLoaderLite:
         if os.path.isfile(data_root):  # a text file, tokenized whole and split 90/10
             tokens = load_text_tokens(data_root)
             n = int(0.9 * len(tokens))
-            self.shards, max_ids = [tokens[:n] if split == "train" else tokens[n:]], [None]
+            self.shards = [tokens[:n] if split == "train" else tokens[n:]]
         elif os.path.isdir(data_root):
-            paths, max_ids = shard_paths(data_root, split)
+            paths, lengths = shard_paths(data_root, split)
             # memory-mapped, not loaded: the OS reads in what a batch touches, and the 8 processes of a
             # machine share one copy in its page cache instead of holding 200 MB a shard each
-            self.shards = [open_shard(path) for path in paths]
+            self.shards = [open_shard(path, n) for path, n in zip(paths, lengths)]
         else:
             raise ValueError(f"data {data_root!r} not found: run `python fineweb.py` to make the FineWeb-Edu "
                              "shards, or pass --data with a text file such as input.txt")
         self.lengths = [len(s) for s in self.shards]
-        # the largest token id, to check against the model's vocabulary before training: from the
-        # manifest, else read (a memory-mapped max: 0.013 s for 100M cached tokens, disk speed when cold)
-        self.max_id = max(m if m is not None else int(s.max()) for s, m in zip(self.shards, max_ids))
         self.total = sum(self.lengths)
         if self.total < B * T * num_processes + 1:
             raise ValueError(f"{data_root} ({split}) has {self.total} tokens, fewer than one step of "
                              f"B*T*processes+1 = {B * T * num_processes + 1}")
+        # the largest token id, to check against the model's vocabulary before training, read from the data
+        # itself, not a record of it (a memory-mapped max: 0.013 s for 100M cached tokens, disk speed when cold)
+        self.max_id = max(int(s.max()) for s in self.shards)
         if process_rank == 0:  # one line per split, not one per process
             print(f"{data_root} ({split}): {self.total:,} tokens in {len(self.shards)} shard(s), "
                   f"1 epoch = {self.total // (B * T * num_processes)} steps of {B}x{T}x{num_processes}")

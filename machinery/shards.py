@@ -9,6 +9,8 @@ import os
 
 import numpy as np
 
+from machinery.cli import error_text
+
 MANIFEST = "fineweb.json"
 PREFIX = "edufineweb"
 
@@ -44,39 +46,50 @@ def read_manifest(data_root):
         return None
     try:
         with open(path) as f:
-            return json.load(f)
+            manifest = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} ({e}): delete {data_root} and remake its shards with fineweb.py") from None
+        raise ValueError(f"cannot read {path} ({error_text(e)}): delete {data_root} and remake its shards with "
+                         "fineweb.py") from None
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in shards):
+        raise ValueError(f"{path} is damaged (it has no list of shards): delete {data_root} and remake its shards "
+                         "with fineweb.py")
+    return manifest
 
 
 def shard_paths(data_root, split):
     """The split's shards in data_root, in order, checked against the manifest where fineweb.py wrote one,
-    and each one's largest token id where the manifest records it (else None)."""
+    and each one's length where the manifest records it (else None)."""
     names = sorted(f for f in os.listdir(data_root) if f"_{split}_" in f and f.endswith(".npy"))
-    max_ids = {}  # the largest token id of each shard, where the manifest says
+    lengths = {}  # the number of tokens in each shard, where the manifest says
     manifest = read_manifest(data_root)
     if manifest is not None:  # else shards from another tool (the lecture's fineweb.py, say): taken as they are
         if not manifest.get("complete"):
             raise ValueError(f"the shards in {data_root} are incomplete ({MANIFEST} says fineweb.py did not "
                              "finish): rerun fineweb.py the same way to remake them")
         listed = sorted(s["name"] for s in manifest["shards"] if f"_{split}_" in s["name"])
-        max_ids = {s["name"]: s.get("max_id") for s in manifest["shards"]}
+        lengths = {s["name"]: s.get("tokens") for s in manifest["shards"]}
         if names != listed:
             extra, lost = sorted(set(names) - set(listed)), sorted(set(listed) - set(names))
             problem = f"{extra[0]} is not in {MANIFEST} (left by another run?)" if extra else f"{lost[0]} is missing"
             raise ValueError(f"{data_root} is not the shard set fineweb.py made: {problem}: remake it with fineweb.py")
     if not names:
         raise ValueError(f"no {split} shards (*_{split}_*.npy) in {data_root}: run `python fineweb.py` to make them")
-    return [os.path.join(data_root, name) for name in names], [max_ids.get(name) for name in names]
+    return [os.path.join(data_root, name) for name in names], [lengths.get(name) for name in names]
 
 
-def open_shard(path):
-    """A token shard, memory-mapped: a 1-D uint16 array, checked."""
+def open_shard(path, expected_tokens=None):
+    """A token shard, memory-mapped: a 1-D uint16 array, not empty, as long as the manifest says (if it says),
+    checked from its header and its size alone."""
     try:
-        tokens = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read shard {path}: {e}") from e
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # truncated, a damaged header (numpy parses it: a SyntaxError), Python objects, not .npy
+        raise ValueError(f"cannot read shard {path} ({error_text(e)}): remake it with fineweb.py") from None
     if tokens.ndim != 1 or tokens.dtype != np.uint16:
         raise ValueError(f"shard {path} is not a 1-D uint16 token array (dtype {tokens.dtype}, "
                          f"shape {tokens.shape}): remake it with fineweb.py")
+    if len(tokens) == 0 or expected_tokens not in (None, len(tokens)):
+        said = f", where {MANIFEST} says {expected_tokens:,}" if expected_tokens is not None else ""
+        raise ValueError(f"shard {path} holds {len(tokens):,} tokens{said}: it was changed after fineweb.py made "
+                         "it, or cut short; remake it with fineweb.py")
     return tokens

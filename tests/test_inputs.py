@@ -97,6 +97,45 @@ def test_a_log_txt_with_a_byte_that_is_not_utf8_resumes_and_keeps_it(tmp_path):
     assert b"\xe9crit" in (log / "log.txt").read_bytes()
 
 
+# ----------------------------------------------------------------------------- shards
+
+@pytest.fixture
+def shards(tmp_path):
+    """A shard set as fineweb.py makes it: a val shard, two train shards, a complete manifest."""
+    records = [write_shard(str(tmp_path), i, np.arange(200, dtype=np.uint16) + i) for i in range(3)]
+    write_manifest(str(tmp_path), {"made_by": "test"}, records)
+    return tmp_path
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:200]), r"cannot read shard .*_000001\.npy \(.*\): remake it with fineweb\.py"),
+    (lambda p: p.write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': garbage}   \n" + bytes(64)),
+     r"cannot read shard .*_000001\.npy \(.*\): remake it with fineweb\.py"),
+    (lambda p: np.save(p, np.array([{"a": 1}] * 200, dtype=object)),
+     r"cannot read shard .*_000001\.npy \(.*\): remake it with fineweb\.py"),
+    (lambda p: np.save(p, np.zeros(0, dtype=np.uint16)),
+     r"shard .*_000001\.npy holds 0 tokens, where fineweb\.json says 200: it was changed after fineweb\.py made it"),
+    (lambda p: np.save(p, np.full(150, 60000, dtype=np.uint16)),
+     r"shard .*_000001\.npy holds 150 tokens, where fineweb\.json says 200: it was changed after fineweb\.py made it"),
+], ids=["truncated", "bad-header", "objects", "empty", "replaced"])
+def test_a_damaged_shard_is_one_line_naming_it(shards, damage, message):
+    damage(shards / shard_name(1))
+    with pytest.raises(ValueError, match=message):
+        DataLoaderLite(2, 16, data_root=str(shards))
+
+
+def test_a_shard_replaced_with_ids_past_the_vocabulary_is_caught_from_the_data_not_the_manifest(shards, tmp_path):
+    np.save(shards / shard_name(2), np.full(200, 60000, dtype=np.uint16))  # the same length: the manifest is fooled
+    error = refused([*SMALL, "--data", str(shards), "--max_steps", "1", "--val_steps", "1"], tmp_path)
+    assert error.startswith(f"error: {shards} (train) holds token id 60000, but the model's vocabulary has 50304 ids")
+
+
+def test_a_manifest_without_its_shard_list_is_one_line(shards):
+    (shards / "fineweb.json").write_text(json.dumps({"settings": {}, "complete": True}))
+    with pytest.raises(ValueError, match=r"fineweb\.json is damaged \(it has no list of shards\): delete .* and remake"):
+        DataLoaderLite(2, 16, data_root=str(shards))
+
+
 # ----------------------------------------------------------------------------- weights
 
 def test_a_hugging_face_directory_missing_a_tensor_or_mis_shaped_is_one_line(tmp_path):
