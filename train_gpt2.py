@@ -32,8 +32,8 @@ from machinery.cli import error_text, one_line_errors, run_script
 from machinery.inputs import load_hf_gpt2, read_text
 from machinery.perf import Meter
 from machinery.run_dir import RunDir
-from machinery.settings import (GPT2_PROMPT, batch_plan, check_config, dry_run, fit_batch_size, parse_args,
-                                samples_prompt)
+from machinery.settings import (GPT2_PROMPT, batch_plan, check_config, dry_run, fit_batch_size, out_of_memory_advice,
+                                parse_args, samples_prompt)
 from machinery.shards import open_shard, shard_paths
 from machinery.stopping import STOPPED, StopRequest
 from machinery.world import World, bf16_fast, maybe_compile, synchronize
@@ -663,7 +663,8 @@ def main(argv=None):
                                      f"{chunks} chunks of {cfg.batch_size} x {cfg.seq_len}: pass --val_steps {chunks} or less")
             checkpoint = checkpoint_to_resume(cfg, world, run, model)
             data = Data(train_loader, val_loader, hellaswag=load_hellaswag(cfg, world))
-            with world.stop_all_on_error():  # an error on one rank alone: it says why, and every rank stops
+            # an error on one rank alone: it says why, and every rank stops; out of memory: which B to try
+            with world.stop_all_on_error(), out_of_memory_advice(cfg):
                 stopped = train(cfg, world, model, data, run, checkpoint)
             model = data = checkpoint = None  # freed before the process group is: see World.leave
     except torch._dynamo.exc.TorchDynamoException as e:

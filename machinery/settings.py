@@ -1,11 +1,12 @@
 """Every setting of a run: TrainConfig (a flag each), the --model presets, their checks, and the dry run."""
 import argparse
+import contextlib
 import os
 from dataclasses import dataclass, field, fields
 
 import torch
 
-from machinery.cli import auto_on_off, on_off
+from machinery.cli import auto_on_off, error_text, on_off
 from machinery.shards import open_shard, shard_paths
 
 
@@ -175,6 +176,21 @@ def fit_batch_size(cfg, world):
 RESUME_MUST_MATCH = ("data", "shuffle_shards", "init_from", "n_layer", "n_head", "n_embd", "total_batch_size",
                      "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "seed", "bf16",
                      "fsdp_bf16")
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(cfg):
+    """Out of memory in a step, on a GPU or the CPU: a ValueError of one line saying which --batch_size to try."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise  # another RuntimeError: not ours to explain
+        smaller = cfg.batch_size // 2
+        raise ValueError(f"out of memory at --batch_size {cfg.batch_size} ({error_text(e).split('. ')[0]}): " + (
+            f"pass --batch_size {smaller}; the total batch stays {cfg.total_batch_size:,} tokens, in more micro-steps"
+            if smaller else "even one sequence is too many: pass a smaller --seq_len, or --activation_checkpointing 1, "
+                            "or --fsdp 1 under torchrun")) from None
 
 
 def batch_plan(cfg, world):

@@ -183,7 +183,8 @@ class World:
         except Exception as e:
             if store.check([key]):  # another rank failed first: this error follows from it, and it said why
                 sys.exit(1)
-            line = f"error: rank {self.rank}: {type(e).__name__}: {error_text(e)}"
+            cause = error_text(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {error_text(e)}"
+            line = f"error: rank {self.rank}: {cause}"  # a ValueError is one of this project's own lines
             print(line, file=sys.stderr, flush=True)
             store.set(key, line)
             sys.exit(1)

@@ -165,3 +165,14 @@ def test_a_raw_pickle_is_refused_in_one_line_without_torchs_warning(tmp_path):
         error = error_of(train_gpt2.main, [*SMALL, "--init_from", str(path), "--log_dir", str(tmp_path / "log")])
     assert error.startswith(f"error: cannot read checkpoint {path}: it is truncated, or not a checkpoint")
     assert [str(w.message) for w in caught] == []
+
+
+# ----------------------------------------------------------------------------- memory
+
+def test_out_of_memory_in_a_step_says_which_batch_size_to_try(tmp_path, monkeypatch):
+    def forward(self, idx, targets=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB. GPU 0 has 79 GiB")
+    monkeypatch.setattr(train_gpt2.GPT, "forward", forward)
+    error = error_of(train_gpt2.main, [*SMALL, "--max_steps", "1", "--val_steps", "1", "--log_dir", str(tmp_path)])
+    assert error == ("error: out of memory at --batch_size 2 (CUDA out of memory): pass --batch_size 1; the total "
+                     "batch stays 32 tokens, in more micro-steps")
