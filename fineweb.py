@@ -68,15 +68,20 @@ def read_jsonl(paths):
     """The text of each line of local jsonl files, checked, so an error can name the file and line."""
     for path in paths:
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                try:
-                    doc = json.loads(line)
-                except ValueError:
-                    doc = None
-                if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                    raise ValueError(f"{path} line {lineno}: expected a JSON object with a \"text\" string, got "
-                                     f"{line.strip()[:60]!r}")
-                yield doc["text"]
+            lineno = 0
+            try:
+                for lineno, line in enumerate(f, start=1):
+                    try:
+                        doc = json.loads(line)
+                    except ValueError:
+                        doc = None
+                    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                        raise ValueError(f"{path} line {lineno}: expected a JSON object with a \"text\" string, got "
+                                         f"{line.strip()[:60]!r}")
+                    yield doc["text"]
+            except UnicodeDecodeError as e:  # f reads ahead: the line is the one after the last good one, or near it
+                raise ValueError(f"{path} is not UTF-8 (byte {e.object[e.start]:#04x} near line {lineno + 1}): "
+                                 "save it as UTF-8") from None
 
 
 def load_documents(data_files, streaming):
@@ -105,15 +110,20 @@ def checked_text(doc, i):
     return doc["text"]
 
 
+def quiet_worker():
+    """A tokenizer process ignores Ctrl-C: the parent alone handles it, and stops the pool (a pool whose workers
+    each got the SIGINT could hang); it dies quietly of the SIGTERM that stops it (not the parent's handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def write_shards(texts, local_dir, shard_size, num_proc):
     """Tokenize texts into shards of shard_size tokens; returns each shard's record and the token count."""
     total, index, count = 0, 0, 0
     buf = np.empty((shard_size,), dtype=np.uint16)  # the shard being filled
     bar = None
     written = []  # each shard's name, length and largest id, for the manifest
-    # the workers ignore Ctrl-C: the parent alone handles it, and stops them (a pool whose
-    # workers each got the SIGINT could hang)
-    with mp.Pool(num_proc, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool, \
+    with mp.Pool(num_proc, initializer=quiet_worker) as pool, \
             contextlib.ExitStack() as on_exit:
         on_exit.callback(lambda: bar is not None and bar.close())  # however it ends: no bar after the last line
         for tokens in pool.imap(tokenize, texts, chunksize=16):
@@ -151,8 +161,9 @@ def main(argv=None):
         docs = load_documents(args.data_files, bool(args.streaming))
     except Exception as e:
         sys.exit(f"error: cannot read the documents: {error_text(e)}")
-    settings = {"data": [os.path.abspath(f) for f in args.data_files] if args.data_files
-                else "HuggingFaceFW/fineweb-edu sample-10BT", "shard_size": args.shard_size}
+    # a local file by its size and modification time too: shards of an edited file are not its shards
+    settings = {"data": [[os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in args.data_files]
+                if args.data_files else "HuggingFaceFW/fineweb-edu sample-10BT", "shard_size": args.shard_size}
     with contextlib.ExitStack() as held:
         with one_line_errors():
             # one run at a time in --local_dir: a second would delete the first's shards while it writes them.
@@ -162,6 +173,12 @@ def main(argv=None):
                 return
             write_manifest(args.local_dir, settings)  # not complete until the end
         t0 = time.time()
+        received = []  # SIGTERM (a scheduler, `kill`) stops the run as Ctrl-C does, cleaning up after itself
+
+        def stop(signum, frame):
+            received.append(signum)
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, stop)
         try:
             written, total = write_shards(docs, args.local_dir, args.shard_size, args.num_proc)
             if not written:
@@ -176,7 +193,7 @@ def main(argv=None):
                 print("interrupted: stopped, and this run's shards removed", file=sys.stderr, flush=True)
                 sys.stdout.flush()
                 # not sys.exit: the pool, interrupted mid-task, can leave a thread that Python's exit waits on forever
-                os._exit(130)
+                os._exit(128 + (received[0] if received else signal.SIGINT))  # as a shell reports the signal
             sys.exit(f"error: {error_text(e)}")
         write_manifest(args.local_dir, settings, written)
     dt = time.time() - t0

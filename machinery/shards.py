@@ -24,9 +24,15 @@ def write_shard(local_dir, index, tokens):
     """Write a complete shard atomically (to a temporary file first, then renamed); its manifest record."""
     path = os.path.join(local_dir, shard_name(index))
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, tokens)
-    os.replace(tmp, path)  # atomic: the shard appears whole or not at all
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, tokens)
+        os.replace(tmp, path)  # atomic: the shard appears whole or not at all
+    except OSError as e:  # numpy's own words for a full disk: "1000000 requested and 866240 written"
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"cannot write {path} ({error_text(e)}): is the disk full? Free some space and run it "
+                      "again") from None
     return {"name": os.path.basename(path), "tokens": len(tokens), "max_id": int(tokens.max())}
 
 

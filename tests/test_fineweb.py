@@ -52,7 +52,8 @@ def test_shards_hold_every_document_in_order(tmp_path):
     assert np.array_equal(np.concatenate(arrays).astype(np.int64), stream)
     assert f"{n:,} tokens in {k} shards" in out.stdout
     manifest = json.loads((tmp_path / "fineweb.json").read_text())
-    assert manifest["complete"] and manifest["settings"] == {"data": [DOCS], "shard_size": 5000}
+    data = [[DOCS, os.path.getsize(DOCS), os.path.getmtime(DOCS)]]  # a file by its size and time too: an edit shows
+    assert manifest["complete"] and manifest["settings"] == {"data": data, "shard_size": 5000}
     assert manifest["shards"] == [{"name": name, "tokens": len(a), "max_id": int(a.max())} for name, a in zip(names[:-1], arrays)]
 
 
@@ -139,7 +140,8 @@ def test_bad_documents_are_an_error_naming_the_line_and_leave_nothing(tmp_path, 
     assert not (tmp_path / "d").exists()
 
 
-def test_ctrl_c_stops_the_pool_without_a_traceback_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_pool_without_a_traceback_and_leaves_nothing(tmp_path, sig):
     big = tmp_path / "docs.jsonl"
     with open(DOCS) as f:
         big.write_text(f.read() * 100)  # ~2.4M tokens
@@ -149,9 +151,9 @@ def test_ctrl_c_stops_the_pool_without_a_traceback_and_leaves_nothing(tmp_path):
     deadline = time.time() + 120
     while len(glob.glob(str(d / "*.npy"))) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the parent and every worker
+    os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C, or a scheduler's stop: to the parent and every worker
     _, stderr = proc.communicate(timeout=60)  # a hung pool would time out here
-    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert proc.returncode == 128 + sig and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted: stopped, and this run's shards removed"
     assert not d.exists()
 
@@ -185,3 +187,31 @@ def test_a_second_run_into_the_same_local_dir_is_refused_and_the_first_makes_one
     stream = np.concatenate([np.load(d / s["name"]) for s in manifest["shards"]])
     assert np.array_equal(stream, expected_stream(str(big)))  # the first run's documents, whole, once
     assert "fineweb.lock" not in os.listdir(d)
+
+
+def test_a_latin1_file_a_full_disk_and_an_edited_input_are_one_line_each(tmp_path, monkeypatch, capsys):
+    d = tmp_path / "d"
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    out = subprocess.run(fineweb("--data_files", str(latin), "--local_dir", str(d)), cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
+        f"error: {latin} is not UTF-8 (byte 0xe9 near line 1): save it as UTF-8") and not d.exists()
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(open(DOCS).read())
+    args = ["--data_files", str(docs), "--local_dir", str(d), "--shard_size", "5000", "--num_proc", "1"]
+    real_save = np.save
+    def full_disk(f, array):
+        real_save(f, array[:10])
+        raise OSError("1000000 requested and 866240 written")
+    monkeypatch.setattr(np, "save", full_disk)
+    error = error_of(fineweb_py.main, args)
+    assert error == (f"error: cannot write {d}/edufineweb_val_000000.npy (1000000 requested and 866240 written): is "
+                     "the disk full? Free some space and run it again") and not d.exists()
+    monkeypatch.setattr(np, "save", real_save)
+    fineweb_py.main(args)
+    with open(docs, "a") as f:
+        f.write('{"text": "one more document"}\n')  # edited since: its shards are not these
+    os.utime(docs, (1, 1))
+    assert error_of(fineweb_py.main, args).startswith(f"error: {d} holds a complete shard set made with other settings")
+
