@@ -116,6 +116,9 @@ def main(argv=None):
         use_bf16 = bf16_fast(device) if args.bf16 == "auto" else args.bf16
         if args.hellaswag and not os.path.isfile(args.hellaswag):
             raise ValueError(f"--hellaswag {args.hellaswag!r} not found: it takes a HellaSwag jsonl file")
+        if args.hellaswag and args.vocab_size < GPT2_VOCAB_SIZE:  # the examples are GPT-2's tokens
+            raise ValueError(f"--hellaswag scores GPT-2's tokens: --vocab_size must be at least {GPT2_VOCAB_SIZE}, "
+                             f"got {args.vocab_size}")
         examples = list(hellaswag.iterate_examples(args.hellaswag)) if args.hellaswag else None
     device_type = device.split(":")[0]
     if examples is None:

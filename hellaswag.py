@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from machinery.cli import one_line_errors, run_script
-from tokenizer import gpt2_encoding
+from tokenizer import EOT, gpt2_encoding
 
 DATA_CACHE_DIR = os.environ.get("HELLASWAG_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag"))
 # tokens per forward pass, padding included: rows of similar length are batched up to this many
@@ -65,7 +65,7 @@ def example_problem(example):
 def iterate_examples(path, limit=None):
     """The examples of a HellaSwag jsonl file, each checked (a ctx, 4 endings, a label 0..3), or a ValueError."""
     count = 0
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark some editors put first is not data
         try:
             for lineno, line in enumerate(f, start=1):
                 if limit is not None and count >= limit:
@@ -92,7 +92,9 @@ def render_example(example, enc, block_size=None):
     context and i on ending i. For a model whose context (block_size) is shorter than context + ending, the
     context loses its first tokens until the longest ending fits, as generate() crops a prompt; an ending
     longer than block_size - 1 keeps its first block_size - 1 tokens, after the context's last one."""
-    ctx = enc.encode_ordinary(example["ctx"])
+    # an empty context: the endings follow the start of a document, <|endoftext|>, as in training (without
+    # a token before it, an ending of one token would have nothing predicting it: a loss of 0/0)
+    ctx = enc.encode_ordinary(example["ctx"]) or [EOT]
     ends = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
     if block_size is not None:
         ends = [end[:block_size - 1] for end in ends]

@@ -37,6 +37,8 @@ def test_bench_times_hellaswag_with_the_fast_scorer_and_a_plain_loop_on_one_mode
     assert "same predictions: 20 of 20\n" in out.stdout  # the two scorers agree, example by example
     assert error_of(bench.main, ["--hellaswag", "nope.jsonl"]) == \
         "error: --hellaswag 'nope.jsonl' not found: it takes a HellaSwag jsonl file"
+    assert error_of(bench.main, ["--hellaswag", HELLASWAG_20, "--vocab_size", "128", "--device", "cpu"]) == \
+        "error: --hellaswag scores GPT-2's tokens: --vocab_size must be at least 50257, got 128"
 
 
 def test_readme_documents_the_benchmarks_with_their_machine():

@@ -223,3 +223,19 @@ def test_hellaswag_is_a_leaf_the_trainer_imports_and_its_command_downloads_and_c
     (cache / "hellaswag_val.jsonl").write_text(open(HELLASWAG_64).read())  # as a finished download leaves it
     out = run(["hellaswag.py", "--split", "val"], env=env)
     assert out.returncode == 0 and out.stdout == f"hellaswag val: 64 examples in {cache}/hellaswag_val.jsonl\n"
+
+
+def test_a_file_with_a_byte_order_mark_reads_and_an_empty_context_is_scored_after_endoftext(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    with open(EXAMPLES, encoding="utf-8") as f:
+        first = f.readline()
+    path.write_bytes(b"\xef\xbb\xbf" + first.encode())  # as some Windows editors save UTF-8
+    assert list(hellaswag.iterate_examples(str(path))) == list(hellaswag.iterate_examples(EXAMPLES, limit=1))
+    example = {"ctx": "", "endings": ["a", "b", "c", "d"], "label": 2}  # no context, endings of one token each
+    tokens, positions, segments = hellaswag.render_example(example, gpt2_encoding())
+    assert tokens[0] == 50256 and segments == [-1, 0, 1, 2, 3]  # each ending now predicted from <|endoftext|>
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=16)).eval()
+    (acc, acc_norm), = hellaswag.predict(model, [example], "cpu")
+    assert acc == acc_norm and acc in range(4)  # one token an ending: the sum and the mean choose alike
+
