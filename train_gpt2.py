@@ -278,9 +278,10 @@ class DataLoaderLite:
             # memory-mapped, not loaded: the OS reads in what a batch touches, and the 8 processes of a
             # machine share one copy in its page cache instead of holding 200 MB a shard each
             self.shards = [open_shard(path, n) for path, n in zip(paths, lengths)]
-        else:
-            raise ValueError(f"data {data_root!r} not found: run `python fineweb.py` to make the FineWeb-Edu "
-                             "shards, or pass --data with a text file such as input.txt")
+        else:  # missing, or a device such as /dev/null
+            raise ValueError(f"data {data_root!r} {'is neither a file nor a directory' if os.path.exists(data_root) else 'not found'}"
+                             ": run `python fineweb.py` to make the FineWeb-Edu shards, or pass --data with a text file "
+                             "such as input.txt")
         self.lengths = [len(s) for s in self.shards]
         self.total = sum(self.lengths)
         if self.total < B * T * num_processes + 1:

@@ -48,7 +48,8 @@ def load_hf_gpt2(name_or_path, published):
                              f"save it with GPT2LMHeadModel.from_pretrained({name_or_path!r}).save_pretrained("
                              f"'{name_or_path}-local'), copy that directory here and pass it instead") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load a GPT-2 checkpoint from {name_or_path!r}: {first}") from None
+        raise ValueError(f"cannot load a GPT-2 checkpoint from {name_or_path!r} ({first.rstrip('.')}): pass a directory "
+                         "that save_pretrained wrote, a .pt checkpoint of this project, or a published name") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     # GPT-2's checkpoints leave out the attention masks (buffers, not weights) and lm_head (tied to wte)

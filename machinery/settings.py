@@ -138,8 +138,8 @@ def check_config(cfg, world_size=1):
     if cfg.warmup_steps > cfg.max_steps:
         raise ValueError(f"--warmup_steps {cfg.warmup_steps} is longer than the run (--max_steps {cfg.max_steps}): "
                          "pass a smaller --warmup_steps")
-    if not cfg.max_lr > 0:  # written so that nan fails too
-        raise ValueError(f"--max_lr must be above 0, got {cfg.max_lr}")
+    if not 0 < cfg.max_lr < float("inf"):  # written so that nan fails too
+        raise ValueError(f"--max_lr must be above 0 and finite, got {cfg.max_lr}")
     if not 0 <= cfg.min_lr <= cfg.max_lr:
         raise ValueError(f"--min_lr must be from 0 to --max_lr {cfg.max_lr}, got {cfg.min_lr}")
     if not cfg.checkpoint_minutes >= 0:

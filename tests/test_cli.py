@@ -225,9 +225,10 @@ def test_a_bad_flag_is_an_error_that_names_it(args, message):
 @pytest.mark.parametrize("args, message", [
     (["--max_steps", "10", "--warmup_steps", "11"], "--warmup_steps 11 is longer than the run (--max_steps 10)"),
     (["--weight_decay", "-0.1"], "--weight_decay must be at least 0, got -0.1"),
-    (["--max_lr", "0"], "--max_lr must be above 0, got 0.0"),
-    (["--max_lr=-1e-3"], "--max_lr must be above 0, got -0.001"),
-    (["--max_lr", "nan"], "--max_lr must be above 0, got nan"),
+    (["--max_lr", "0"], "--max_lr must be above 0 and finite, got 0.0"),
+    (["--max_lr=-1e-3"], "--max_lr must be above 0 and finite, got -0.001"),
+    (["--max_lr", "nan"], "--max_lr must be above 0 and finite, got nan"),
+    (["--max_lr", "inf"], "--max_lr must be above 0 and finite, got inf"),
     (["--min_lr", "1e-3", "--max_lr", "6e-4"], "--min_lr must be from 0 to --max_lr 0.0006, got 0.001"),
     (["--total_batch_size", "0"], "--total_batch_size must be at least 1, got 0"),
     (["--total_batch_size", "-524288"], "--total_batch_size must be at least 1, got -524288"),

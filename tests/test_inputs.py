@@ -157,6 +157,17 @@ def test_a_hugging_face_directory_missing_a_tensor_or_mis_shaped_is_one_line(tmp
     assert str(e.value).endswith("the weights and config.json are of different models") and "\n" not in str(e.value)
 
 
+def test_a_directory_without_weights_and_a_device_as_data_are_one_line_each(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert refused([*SMALL, "--init_from", str(tmp_path / "empty")], tmp_path).startswith(
+        f"error: cannot load a GPT-2 checkpoint from '{tmp_path}/empty' (")
+    assert refused([*SMALL, "--init_from", str(tmp_path / "empty")], tmp_path).endswith(
+        "): pass a directory that save_pretrained wrote, a .pt checkpoint of this project, or a published name")
+    assert refused([*SMALL, "--data", "/dev/null"], tmp_path) == (
+        "error: data '/dev/null' is neither a file nor a directory: run `python fineweb.py` to make the FineWeb-Edu "
+        "shards, or pass --data with a text file such as input.txt")
+
+
 def test_a_raw_pickle_is_refused_in_one_line_without_torchs_warning(tmp_path):
     path = tmp_path / "raw.pt"
     path.write_bytes(pickle.dumps({"model": [1, 2, 3]}))
