@@ -90,6 +90,10 @@ def load_documents(data_files, streaming):
         missing = [f for f in data_files if not os.path.isfile(f)]
         if missing:
             raise ValueError(f"data file {missing[0]!r} not found")
+        other = [f for f in data_files if not f.endswith((".jsonl", ".json", ".parquet"))]
+        if other:  # `datasets` would fail with "An error occurred while generating the dataset"
+            raise ValueError(f"{other[0]} is not .jsonl, .json or .parquet, the files whose 'text' fields this "
+                             "tokenizes; a plain text file needs no shards: pass it to train_gpt2.py --data")
         if all(f.endswith(".jsonl") for f in data_files):
             return read_jsonl(data_files)
     import datasets  # imported here: a slow import that only this step needs

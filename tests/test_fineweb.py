@@ -215,3 +215,11 @@ def test_a_latin1_file_a_full_disk_and_an_edited_input_are_one_line_each(tmp_pat
     os.utime(docs, (1, 1))
     assert error_of(fineweb_py.main, args).startswith(f"error: {d} holds a complete shard set made with other settings")
 
+
+def test_a_plain_text_file_is_refused_with_where_it_goes_instead(tmp_path):
+    error = error_of(fineweb_py.main, ["--data_files", os.path.join(ROOT, "input.txt"), "--local_dir", str(tmp_path / "d")])
+    assert error == (f"error: cannot read the documents: {ROOT}/input.txt is not .jsonl, .json or .parquet, the files "
+                     "whose 'text' fields this tokenizes; a plain text file needs no shards: pass it to train_gpt2.py "
+                     "--data")
+    assert not (tmp_path / "d").exists()
+
