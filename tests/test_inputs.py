@@ -14,6 +14,7 @@ from conftest import INPUT, SMALL, error_of, make_hf_checkpoint
 from machinery.settings import PROMPT_CHARS, parse_args, samples_prompt
 from machinery.shards import shard_name, write_manifest, write_shard
 from tokenizer import EOT
+import sample
 import train_gpt2
 from train_gpt2 import DataLoaderLite
 
@@ -52,10 +53,13 @@ def test_prompt_auto_takes_at_most_a_short_first_line_in_whole_words(tmp_path):
     assert samples_prompt(parse_args(["--data", INPUT])) == "First Citizen:\n"  # a short first line, whole
 
 
-def test_a_prompt_holding_endoftext_samples(tmp_path, capsys):
+def test_a_prompt_holding_endoftext_samples_in_training_and_in_sample_py(tmp_path, capsys):
     train_gpt2.main([*SMALL, "--max_steps", "1", "--val_steps", "1", "--prompt", "<|endoftext|>Once",
                      "--log_dir", str(tmp_path)])
     assert capsys.readouterr().out.count("sample 3: <|endoftext|>Once") == 1
+    sample.main(["-m", str(tmp_path / "model_00000.pt"), "-d", "cpu", "--prompt", "<|endoftext|>Once",
+                 "--num_samples", "2", "--max_new_tokens", "3"])
+    assert capsys.readouterr().out.count(": <|endoftext|>Once") == 2
 
 
 # ----------------------------------------------------------------------------- flags that used to fail late
@@ -180,10 +184,15 @@ def test_a_raw_pickle_is_refused_in_one_line_without_torchs_warning(tmp_path):
 
 # ----------------------------------------------------------------------------- memory
 
-def test_out_of_memory_in_a_step_says_which_batch_size_to_try(tmp_path, monkeypatch):
+@pytest.mark.parametrize("raised, said", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB. GPU 0 has 79 GiB"), "CUDA out of memory"),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 25769803776 bytes. Error code 12"),
+     "DefaultCPUAllocator: can't allocate memory: you tried to allocate 25769803776 bytes"),
+], ids=["cuda", "cpu"])
+def test_out_of_memory_in_a_step_says_which_batch_size_to_try(tmp_path, monkeypatch, raised, said):
     def forward(self, idx, targets=None):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB. GPU 0 has 79 GiB")
+        raise raised
     monkeypatch.setattr(train_gpt2.GPT, "forward", forward)
     error = error_of(train_gpt2.main, [*SMALL, "--max_steps", "1", "--val_steps", "1", "--log_dir", str(tmp_path)])
-    assert error == ("error: out of memory at --batch_size 2 (CUDA out of memory): pass --batch_size 1; the total "
+    assert error == (f"error: out of memory at --batch_size 2 ({said}): pass --batch_size 1; the total "
                      "batch stays 32 tokens, in more micro-steps")
