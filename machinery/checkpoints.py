@@ -115,8 +115,9 @@ def checkpoint_to_resume(cfg, world, run, model):
         path = run.find_checkpoint(cfg.resume) if cfg.resume and world.master else None
     # every rank resumes rank 0's checkpoint: a node that sees another log_dir must not continue another run
     path = world.broadcast(path)
-    with world.together():
+    with world.together():  # first every rank reads it: a node that cannot is the error to report
         checkpoint = load_checkpoint(path, cfg, model) if path else None
+    with world.together():
         if checkpoint and checkpoint["step"] >= cfg.max_steps:
             raise ValueError(f"{path} ends its run (step {cfg.max_steps} of {cfg.max_steps}): nothing is left to "
                              "train; to train on, start a new run with --init_from it and another --log_dir")
