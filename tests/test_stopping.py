@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, TINY, assert_same_log, read_log, torchrun
@@ -88,9 +89,14 @@ def test_each_stop_signal_checkpoints_and_a_repeat_50_ms_later_changes_nothing(t
 
 
 def test_a_stop_during_a_long_validation_pass_checkpoints_within_seconds(tmp_path):
-    log = tmp_path / "log"  # 200,000 val batches: minutes of validation before step 0 trains
-    proc = start([sys.executable, "train_gpt2.py", *TINY, "--max_steps", "3", "--val_steps", "200000",
-                  "--log_dir", str(log)])
+    data = tmp_path / "data"  # a val split of 200,000 batches: minutes of validation before step 0 trains
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(data / "edufineweb_val_000000.npy", rng.integers(0, 50257, 200_000 * 32 + 1, dtype=np.uint16))
+    np.save(data / "edufineweb_train_000001.npy", rng.integers(0, 50257, 10_000, dtype=np.uint16))
+    log = tmp_path / "log"
+    proc = start([sys.executable, "train_gpt2.py", *TINY, "--data", str(data), "--max_steps", "3",
+                  "--val_steps", "200000", "--log_dir", str(log)])
     try:
         for line in proc.stdout:
             if line.startswith("MFU is measured against"):  # the loop starts, with validation
