@@ -151,7 +151,10 @@ def test_ctrl_c_or_sigterm_stops_the_pool_without_a_traceback_and_leaves_nothing
     deadline = time.time() + 120
     while len(glob.glob(str(d / "*.npy"))) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
-    os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C, or a scheduler's stop: to the parent and every worker
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C: to the parent and every worker
+    else:
+        proc.send_signal(sig)  # as `kill PID`: the parent alone, which stops its workers
     _, stderr = proc.communicate(timeout=60)  # a hung pool would time out here
     assert proc.returncode == 128 + sig and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted: stopped, and this run's shards removed"
