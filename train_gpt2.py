@@ -278,10 +278,10 @@ class DataLoaderLite:
             # memory-mapped, not loaded: the OS reads in what a batch touches, and the 8 processes of a
             # machine share one copy in its page cache instead of holding 200 MB a shard each
             self.shards = [open_shard(path, n) for path, n in zip(paths, lengths)]
-        else:  # missing, or a device such as /dev/null
-            raise ValueError(f"data {data_root!r} {'is neither a file nor a directory' if os.path.exists(data_root) else 'not found'}"
-                             ": run `python fineweb.py` to make the FineWeb-Edu shards, or pass --data with a text file "
-                             "such as input.txt")
+        else:
+            what = "is neither a file nor a directory" if os.path.exists(data_root) else "not found"  # /dev/null, say
+            raise ValueError(f"data {data_root!r} {what}: run `python fineweb.py` to make the FineWeb-Edu shards, "
+                             "or pass --data with a text file such as input.txt")
         self.lengths = [len(s) for s in self.shards]
         self.total = sum(self.lengths)
         if self.total < B * T * num_processes + 1:
@@ -659,7 +659,8 @@ def main(argv=None):
                                             for split, shuffle in (("train", cfg.shuffle_shards), ("val", False)))
                 for loader in (train_loader, val_loader):
                     check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
-                if cfg.val_steps > (chunks := (val_loader.total - 1) // (cfg.batch_size * cfg.seq_len)):  # else repeats
+                chunks = (val_loader.total - 1) // (cfg.batch_size * cfg.seq_len)  # the val batches the split holds
+                if cfg.val_steps > chunks:  # more would count some of them twice
                     raise ValueError(f"--val_steps {cfg.val_steps} is more than the val split of {cfg.data} holds: "
                                      f"{chunks} chunks of {cfg.batch_size} x {cfg.seq_len}: pass --val_steps {chunks} or less")
             checkpoint = checkpoint_to_resume(cfg, world, run, model)
