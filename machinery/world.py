@@ -88,6 +88,7 @@ class World:
         self.device_type = self.device.split(":")[0]  # cuda, mps or cpu: what autocast wants, never 'cuda:3'
         self.master = self.rank == 0  # rank 0 alone prints, logs and writes files
         self.writing = threading.Lock()  # held while a file is written: a rank leaving after another's error waits
+        self.waits = 0  # wait_for_master calls so far: every rank makes them in the same order
 
     @classmethod
     def from_env(cls, requested_device="auto", planning=False):
@@ -158,7 +159,8 @@ class World:
         write on rank 0 (a big checkpoint, a slow disk) would outlast."""
         if not self.ddp:
             return result
-        store, key = self._store(), self._key(name)
+        self.waits += 1  # a key of its own each time: the same step may be saved twice (a stop after a cut evaluation)
+        store, key = self._store(), self._key(f"{name}/{self.waits}")
         if self.master:
             store.set(key, "" if result is None else "=" + result)
             return result
