@@ -28,11 +28,12 @@ def start(cmd, **kwargs):
                             preexec_fn=default_signals, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
 
 
-def wait_for_log(log_dir, step, proc, timeout=120):
-    """Until log_dir/log.txt holds step's train loss (the run is training, its handlers installed)."""
+def wait_for_log(log_dir, step, proc, timeout=120, kind="train"):
+    """Until log_dir/log.txt holds step's train loss, or another kind of line (the run is training or evaluating,
+    its handlers installed)."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(log_dir / "log.txt") and f"\n{step} train " in "\n" + (log_dir / "log.txt").read_text():
+        if os.path.exists(log_dir / "log.txt") and f"\n{step} {kind} " in "\n" + (log_dir / "log.txt").read_text():
             return
         time.sleep(0.02)
     raise AssertionError(f"step {step} never logged")
@@ -153,7 +154,7 @@ def test_a_second_ctrl_c_seconds_after_the_first_stops_at_once_without_a_checkpo
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout))
     reader.start()
     try:
-        wait_for_log(log, 0, proc)
+        wait_for_log(log, 0, proc, kind="val")  # step 0's evaluation is done: its 2,048 micro-batches begin
         proc.send_signal(signal.SIGINT)
         deadline = time.time() + 60
         while time.time() < deadline and not any("stopping after this step" in line for line in lines):
