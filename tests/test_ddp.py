@@ -109,7 +109,7 @@ def test_a_checkpoint_one_node_cannot_read_stops_every_node_with_the_error(tmp_p
 
 
 def test_no_rank_finishes_while_rank_0_writes_a_checkpoint_even_past_the_collectives_timeout(tmp_path):
-    # rank 0's torch.save takes 6 s here, the process group's timeout is 3 s (NCCL's 10 minutes against a
+    # rank 0's torch.save takes 8 s here, the process group's timeout is 5 s (NCCL's 10 minutes against a
     # big checkpoint on a slow disk): waiting in a collective, rank 1 would time out; leaving without waiting,
     # it would tear the process group down and exit while rank 0 still writes
     wrapper = tmp_path / "slow_save.py"
@@ -118,12 +118,12 @@ sys.path.insert(0, {ROOT!r})
 import torch, torch.distributed as dist, train_gpt2
 real_save, real_init = torch.save, dist.init_process_group
 def slow_save(obj, f):
-    time.sleep(6)
+    time.sleep(8)
     real_save(obj, f)
     open({str(tmp_path)!r} + "/saved", "w").write(repr(time.time()))
 if os.environ["RANK"] == "0":
     torch.save = slow_save
-dist.init_process_group = lambda **kw: real_init(**kw, timeout=datetime.timedelta(seconds=3))
+dist.init_process_group = lambda **kw: real_init(**kw, timeout=datetime.timedelta(seconds=5))
 train_gpt2.main(sys.argv[1:])
 open({str(tmp_path)!r} + "/exited_" + os.environ["RANK"], "w").write(repr(time.time()))
 """)
