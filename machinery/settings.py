@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from machinery.cli import auto_on_off, error_text, on_off
+from machinery.perf import DATASHEET_BF16_TFLOPS, MEASURED_MFU, MEASURED_ON, SCALING, duration, flops_per_token, run_seconds
 from machinery.shards import open_shard, shard_paths
 
 
@@ -220,8 +221,9 @@ def saves_sharded(cfg, n_params):
 
 def memory_estimate(config, n_params, cfg, world_size, fsdp, grad_accum_steps):
     """One training process's peak memory in bytes, part by part: a planning figure for a GPU with flash attention,
-    eager (torch.compile fuses the loss and usually needs less). Weights and gradients are fp32, as are AdamW's
-    two moments; activations are bf16 under autocast, else fp32."""
+    eager or compiled as cfg says. Weights and gradients are fp32, as are AdamW's two moments; activations are bf16
+    under autocast, else fp32. On one H200, GPT-2 124M at B=64: 53.93 GiB estimated eager, 52.97 measured; 41.65
+    compiled, 41.16 measured (torch.cuda.max_memory_allocated over a whole run)."""
     B, T, C, L, V = cfg.batch_size, config.block_size, config.n_embd, config.n_layer, config.vocab_size
     bf16 = cfg.bf16 != False  # auto is on for the GPUs this estimates
     block = 12 * C * C + 13 * C  # one block's parameters
@@ -238,8 +240,9 @@ def memory_estimate(config, n_params, cfg, world_size, fsdp, grad_accum_steps):
     per_layer = (38 if bf16 else 68) * C
     # --activation_checkpointing: each block's input (fp32), and one block's insides while it is recomputed
     activations = B * T * (L * 4 * C + per_layer if cfg.activation_checkpointing else L * per_layer)
-    # the logits (bf16 under autocast), the loss's fp32 log-softmax of them, and its gradient
-    logits = B * T * V * (10 if bf16 else 12)
+    # per logit: eager keeps the logits (bf16 under autocast), the loss's fp32 log-softmax of them, and its fp32
+    # gradient; compiled, the log-softmax is fused into the loss and never written, leaving logits and gradient
+    logits = B * T * V * ((2 if bf16 else 4) + (4 if cfg.compile else 8))
     return dict(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, logits=logits)
 
 
@@ -287,8 +290,16 @@ def dry_run(cfg, world, model_class, config):
                 f"every {cfg.checkpoint_every} steps ({cfg.max_steps // cfg.checkpoint_every} in {cfg.max_steps:,})" +
                 (f", every {cfg.checkpoint_minutes:g} minutes (each replacing the one before)" if cfg.checkpoint_minutes
                  else "") + ", and at the end")
+    tokens, flops = cfg.max_steps * cfg.total_batch_size, flops_per_token(n_params, config, cfg.seq_len)
+    mfu = MEASURED_MFU[cfg.bf16 != False, cfg.compile]
+    world.print(f"time, estimated: the MFU measured on {MEASURED_ON} ({100 * mfu:.1f}%, {'compiled' if cfg.compile else 'eager'}) "
+                f"at each GPU's datasheet bf16 peak; on 8, {SCALING:.0%} of 8 times one's speed:")
+    for gpu in ("A100", "H100", "H200"):
+        tflops = DATASHEET_BF16_TFLOPS[gpu]
+        world.print(f"  {gpu} ({tflops} TFLOP/s): " + ", ".join(
+            f"{duration(run_seconds(tokens, flops, n, tflops, mfu))} on {n}" for n in (1, 8)))
     precision = "fp32" if cfg.bf16 is False else "bf16 autocast"
-    world.print(f"memory per GPU, estimated (GiB; {precision}, flash attention, eager; "
+    world.print(f"memory per GPU, estimated (GiB; {precision}, flash attention, {'compiled' if cfg.compile else 'eager'}; "
                 f"WORLD_SIZE={world.world_size} processes):")
     world.print(f"  {'':10} {'weights':>9} {'gradients':>9} {'optimizer':>9} {'activations':>11} {'logits':>9} {'total':>9}")
     for name, fsdp in (("DDP", False), ("FSDP", True)):

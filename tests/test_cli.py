@@ -358,3 +358,36 @@ def test_a_dry_run_of_the_default_recipe_on_16_processes_halves_the_micro_batch(
                           "step: using 32\n")
     assert "  --batch_size 32\n" in out and "total batch 524,288 tokens = 1 micro-batches of 32 x 1024 on each of " \
                                           "16 processes\n" in out
+
+
+def dry_run_memory(argv, capsys):
+    """The DDP row of a dry run's memory table, in GiB: weights, gradients, optimizer, activations, logits, total."""
+    train_gpt2.main([*argv, "--dry_run", "1"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("  DDP "))
+    return [float(x) for x in row.split()[1:]], out
+
+
+def test_the_dry_runs_memory_for_the_default_recipe_is_near_what_one_h200_measured(monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    # torch.cuda.max_memory_allocated on one H200 (2026-11-30): 41.16 GiB compiled (the whole run), 52.97 eager
+    compiled, out = dry_run_memory([], capsys)
+    assert "flash attention, compiled;" in out and abs(compiled[5] / 41.16 - 1) < 0.15, compiled
+    eager, out = dry_run_memory(["--compile", "0"], capsys)
+    assert "flash attention, eager;" in out and abs(eager[5] / 52.97 - 1) < 0.10, eager
+    assert eager[:4] == compiled[:4] and eager[4] > compiled[4]  # compile changes only what the loss keeps
+    assert (compiled[5], eager[5]) == (41.65, 53.93)
+
+
+def test_the_dry_run_says_how_long_the_run_takes_on_1_and_8_gpus_and_from_what(monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    _, out = dry_run_memory([], capsys)
+    # 19,073 steps x 524,288 tokens at 0.86 GFLOP a token, at 44.7% of 989 TFLOP/s: 5.4 h, as measured (1.02 s a step)
+    assert ("time, estimated: the MFU measured on one H200, GPT-2 124M, 2026-11-30 (44.7%, compiled) at each GPU's "
+            "datasheet bf16 peak; on 8, 95% of 8 times one's speed:\n"
+            "  A100 (312 TFLOP/s): 17h07m on 1, 2h15m on 8\n"
+            "  H100 (989 TFLOP/s): 5h24m on 1, 42m40s on 8\n"
+            "  H200 (989 TFLOP/s): 5h24m on 1, 42m40s on 8\n") in out
+    _, out = dry_run_memory(["--compile", "0", "--max_steps", "1000", "--warmup_steps", "10"], capsys)
+    # the ladder measured 414,337 tok/s eager: 1,265 s
+    assert "(36.0%, eager)" in out and "  H200 (989 TFLOP/s): 21m07s on 1, 2m47s on 8\n" in out
