@@ -30,6 +30,7 @@ from machinery.checkpoints import (check_weights, checkpoint_due, checkpoint_to_
                                    restore_checkpoint, save_checkpoint)
 from machinery.cli import error_text, one_line_errors, run_script
 from machinery.inputs import load_hf_gpt2, read_text
+from machinery.memory import choose_batch_size
 from machinery.perf import Meter
 from machinery.run_dir import RunDir
 from machinery.settings import (GPT2_PROMPT, batch_plan, check_config, dry_run, fit_batch_size, out_of_memory_advice,
@@ -654,6 +655,10 @@ def main(argv=None):
                     model = load_model(cfg.init_from)
                 if cfg.seq_len > model.config.block_size:
                     raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
+            if cfg.batch_size == "auto":  # the largest that fits: tried on a CUDA GPU, else from the memory estimate
+                with world.together():
+                    cfg.batch_size = choose_batch_size(cfg, world, model, log=world.print)
+            with world.together():
                 train_loader, val_loader = (DataLoaderLite(cfg.batch_size, cfg.seq_len, world.rank, world.world_size,
                                                            split, cfg.data, cfg.seed if shuffle else None)
                                             for split, shuffle in (("train", cfg.shuffle_shards), ("val", False)))

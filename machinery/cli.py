@@ -40,3 +40,13 @@ def auto_on_off(text):
     if text not in ("auto", "0", "1"):
         raise argparse.ArgumentTypeError(f"expected auto, 1 or 0, got {text!r}")
     return text if text == "auto" else text == "1"
+
+
+def int_or_auto(text):
+    """--batch_size takes a whole number or auto; the run decides what auto means on the device at hand."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from machinery.cli import auto_on_off, error_text, on_off
+from machinery.cli import auto_on_off, error_text, int_or_auto, on_off
+from machinery.memory import DRY_RUN_MEMORY, device_memory, largest_estimated, memory_estimate
 from machinery.perf import DATASHEET_BF16_TFLOPS, MEASURED_MFU, MEASURED_ON, SCALING, duration, flops_per_token, run_seconds
 from machinery.shards import open_shard, shard_paths
 
@@ -63,7 +64,8 @@ class TrainConfig:
     n_embd: int = flag(768, "channels (scratch only)")
     # batch
     total_batch_size: int = flag(524288, "tokens per optimisation step (2**19, GPT-3 Small's 0.5M)")
-    batch_size: int = flag(64, "B: sequences per micro-batch; accumulation makes up the rest")
+    batch_size: int = flag(64, "B: sequences per micro-batch; accumulation makes up the rest. auto: the largest that "
+                               "fits the device (tried on a CUDA GPU, else from the memory estimate)")
     seq_len: int = flag(1024, "T: tokens per sequence, and a new model's context (block_size)")
     # optimisation schedule
     max_steps: int = flag(19073, "optimisation steps (19073 x 524288 tokens: one epoch of FineWeb-Edu 10B)")
@@ -112,7 +114,8 @@ def parse_args(argv=None):
     preset = set().union(*MODELS.values())  # the flags whose default --model sets
     for f in fields(TrainConfig):  # default None: a flag left out takes the model's value, else the field's
         default = f"{f.default} for gpt2; other models set their own" if f.name in preset else f.default
-        parser.add_argument(f"--{f.name}", type=on_off if f.type is bool else auto_on_off if f.name in ("bf16", "sharded_checkpoints") else f.type,
+        parser.add_argument(f"--{f.name}", type=on_off if f.type is bool else auto_on_off if f.name in ("bf16", "sharded_checkpoints")
+                            else int_or_auto if f.name == "batch_size" else f.type,
                             default=None, help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
     try:
         args, unknown = parser.parse_known_args(argv)
@@ -132,7 +135,7 @@ def check_config(cfg, world_size=1):
     for name in ("n_layer", "n_head", "n_embd", "total_batch_size", "batch_size", "seq_len", "max_steps", "warmup_steps",
                  "eval_every", "val_steps", "sample_every", "checkpoint_every"):
         least = 0 if name == "warmup_steps" else 1
-        if getattr(cfg, name) < least:
+        if getattr(cfg, name) != "auto" and getattr(cfg, name) < least:
             raise ValueError(f"--{name} must be at least {least}, got {getattr(cfg, name)}")
     if cfg.hellaswag and cfg.hellaswag_file and not os.path.isfile(cfg.hellaswag_file):
         raise ValueError(f"--hellaswag_file {cfg.hellaswag_file!r} not found (or pass --hellaswag 0)")
@@ -165,6 +168,8 @@ def fit_batch_size(cfg, world):
     """The micro-batch B to use: the largest up to --batch_size that divides the sequences each process adds up
     in a step, so any number of GPUs keeps --total_batch_size. B changes how many sequences go through a GPU
     at once, not which tokens a step trains on: a run may resume with another B, or on another number of GPUs."""
+    if cfg.batch_size == "auto":
+        return "auto"  # chosen once the model is built (machinery/auto_batch.py)
     sequences = cfg.total_batch_size // (cfg.seq_len * world.world_size)
     fitted = max(b for b in range(1, min(cfg.batch_size, sequences) + 1) if sequences % b == 0)
     if fitted != cfg.batch_size:
@@ -219,33 +224,6 @@ def saves_sharded(cfg, n_params):
     return cfg.sharded_checkpoints
 
 
-def memory_estimate(config, n_params, cfg, world_size, fsdp, grad_accum_steps):
-    """One training process's peak memory in bytes, part by part: a planning figure for a GPU with flash attention,
-    eager or compiled as cfg says. Weights and gradients are fp32, as are AdamW's two moments; activations are bf16
-    under autocast, else fp32. On one H200, GPT-2 124M at B=64: 53.93 GiB estimated eager, 52.97 measured; 41.65
-    compiled, 41.16 measured (torch.cuda.max_memory_allocated over a whole run)."""
-    B, T, C, L, V = cfg.batch_size, config.block_size, config.n_embd, config.n_layer, config.vocab_size
-    bf16 = cfg.bf16 != False  # auto is on for the GPUs this estimates
-    block = 12 * C * C + 13 * C  # one block's parameters
-    if fsdp:
-        # 1/N of everything, plus what is whole at a time: the root's weights (embeddings, lm_head) and two blocks'
-        # (the one computing and the next, fetched ahead), all of them kept between micro-steps; two blocks' gradients
-        gathered = n_params if grad_accum_steps > 1 else n_params - L * block + 2 * block
-        weights, gradients = 4 * (n_params / world_size + gathered), 4 * (n_params / world_size + 2 * block)
-        optimizer = 8 * n_params / world_size
-    else:  # a whole copy on every process, and DDP's buckets: a second copy of the gradients to reduce in
-        weights, gradients, optimizer = 4 * n_params, 4 * n_params * (2 if world_size > 1 else 1), 8 * n_params
-    # saved for backward, per token and layer: both LayerNorms' inputs (fp32), the 4 matmuls' inputs, q, k, v, the
-    # attention's output and the MLP's 4C-wide hidden layer: 38 C bytes with the matmuls in bf16, 68 C in fp32
-    per_layer = (38 if bf16 else 68) * C
-    # --activation_checkpointing: each block's input (fp32), and one block's insides while it is recomputed
-    activations = B * T * (L * 4 * C + per_layer if cfg.activation_checkpointing else L * per_layer)
-    # per logit: eager keeps the logits (bf16 under autocast), the loss's fp32 log-softmax of them, and its fp32
-    # gradient; compiled, the log-softmax is fused into the loss and never written, leaving logits and gradient
-    logits = B * T * V * ((2 if bf16 else 4) + (4 if cfg.compile else 8))
-    return dict(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, logits=logits)
-
-
 PROMPT_CHARS = 80  # the longest --prompt auto takes from a text's first line
 
 
@@ -275,6 +253,14 @@ def dry_run(cfg, world, model_class, config):
         model = model_class(config)
     n_params = sum(p.numel() for p in model.parameters())
     world.print(f"model: {n_params:,} parameters")
+    if cfg.batch_size == "auto":  # planned from the estimate: for the GPU here, else for an 80 GiB one
+        memory = device_memory(world.device) if world.device_type == "cuda" else DRY_RUN_MEMORY
+        fits = {gib: largest_estimated(cfg, config, n_params, world.world_size, gib * 2**30) or "none" for gib in (40, 80, 141)}
+        cfg.batch_size = largest_estimated(cfg, config, n_params, world.world_size, memory)
+        world.print(f"--batch_size auto: {cfg.batch_size or 'not even 1 fits; planned at 1'} for {memory / 2**30:.0f} "
+                    f"GiB, from the memory estimate ({', '.join(f'{b} on {gib} GiB' for gib, b in fits.items())}; "
+                    "a run on a CUDA GPU tries them)")
+        cfg.batch_size = cfg.batch_size or 1
     grad_accum_steps = batch_plan(cfg, world)
     if os.path.isdir(cfg.data):
         paths, _ = shard_paths(cfg.data, "train")

@@ -117,6 +117,13 @@ class World:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def min(self, value):
+        """The smallest of a whole number each process holds, on every process."""
+        t = torch.tensor(value, dtype=torch.long, device=self.device)
+        if self.ddp:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
     def broadcast(self, obj):
         """Rank 0's obj (plain data), on every process."""
         if self.ddp:
