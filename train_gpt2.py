@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag  # downloads, renders and scores HellaSwag; of ours, it imports only the tokenizer
 from machinery.checkpoints import (check_weights, checkpoint_due, checkpoint_to_resume, read_checkpoint,
                                    restore_checkpoint, save_checkpoint)
+from machinery.chunked_loss import chunked_cross_entropy
 from machinery.cli import error_text, one_line_errors, run_script
 from machinery.inputs import load_hf_gpt2, read_text
 from machinery.memory import choose_batch_size
@@ -134,7 +135,7 @@ class GPT(nn.Module):
         # vocab_size * n_embd = 38.6M parameters, 30% of the 124M model)
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
-        self.activation_checkpointing = False  # see hidden()
+        self.activation_checkpointing, self.loss_chunks = False, 1  # see hidden() and forward()
 
     def _init_weights(self, module):
         """GPT-2's initialisation: normal(0, 0.02) weights, zero biases (LayerNorm keeps 1 and 0)."""
@@ -169,7 +170,10 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy if targets."""
-        logits = self.lm_head(self.hidden(idx))
+        x = self.hidden(idx)
+        if targets is not None and self.loss_chunks > 1:  # --loss_chunks: no logits, the loss computed in pieces
+            return None, chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), self.loss_chunks)
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             # reshape, not view: targets may be a slice such as idx[:, 1:], which view cannot flatten
@@ -529,7 +533,7 @@ def train(cfg, world, model, data, run, checkpoint=None):
     # compile fuses the model's elementwise ops into a few kernels and cuts Python overhead; the
     # compiled module shares raw_model's weights, and raw_model stays for sampling (other shapes)
     raw_model = model
-    raw_model.activation_checkpointing = cfg.activation_checkpointing
+    raw_model.activation_checkpointing, raw_model.loss_chunks = cfg.activation_checkpointing, cfg.loss_chunks
     model = eval_model = maybe_compile(model, cfg.compile, world.device_type, log=world.print)  # eval_model: no DDP
     if world.ddp and not cfg.fsdp:
         # DDP averages the gradients of all processes during backward, bucket by bucket; compiled around DDP, not

@@ -31,6 +31,9 @@ def memory_estimate(config, n_params, cfg, world_size, fsdp, grad_accum_steps):
     # per logit: eager keeps the logits (bf16 under autocast), the loss's fp32 log-softmax of them, and its fp32
     # gradient; compiled, the log-softmax is fused into the loss and never written, leaving logits and gradient
     logits = B * T * V * ((2 if bf16 else 4) + (4 if cfg.compile else 8))
+    if cfg.loss_chunks > 1:  # one chunk's logits at a time (bf16, their fp32 softmax, its bf16 copy), and the
+        # gradients of the hidden states and of lm_head (fp32), which forward computes and keeps for backward
+        logits = B * T * V * (12 if bf16 else 8) / cfg.loss_chunks + 4 * (B * T * C + V * C)
     return dict(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations, logits=logits)
 
 

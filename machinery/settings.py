@@ -102,6 +102,9 @@ class TrainConfig:
                                   "move slightly. Needs --bf16 1")
     activation_checkpointing: bool = flag(False, "keep only each block's input for backward, recomputing the rest: "
                                                  "far less activation memory for about a third more compute")
+    loss_chunks: int = flag(1, "compute the output layer and the loss in this many pieces of the batch's positions, "
+                               "so that the (B*T, vocab) logits never exist whole: B=64 fits in 40 GB with 8 (1: whole, "
+                               "the lecture's way; off by default until a GPU measures it no slower)")
     dry_run: bool = flag(False, "print the settings, the parameter count, the batch and an estimate of memory per "
                                 "GPU for DDP and FSDP on WORLD_SIZE processes (default 1), then exit")
 
@@ -133,7 +136,7 @@ def parse_args(argv=None):
 def check_config(cfg, world_size=1):
     """Catch bad settings before any work is done, with a message that says what to change."""
     for name in ("n_layer", "n_head", "n_embd", "total_batch_size", "batch_size", "seq_len", "max_steps", "warmup_steps",
-                 "eval_every", "val_steps", "sample_every", "checkpoint_every"):
+                 "eval_every", "val_steps", "sample_every", "checkpoint_every", "loss_chunks"):
         least = 0 if name == "warmup_steps" else 1
         if getattr(cfg, name) != "auto" and getattr(cfg, name) < least:
             raise ValueError(f"--{name} must be at least {least}, got {getattr(cfg, name)}")
