@@ -12,9 +12,10 @@ import os
 
 import hellaswag
 from machinery.cli import one_line_errors, run_script
+from machinery.inputs import check_vocab
 from machinery.world import bf16_fast, init_device
 from tokenizer import GPT2_VOCAB_SIZE
-from train_gpt2 import check_vocab, load_model
+from train_gpt2 import load_model
 
 
 def main(argv=None):

@@ -30,7 +30,7 @@ from machinery.checkpoints import (check_weights, checkpoint_due, checkpoint_to_
                                    restore_checkpoint, save_checkpoint)
 from machinery.chunked_loss import chunked_cross_entropy
 from machinery.cli import error_text, one_line_errors, run_script
-from machinery.inputs import load_hf_gpt2, read_text
+from machinery.inputs import check_vocab, load_hf_gpt2, read_text
 from machinery.memory import choose_batch_size
 from machinery.perf import Meter
 from machinery.run_dir import RunDir
@@ -222,14 +222,6 @@ class GPT(nn.Module):
         check_weights(model, sd, name_or_path)
         model.load_state_dict(sd)
         return model
-
-
-def check_vocab(model, max_id, what):
-    """Token ids must index the model's embedding: a larger one is an IndexError on the CPU, a
-    device-side assert on CUDA, hours into a run. Check once, up front."""
-    if max_id >= model.config.vocab_size:
-        raise ValueError(f"{what} holds token id {max_id}, but the model's vocabulary has {model.config.vocab_size} "
-                         "ids: use data made with its tokenizer, or a model with GPT-2's vocabulary")
 
 
 def load_model(name_or_path):

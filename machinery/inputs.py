@@ -1,5 +1,5 @@
 """What a user hands the trainer besides flags, checked before any work: a text file to train on, a Hugging Face
-GPT-2 directory to start from. Whatever is wrong is a ValueError of one line that names the file and says what to do.
+GPT-2 directory to start from, token ids that fit the model. Whatever is wrong is a ValueError of one line that names the file and says what to do.
 """
 import json
 import os
@@ -63,3 +63,11 @@ def load_hf_gpt2(name_or_path, published):
         raise ValueError(f"{name_or_path}: {name} has shape {tuple(saved)}, but its config.json makes it {tuple(made)}: "
                          "the weights and config.json are of different models")
     return hf
+
+
+def check_vocab(model, max_id, what):
+    """Token ids must index the model's embedding: a larger one is an IndexError on the CPU, a
+    device-side assert on CUDA, hours into a run. Check once, up front."""
+    if max_id >= model.config.vocab_size:
+        raise ValueError(f"{what} holds token id {max_id}, but the model's vocabulary has {model.config.vocab_size} "
+                         "ids: use data made with its tokenizer, or a model with GPT-2's vocabulary")
