@@ -1,14 +1,17 @@
 """Throughput of train_gpt2.py's model: training tokens/s, MFU and peak memory for one setting, or
-HellaSwag examples/s.
+HellaSwag examples/s, or sampling tokens/s with and without the KV cache.
 
     python bench.py --n_layer 12 --n_head 12 --n_embd 768 --batch_size 16 --seq_len 1024
     python bench.py --hellaswag tests/fixtures/hellaswag_val_every50.jsonl --device cpu --n_layer 4 --n_head 4 --n_embd 128
+    python bench.py --generate 256 --batch_size 4 --device cpu
 
 It times whole training steps (forward, backward, clipping, AdamW) on random tokens, so data
 loading is not measured. MFU is achieved FLOP/s over the device's peak: the peak is measured
 here with a large matmul in the step's precision, and also taken from the datasheet where the
 device is a GPU this file knows. With --hellaswag it times scoring that file instead, with
-hellaswag.predict and with a plain loop that scores one example at a time, on the same model.
+hellaswag.predict and with a plain loop that scores one example at a time, on the same model. With
+--generate N it times GPT.generate making N tokens after a one-token prompt for --batch_size rows,
+with each layer's keys and values cached and without (the whole prefix again for every token).
 """
 import argparse
 import os
@@ -83,6 +86,26 @@ def bench_hellaswag(model, examples, path, device, use_bf16):
     print(f"same predictions: {same} of {len(examples)}")
 
 
+def bench_generate(model, rows, new_tokens, device, use_bf16):
+    """Sampling tokens/s of GPT.generate with the KV cache and without, from the same seed; and whether they agree."""
+    idx = torch.full((rows, 1), gpt2_encoding().eot_token, device=device)  # a document's start
+    out, seconds = {}, {}
+    for cached in (True, False):
+        model.generate(idx, 2, kv_cache=cached)  # warm-up
+        synchronize(device)
+        t0 = time.time()
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+            out[cached] = model.generate(idx, new_tokens, generator=torch.Generator(device).manual_seed(42),
+                                         kv_cache=cached)
+        synchronize(device)
+        seconds[cached] = time.time() - t0
+    print(f"sampling: {rows} rows x {new_tokens} new tokens, top-k 50, bf16={int(use_bf16)}")
+    for cached, name in ((True, "with the KV cache"), (False, "without (the prefix again)")):
+        print(f"{name:28s} {seconds[cached]:8.2f} s | {rows * new_tokens / seconds[cached]:10.1f} tokens/s | "
+              f"{seconds[False] / seconds[cached]:.2f}x the uncached")
+    print(f"same tokens: {torch.equal(out[True], out[False])}")
+
+
 def peak_memory(device):
     if device.startswith("cuda"):
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (max allocated)"
@@ -103,13 +126,17 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first: compilation, allocator warm-up")
     p.add_argument("--hellaswag", default="", help="a HellaSwag jsonl: time scoring it instead of training")
+    p.add_argument("--generate", type=int, default=0, help="time sampling this many tokens (--batch_size rows) "
+                                                           "with and without the KV cache, instead of training")
     args = p.parse_args(argv)
     with one_line_errors():
         for name in ("n_layer", "n_head", "n_embd", "vocab_size", "batch_size", "seq_len", "steps"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-        if args.warmup < 0:
-            raise ValueError(f"--warmup must be at least 0, got {args.warmup}")
+        if args.warmup < 0 or args.generate < 0:
+            raise ValueError(f"--warmup and --generate must be at least 0, got {args.warmup} and {args.generate}")
+        if args.generate >= max(1024, args.seq_len):  # the cache holds one context: past it, nothing to compare
+            raise ValueError(f"--generate {args.generate} must be shorter than the context, {max(1024, args.seq_len)}")
         if args.n_embd % args.n_head:
             raise ValueError(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head}")
         device = init_device(args.device)
@@ -121,7 +148,7 @@ def main(argv=None):
                              f"got {args.vocab_size}")
         examples = list(hellaswag.iterate_examples(args.hellaswag)) if args.hellaswag else None
     device_type = device.split(":")[0]
-    if examples is None:
+    if examples is None and not args.generate:
         # the peak first, on an idle device (compile workers and the allocator not yet busy)
         peak = measured_tflops(device, torch.bfloat16 if use_bf16 else torch.float32, n=4096 if device_type == "cuda" else 2048)
     torch.manual_seed(1337)
@@ -133,7 +160,11 @@ def main(argv=None):
     flops = flops_per_token(n_params, config, T)
     print(f"machine: {machine_name(device)} | torch {torch.__version__}")
     print(f"model: {n_params:,} parameters, {args.n_layer}L {args.n_head}H {args.n_embd}C, vocab {args.vocab_size}"
-          + (f", {flops / 1e9:.3f} GFLOP/token" if examples is None else ""))
+          + (f", {flops / 1e9:.3f} GFLOP/token" if examples is None and not args.generate else ""))
+    if args.generate:
+        bench_generate(model.eval(), B, args.generate, device, use_bf16)
+        print(f"peak memory: {peak_memory(device)}")
+        return
     if examples is not None:
         bench_hellaswag(model.eval(), examples, args.hellaswag, device, use_bf16)
         print(f"peak memory: {peak_memory(device)}")

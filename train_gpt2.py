@@ -70,17 +70,21 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): each head attends independently
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if cache is not None:  # generating: [keys, values] of the tokens before these, which x extends by one
+            k, v = (torch.cat((old, new), dim=2) for old, new in zip(cache, (k, v))) if cache else (k, v)
+            cache[:] = k, v
         # flash attention: softmax(q k^T / sqrt(head_size)) v, causal (no token sees the future),
         # computed in tiles without ever writing the (T, T) attention matrix to memory; a mask
-        # (B, 1, T, T), True where a token may look, replaces causality (see hellaswag.py)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        # (B, 1, T, T), True where a token may look, replaces causality (see hellaswag.py); a new
+        # token after cached ones sees them all
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T == k.size(2))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.c_proj(y)
 
@@ -105,9 +109,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, cache=None):
         # pre-norm: the residual stream x is never normalised, only what branches off it
-        x = x + self.attn(self.ln_1(x), mask)  # tokens talk to each other
+        x = x + self.attn(self.ln_1(x), mask, cache)  # tokens talk to each other
         x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
         return x
 
@@ -151,26 +155,27 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden(self, idx, pos=None, mask=None):
+    def hidden(self, idx, pos=None, mask=None, caches=None):
         """idx (B, T) token ids -> the last layer's normalised states (B, T, C), which lm_head turns into logits.
-        By default token t is at position t and sees tokens 0..t; pos and mask say otherwise (see hellaswag.py)."""
+        By default token t is at position t and sees tokens 0..t; pos and mask say otherwise (see hellaswag.py),
+        and caches holds each layer's keys and values of earlier tokens (see generate)."""
         B, T = idx.size()
         if pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
             pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) broadcasts
-        for block in self.transformer.h:
+        for block, cache in zip(self.transformer.h, caches or [None] * len(self.transformer.h)):
             if self.activation_checkpointing and self.training:
                 # keep only the block's input; backward runs the block again for what it needs: memory for compute
                 x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
             else:
-                x = block(x, mask)
+                x = block(x, mask, cache)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, pos=None, caches=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy if targets."""
-        x = self.hidden(idx)
+        x = self.hidden(idx, pos, caches=caches)
         if targets is not None and self.loss_chunks > 1:  # --loss_chunks: no logits, the loss computed in pieces
             return None, chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), self.loss_chunks)
         logits = self.lm_head(x)
@@ -181,10 +186,17 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, top_k=50, generator=None):
-        """Append max_new_tokens to idx (B, T), each sampled from the top_k most likely next tokens."""
+    def generate(self, idx, max_new_tokens, top_k=50, generator=None, kv_cache=True):
+        """Append max_new_tokens to idx (B, T), each sampled from the top_k most likely next tokens. kv_cache: each
+        layer keeps the keys and values of the tokens so far, so a new token costs one position's work, not the
+        whole prefix's again (past block_size tokens the window slides: then it is computed whole each time)."""
+        caches, seen = [[] for _ in self.transformer.h], 0  # each layer's [keys, values], of the first seen tokens
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])  # the model sees at most block_size
+            if kv_cache and idx.size(1) <= self.config.block_size:
+                logits, _ = self(idx[:, seen:], pos=torch.arange(seen, idx.size(1), device=idx.device), caches=caches)
+                seen = idx.size(1)
+            else:
+                logits, _ = self(idx[:, -self.config.block_size:])  # the model sees at most block_size
             # only the last position predicts the next token; ids past GPT-2's 50257 are padding,
             # not tokens, so they are never sampled (an untrained padded model would pick them)
             probs = F.softmax(logits[:, -1, :GPT2_VOCAB_SIZE], dim=-1)

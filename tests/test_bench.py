@@ -41,6 +41,20 @@ def test_bench_times_hellaswag_with_the_fast_scorer_and_a_plain_loop_on_one_mode
         "error: --hellaswag scores GPT-2's tokens: --vocab_size must be at least 50257, got 128"
 
 
+def test_bench_times_sampling_with_and_without_the_kv_cache(capsys):
+    bench.main(["--generate", "24", "--batch_size", "3", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+                "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "sampling: 3 rows x 24 new tokens, top-k 50, bf16=0\n" in out and "same tokens: True\n" in out
+    rows = re.findall(r"^(.+?) +([0-9.]+) s \| +([0-9.]+) tokens/s \| ([0-9.]+)x the uncached$", out, re.M)
+    assert [name for name, *_ in rows] == ["with the KV cache", "without (the prefix again)"]
+    for _, seconds, rate, _ in rows:  # 72 tokens in that many seconds, within what their rounding to 0.01 allows
+        assert 72 / (float(seconds) + 0.005) - 0.05 <= float(rate) <= 72 / max(float(seconds) - 0.005, 1e-9) + 0.05
+    assert rows[1][3] == "1.00"
+    assert error_of(bench.main, ["--generate", "1024", "--device", "cpu"]) == \
+        "error: --generate 1024 must be shorter than the context, 1024"
+
+
 def test_readme_documents_the_benchmarks_with_their_machine():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
@@ -54,7 +68,13 @@ def test_readme_documents_the_benchmarks_with_their_machine():
             tables.setdefault(header, []).append([c.strip() for c in line.strip("|").split("|")])
     training = [rows for h, rows in tables.items() if "| step |" in h]
     hellaswag = [rows for h, rows in tables.items() if "| hellaswag.predict |" in h]
-    assert len(training) == 1 and len(hellaswag) == 1 and len(tables) == 2
+    sampling = [rows for h, rows in tables.items() if "| with the cache |" in h]
+    assert len(training) == 1 and len(hellaswag) == 1 and len(sampling) == 1 and len(tables) == 3
+    for date, machine, command, cached, uncached, speedup, same in sampling[0]:
+        assert re.fullmatch(r"20\d\d-\d\d-\d\d", date) and re.search(r"torch \d+\.\d+", machine)
+        assert command.startswith("`python bench.py --generate ") and same == "yes"
+        cached, uncached = (float(rate.removesuffix(" tok/s")) for rate in (cached, uncached))
+        assert abs(float(speedup.removesuffix("x")) - cached / uncached) <= 0.05 * cached / uncached
     for date, machine, command, step, tok_s, mfu, memory in training[0]:  # exactly the table's 7 columns
         assert re.fullmatch(r"20\d\d-\d\d-\d\d", date)
         assert machine == "same" or re.search(r"torch \d+\.\d+", machine)  # the machine and its torch

@@ -68,3 +68,39 @@ def test_an_empty_prompt_samples_from_endoftext():
     enc = gpt2_encoding()
     assert texts == [enc.decode(row[1:].tolist()) for row in out]  # <|endoftext|> itself not printed
     assert len(set(texts)) > 1
+
+
+def test_the_kv_cache_samples_exactly_the_tokens_of_the_uncached_path_for_a_seed_with_far_less_work():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=24, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():  # a model whose picks are not uniform: its weights scaled up, so the tokens depend on the logits
+        for p in model.parameters():
+            p.mul_(8)
+    positions = []  # how many positions the first block computes in each forward pass
+    model.transformer.h[0].register_forward_pre_hook(lambda module, args: positions.append(args[0].size(1)))
+    idx = torch.tensor([[50256, 464, 3290, 257, 1110]] * 4)  # 4 rows of a 5-token prompt
+    for new in (12, 30):  # within the context of 24, and past it (the window then slides)
+        runs = {}
+        for cached in (True, False):
+            positions.clear()
+            out = model.generate(idx, new, top_k=50, generator=torch.Generator().manual_seed(42), kv_cache=cached)
+            runs[cached] = out, list(positions)
+        (with_cache, seen), (without, work) = runs[True], runs[False]
+        assert torch.equal(with_cache, without), new
+        assert len(set(without[:, 5:].flatten().tolist())) > 10  # the samples vary: equal by more than luck
+        assert work == [min(5 + i, 24) for i in range(new)]  # uncached: the whole prefix every time
+        # cached: the prompt once, then one position a token, until the context is full
+        assert seen == [5] + [1] * 19 + [24] * (new - 20) if new > 20 else seen == [5] + [1] * (new - 1)
+
+
+def test_cached_logits_are_the_full_pass_logits():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=4, n_embd=32)).eval()
+    idx = torch.randint(0, 100, (3, 10))
+    with torch.no_grad():
+        full, _ = model(idx)
+        caches = [[] for _ in model.transformer.h]
+        first, _ = model(idx[:, :6], pos=torch.arange(0, 6), caches=caches)
+        steps = [model(idx[:, t:t + 1], pos=torch.arange(t, t + 1), caches=caches)[0] for t in range(6, 10)]
+    assert caches[0][0].shape == (3, 4, 10, 8)  # keys: batch, heads, the 10 tokens, head size
+    assert torch.allclose(torch.cat([first, *steps], dim=1), full, atol=1e-5)
