@@ -61,6 +61,10 @@ def _local_only_connect(self, address):
     return _connect(self, address)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tests/test_gpu.py); skipped without one, as in CI")
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", _local_only_connect)
