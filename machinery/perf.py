@@ -75,14 +75,15 @@ def peak_tflops(device, bf16):
 
 class Meter:
     """The end of each step line: MFU (the FLOP/s a process achieves, as a share of what its device could do at
-    most) and the time left, from the pace since this run's first step (compiling) ended, evaluations included."""
+    most), the time left, from the pace since this run's first step (compiling) ended, evaluations included, and
+    on a CUDA GPU the peak memory so far (torch.cuda.max_memory_allocated)."""
 
     def __init__(self, model, cfg, world):
         n_params = sum(p.numel() for p in model.parameters())
         self.flops = flops_per_token(n_params, model.config, cfg.seq_len)
         self.peak, name = peak_tflops(world.device, cfg.bf16)
         world.print(f"MFU is measured against {name}: {self.peak:,.3f} TFLOP/s")
-        self.world_size, self.max_steps = world.world_size, cfg.max_steps
+        self.world_size, self.max_steps, self.device = world.world_size, cfg.max_steps, world.device
         self.first = None  # (step, time) when the run's first step ended
 
     def __call__(self, step, tokens_per_sec, dt):
@@ -91,4 +92,7 @@ class Meter:
             self.first, pace = (step, time.time()), dt
         else:
             pace = (time.time() - self.first[1]) / (step - self.first[0])
-        return f"mfu {100 * mfu:.1f}% | eta {duration(pace * (self.max_steps - step - 1))}"
+        line = f"mfu {100 * mfu:.1f}% | eta {duration(pace * (self.max_steps - step - 1))}"
+        if self.device.startswith("cuda"):  # the most this process has held at once, evaluations included
+            line += f" | mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+        return line
