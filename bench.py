@@ -106,6 +106,39 @@ def bench_generate(model, rows, new_tokens, device, use_bf16):
     print(f"same tokens: {torch.equal(out[True], out[False])}")
 
 
+def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup=3, fused=True, tf32=True):
+    """Seconds of each timed training step (forward, backward, clipping, AdamW) of model on one batch of random
+    tokens, after warmup untimed ones, and every step's loss. fused: AdamW's one-launch CUDA kernel; tf32: fp32
+    matmuls on tensor cores (else full fp32, the lecture's first rung)."""
+    device_type = device.split(":")[0]
+    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type=device_type)
+    for group in optimizer.param_groups:  # fused=False: the lecture's rung before the fused kernel
+        group["fused"] = group["fused"] and fused
+    step_model = maybe_compile(model, compile, device_type)
+    g = torch.Generator(device).manual_seed(1337)  # the same batch for every setting
+    x = torch.randint(0, min(model.config.vocab_size, GPT2_VOCAB_SIZE), (B, T + 1), device=device, generator=g)
+    x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    times, losses = [], []
+    try:
+        for step in range(warmup + steps):
+            t0 = time.time()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
+                _, loss = step_model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            synchronize(device)
+            losses.append(loss.item())
+            if step >= warmup:
+                times.append(time.time() - t0)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    return times, losses
+
+
 def peak_memory(device):
     if device.startswith("cuda"):
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (max allocated)"
@@ -123,6 +156,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", type=on_off, default=True)
     p.add_argument("--bf16", type=auto_on_off, default="auto", help="auto: on for CUDA GPUs with bf16, off elsewhere")
+    p.add_argument("--tf32", type=on_off, default=True, help="fp32 matmuls on tensor cores (0: full fp32)")
+    p.add_argument("--fused_adamw", type=on_off, default=True, help="AdamW's fused CUDA kernel (0: the loop of kernels)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first: compilation, allocator warm-up")
     p.add_argument("--hellaswag", default="", help="a HellaSwag jsonl: time scoring it instead of training")
@@ -169,28 +204,14 @@ def main(argv=None):
         bench_hellaswag(model.eval(), examples, args.hellaswag, device, use_bf16)
         print(f"peak memory: {peak_memory(device)}")
         return
-    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type=device_type)
-    model = maybe_compile(model, args.compile, device_type)
-    x = torch.randint(0, min(args.vocab_size, GPT2_VOCAB_SIZE), (B, T + 1), device=device)
-    x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-
-    times = []
-    for step in range(args.warmup + args.steps):
-        t0 = time.time()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=use_bf16):
-            _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        synchronize(device)
-        if step >= args.warmup:
-            times.append(time.time() - t0)
+    times, _ = time_training(model, B, T, device, args.compile, use_bf16, args.steps, args.warmup,
+                             fused=args.fused_adamw, tf32=args.tf32)
     dt = statistics.median(times)
     tok_s = B * T / dt
     achieved = tok_s * flops / 1e12
     sheet = datasheet_tflops(device)
-    print(f"setting: B={B} T={T} device={device} compile={int(args.compile)} bf16={int(use_bf16)}")
+    print(f"setting: B={B} T={T} device={device} compile={int(args.compile)} bf16={int(use_bf16)}"
+          + (f" tf32={int(args.tf32)} fused_adamw={int(args.fused_adamw)}" if device_type == "cuda" else ""))
     print(f"step: {dt * 1000:.1f} ms (median of {len(times)}) | {tok_s:,.0f} tok/s | {achieved:.3f} TFLOP/s")
     print(f"MFU: {100 * achieved / peak:.1f}% of the measured matmul peak {peak:.3f} TFLOP/s"
           + (f" | {100 * achieved / sheet:.1f}% of the datasheet bf16 peak {sheet} TFLOP/s" if sheet else ""))
