@@ -277,7 +277,7 @@ def test_ctrl_c_during_startup_ends_in_one_line_not_a_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["fineweb.py", "hellaswag.py", "eval_hellaswag.py", "sample.py", "export_hf.py",
-                                    "bench.py", "train_gpt2.py"])
+                                    "bench.py", "gpu_check.py", "train_gpt2.py"])
 def test_every_script_ends_a_ctrl_c_with_one_line_and_code_130(script, monkeypatch, capsys):
     import argparse, runpy
     def ctrl_c(*args, **kwargs):

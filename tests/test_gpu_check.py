@@ -1,0 +1,38 @@
+"""gpu_check.py, the one command for whoever holds a GPU, rehearsed on the CPU: its parts run and its table is filled."""
+import os
+import re
+
+import pytest
+import torch
+
+from conftest import error_of
+import gpu_check
+
+
+def test_the_rehearsal_runs_the_recipe_and_auto_and_writes_one_table(tmp_path, capsys):
+    gpu_check.main(["--rehearse", "1", "--skip", "tests,ladder", "--out", str(tmp_path)])  # candidates, auto, recipe
+    out = capsys.readouterr().out
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert table in out + "\n" or table.strip() in out  # the table printed is the one written
+    rows = {line.split(" | ")[0].lstrip("| "): line.strip("|").split(" | ") for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| what")}
+    assert list(rows) == ["candidate: default: compiled, B=64", "candidate: --loss_chunks 8", "candidates to make default",
+                          "--batch_size auto, the default recipe", "default recipe, 4 steps"]
+    # each candidate beside the default: its speed ratio and its first losses, within rounding of the default's
+    chunked = rows["candidate: --loss_chunks 8"][6].strip()
+    assert re.match(r"[\d.]+x the default; losses within \d\.\de-\d\d of its: (10\.\d{4} ){2}10\.\d{4}$", chunked), chunked
+    assert float(chunked.split("within ")[1].split(" ")[0]) < 1e-5  # fp32 on the CPU: the same math
+    assert rows["--batch_size auto, the default recipe"][1].strip() == "32"  # all 32 sequences of the rehearsal's step
+    recipe = rows["default recipe, 4 steps"]
+    assert recipe[1].strip() == "16" and float(recipe[2]) > 0 and "HellaSwag over 201 examples: " in recipe[6]
+    assert recipe[6].count(" s") >= 3  # steps 0, 2 and the last evaluate HellaSwag: each pass's seconds
+    assert sorted(os.listdir(tmp_path / "shards")) == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy",
+                                                       "fineweb.json"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_without_a_gpu_it_says_to_rehearse_and_a_wrong_part_is_named(tmp_path):
+    assert error_of(gpu_check.main, ["--out", str(tmp_path)]) == \
+        "error: no CUDA GPU here: this command measures one (--rehearse 1 checks it on the CPU)"
+    assert error_of(gpu_check.main, ["--skip", "tests,speed"]) == \
+        "error: --skip 'tests,speed': the parts are tests, ladder, candidates, auto, recipe"
