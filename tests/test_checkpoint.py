@@ -263,10 +263,10 @@ def test_no_logits_or_checkpoint_weights_outlive_their_use(tmp_path, monkeypatch
         checkpoint = real_load(*a, **kw)
         loaded.extend(weakref.ref(t) for t in checkpoint["model"].values())
         return checkpoint
-    def forward_and_watch(self, idx, targets=None):
+    def forward_and_watch(self, idx, targets=None, **kw):  # kw: sampling's positions and KV caches
         if targets is not None:  # training and validation: what is still alive as a new forward starts
             alive.append((sum(r() is not None for r in loaded), sum(r() is not None for r in logits)))
-        out = real_forward(self, idx, targets)
+        out = real_forward(self, idx, targets, **kw)
         logits.append(weakref.ref(out[0]))
         return out
     monkeypatch.setattr(train_gpt2.torch, "load", load_and_watch)
