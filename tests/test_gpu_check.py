@@ -5,12 +5,13 @@ import re
 import pytest
 import torch
 
-from conftest import error_of
+from conftest import HELLASWAG_20, error_of
 import gpu_check
 
 
 def test_the_rehearsal_runs_the_recipe_and_auto_and_writes_one_table(tmp_path, capsys):
-    gpu_check.main(["--rehearse", "1", "--skip", "tests,ladder", "--out", str(tmp_path)])  # candidates, auto, recipe
+    gpu_check.main(["--rehearse", "1", "--skip", "tests,ladder", "--hellaswag_file", HELLASWAG_20,  # the rest
+                    "--out", str(tmp_path)])
     out = capsys.readouterr().out
     table = (tmp_path / "gpu_check.md").read_text()
     assert table in out + "\n" or table.strip() in out  # the table printed is the one written
@@ -24,7 +25,7 @@ def test_the_rehearsal_runs_the_recipe_and_auto_and_writes_one_table(tmp_path, c
     assert float(chunked.split("within ")[1].split(" ")[0]) < 1e-5  # fp32 on the CPU: the same math
     assert rows["--batch_size auto, the default recipe"][1].strip() == "32"  # all 32 sequences of the rehearsal's step
     recipe = rows["default recipe, 4 steps"]
-    assert recipe[1].strip() == "16" and float(recipe[2]) > 0 and "HellaSwag over 201 examples: " in recipe[6]
+    assert recipe[1].strip() == "16" and float(recipe[2]) > 0 and "HellaSwag over 20 examples: " in recipe[6]
     assert recipe[6].count(" s") >= 3  # steps 0, 2 and the last evaluate HellaSwag: each pass's seconds
     assert sorted(os.listdir(tmp_path / "shards")) == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy",
                                                        "fineweb.json"]

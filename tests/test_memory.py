@@ -10,8 +10,8 @@ from machinery.world import World
 from train_gpt2 import GPT, GPTConfig
 
 # 2 blocks of 32 channels, 4,096 tokens a step of 64-token sequences: 64 sequences, so B may be 64, 32, ..., 1
-AUTO = [*SMALL, "--batch_size", "auto", "--seq_len", "64", "--total_batch_size", "4096", "--max_steps", "3",
-        "--eval_every", "2", "--val_steps", "2", "--sample_every", "1000", "--bf16", "0", "--device", "cpu"]
+AUTO = [*SMALL, "--batch_size", "auto", "--seq_len", "64", "--total_batch_size", "4096", "--max_steps", "2",
+        "--eval_every", "1", "--val_steps", "2", "--sample_every", "1000", "--bf16", "0", "--device", "cpu"]
 
 
 def out_of_memory_above(model, most):
