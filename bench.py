@@ -22,6 +22,7 @@ import time
 
 import torch
 from torch.nn import functional as F
+from torch.profiler import ProfilerActivity, profile
 
 import hellaswag
 from machinery.cli import auto_on_off, on_off, one_line_errors, run_script
@@ -106,10 +107,11 @@ def bench_generate(model, rows, new_tokens, device, use_bf16):
     print(f"same tokens: {torch.equal(out[True], out[False])}")
 
 
-def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup=3, fused=True, tf32=True):
+def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup=3, fused=True, tf32=True, profiler=None):
     """Seconds of each timed training step (forward, backward, clipping, AdamW) of model on one batch of random
     tokens, after warmup untimed ones, and every step's loss. fused: AdamW's one-launch CUDA kernel; tf32: fp32
-    matmuls on tensor cores (else full fp32, the lecture's first rung)."""
+    matmuls on tensor cores (else full fp32, the lecture's first rung); profiler: a torch.profiler.profile that
+    records the timed steps only."""
     device_type = device.split(":")[0]
     optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type=device_type)
     for group in optimizer.param_groups:  # fused=False: the lecture's rung before the fused kernel
@@ -123,6 +125,8 @@ def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup
     times, losses = [], []
     try:
         for step in range(warmup + steps):
+            if profiler is not None and step == warmup:
+                profiler.start()
             t0 = time.time()
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
@@ -136,7 +140,40 @@ def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup
                 times.append(time.time() - t0)
     finally:
         torch.set_float32_matmul_precision(precision)
+        if profiler is not None and len(losses) > warmup:
+            profiler.stop()
     return times, losses
+
+
+# what a kernel (GPU) or an operator (CPU) is, from words in its name, first match wins; the rest is elementwise
+KINDS = (("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
+         ("attention", ("flash", "fmha", "attention", "cudnn")),
+         ("loss", ("log_softmax", "nll_loss", "cross_entropy")),
+         ("optimizer", ("adam", "multi_tensor")),
+         ("memset", ("memset",)))
+
+
+def kind_of(name):
+    name = name.lower()
+    return next((kind for kind, words in KINDS if any(w in name for w in words)), "elementwise and other")
+
+
+def profile_report(prof, steps, on_gpu, top=12):
+    """Where the profiled steps' time went: each kind's share, and the top kernels (GPU) or operators (CPU)."""
+    events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == on_gpu]
+    if not on_gpu:  # the CPU's own time, without the aten:: calls that only wrap others
+        events = [e for e in events if e.self_cpu_time_total > 0]
+    own = {e.key: (e.self_device_time_total if on_gpu else e.self_cpu_time_total, e.count) for e in events}
+    total = sum(t for t, _ in own.values()) or 1
+    shares = {}
+    for name, (t, _) in own.items():
+        shares[kind_of(name)] = shares.get(kind_of(name), 0) + t
+    print(f"profile: {steps} steps, {total / 1000:.1f} ms of {'GPU kernel' if on_gpu else 'CPU operator'} time")
+    print("  " + " | ".join(f"{kind} {100 * t / total:.1f}%" for kind, t in sorted(shares.items(), key=lambda kv: -kv[1])))
+    print(f"  top {top} by time:")
+    for name, (t, count) in sorted(own.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {100 * t / total:5.1f}% {t / 1000:9.2f} ms {count:6d}x  {kind_of(name):10s}  {name[:90]}")
+    return {kind: t / total for kind, t in shares.items()}
 
 
 def peak_memory(device):
@@ -158,6 +195,8 @@ def main(argv=None):
     p.add_argument("--bf16", type=auto_on_off, default="auto", help="auto: on for CUDA GPUs with bf16, off elsewhere")
     p.add_argument("--tf32", type=on_off, default=True, help="fp32 matmuls on tensor cores (0: full fp32)")
     p.add_argument("--fused_adamw", type=on_off, default=True, help="AdamW's fused CUDA kernel (0: the loop of kernels)")
+    p.add_argument("--profile", type=on_off, default=False, help="then profile 3 more steps: each kind's share of the "
+                                                                   "time (matmul, attention, loss, ...) and the top kernels")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first: compilation, allocator warm-up")
     p.add_argument("--hellaswag", default="", help="a HellaSwag jsonl: time scoring it instead of training")
@@ -216,6 +255,12 @@ def main(argv=None):
     print(f"MFU: {100 * achieved / peak:.1f}% of the measured matmul peak {peak:.3f} TFLOP/s"
           + (f" | {100 * achieved / sheet:.1f}% of the datasheet bf16 peak {sheet} TFLOP/s" if sheet else ""))
     print(f"peak memory: {peak_memory(device)}")
+    if args.profile:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+        prof = profile(activities=activities)
+        time_training(model, B, T, device, args.compile, use_bf16, steps=3, warmup=1, fused=args.fused_adamw,
+                      tf32=args.tf32, profiler=prof)
+        profile_report(prof, 3, device_type == "cuda")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,22 @@ def test_bench_times_sampling_with_and_without_the_kv_cache(capsys):
         "error: --generate 1024 must be shorter than the context, 1024"
 
 
+def test_bench_profiles_a_step_into_kinds_of_work_and_its_top_operators(capsys):
+    bench.main(["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "2", "--seq_len", "32",
+                "--device", "cpu", "--compile", "0", "--steps", "1", "--warmup", "1", "--profile", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"^profile: 3 steps, [\d.]+ ms of CPU operator time$", out, re.M)
+    shares = dict((k.strip(), float(v)) for k, v in re.findall(r"([a-z ]+?) ([\d.]+)%", out.split("ms of CPU operator time\n")[1]
+                                                         .splitlines()[0]))
+    assert {"matmul", "loss", "attention"} <= set(shares) and abs(sum(shares.values()) - 100) < 0.5, shares
+    top = re.findall(r"^ +([\d.]+)% +([\d.]+) ms +(\d+)x  (\w[\w ]*?) +(aten::\w+|\S.*)$", out, re.M)
+    assert len(top) == 12 and [float(t[0]) for t in top] == sorted((float(t[0]) for t in top), reverse=True)
+    assert ("matmul", "aten::mm") in {(kind, name) for *_, kind, name in top}  # the matmuls, classified as such
+    assert bench.kind_of("triton_per_fused__log_softmax_backward_data_0") == "loss"  # compile's fused kernel names
+    assert bench.kind_of("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTT") == "matmul"
+    assert bench.kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
+
+
 def test_readme_documents_the_benchmarks_with_their_machine():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
