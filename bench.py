@@ -107,7 +107,8 @@ def bench_generate(model, rows, new_tokens, device, use_bf16):
     print(f"same tokens: {torch.equal(out[True], out[False])}")
 
 
-def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup=3, fused=True, tf32=True, profiler=None):
+def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup=3, fused=True, tf32=True, profiler=None,
+                  compile_mode="default"):
     """Seconds of each timed training step (forward, backward, clipping, AdamW) of model on one batch of random
     tokens, after warmup untimed ones, and every step's loss. fused: AdamW's one-launch CUDA kernel; tf32: fp32
     matmuls on tensor cores (else full fp32, the lecture's first rung); profiler: a torch.profiler.profile that
@@ -116,7 +117,7 @@ def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup
     optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type=device_type)
     for group in optimizer.param_groups:  # fused=False: the lecture's rung before the fused kernel
         group["fused"] = group["fused"] and fused
-    step_model = maybe_compile(model, compile, device_type)
+    step_model = maybe_compile(model, compile, device_type, mode=compile_mode)
     g = torch.Generator(device).manual_seed(1337)  # the same batch for every setting
     x = torch.randint(0, min(model.config.vocab_size, GPT2_VOCAB_SIZE), (B, T + 1), device=device, generator=g)
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()

@@ -538,12 +538,12 @@ def train(cfg, world, model, data, run, checkpoint=None):
     # compiled module shares raw_model's weights, and raw_model stays for sampling (other shapes)
     raw_model = model
     raw_model.activation_checkpointing, raw_model.loss_chunks = cfg.activation_checkpointing, cfg.loss_chunks
-    model = eval_model = maybe_compile(model, cfg.compile, world.device_type, log=world.print)  # eval_model: no DDP
+    model = eval_model = maybe_compile(model, cfg.compile, world.device_type, world.print, cfg.compile_mode)  # eval: no DDP
     if world.ddp and not cfg.fsdp:
         # DDP averages the gradients of all processes during backward, bucket by bucket; compiled around DDP, not
         # inside it, the graph breaks at the buckets so that each one's all-reduce overlaps the rest of backward
         model = DDP(raw_model, device_ids=[world.local_rank] if world.device_type == "cuda" else None)
-        model = maybe_compile(model, cfg.compile, world.device_type, log=lambda *_: None)
+        model = maybe_compile(model, cfg.compile, world.device_type, lambda *_: None, cfg.compile_mode)
 
     stopping = False
     with StopRequest(world) as stop:  # SIGTERM, Ctrl-C, SIGHUP, SIGUSR1: finish the step, checkpoint, exit

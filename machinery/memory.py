@@ -119,7 +119,7 @@ def choose_batch_size(cfg, world, model, log=print):
                  if estimated_bytes(cfg, model.config, n_params, world.world_size, b) <= TRIED_ABOVE * memory] or [1]
         model.to(world.device)
         # a graph per size: no dynamic shapes, which would make the run's own graph slower
-        trial = torch.compile(model, dynamic=False) if cfg.compile else model
+        trial = torch.compile(model, dynamic=False, mode=cfg.compile_mode) if cfg.compile else model
         reserved = 8 * n_params + (4 * n_params if world.ddp else 0)  # AdamW's two moments; DDP's buckets
         chosen = largest_that_runs(
             sizes, lambda B: trial_step(trial, B, cfg.seq_len, world.device, cfg.bf16, reserved), lambda: free_memory(model))

@@ -10,6 +10,7 @@ from machinery.cli import auto_on_off, error_text, int_or_auto, on_off
 from machinery.memory import DRY_RUN_MEMORY, device_memory, largest_estimated, memory_estimate
 from machinery.perf import DATASHEET_BF16_TFLOPS, MEASURED_MFU, MEASURED_ON, SCALING, duration, flops_per_token, run_seconds
 from machinery.shards import open_shard, shard_paths
+from machinery.world import COMPILE_MODES
 
 
 # the lecture's prompt for samples of a model trained on the web
@@ -95,6 +96,9 @@ class TrainConfig:
     bf16: str = flag("auto", "bfloat16 autocast for the forward pass and loss: 1, 0, or auto (on for CUDA GPUs "
                              "that support it; off elsewhere: most CPUs and older Macs run it slower or not at all)")
     compile: bool = flag(True, "torch.compile the model (slow to start, faster steps)")
+    compile_mode: str = flag("default", "torch.compile's mode: default, or max-autotune-no-cudagraphs (it tries kernel "
+                                        "configurations while compiling: minutes more to start; off by default until "
+                                        "a GPU measures it faster)")
     fsdp: bool = flag(False, "shard weights, gradients and optimizer state across the processes (FSDP2) instead of "
                              "copying them to each (DDP): for models that do not fit one GPU; needs torchrun")
     fsdp_bf16: bool = flag(False, "FSDP: the blocks gather their weights in bf16, half the bytes, and compute in bf16 "
@@ -163,6 +167,8 @@ def check_config(cfg, world_size=1):
     if cfg.sharded_checkpoints is True and not cfg.fsdp:
         raise ValueError("--sharded_checkpoints 1 saves the shards FSDP makes: pass --fsdp 1 too, or "
                          "--sharded_checkpoints auto")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"--compile_mode {cfg.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
 

@@ -47,8 +47,12 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
-def maybe_compile(model, enabled, device_type, log=print):
-    """torch.compile the model where it can run; where it cannot, say why (through log) and stay eager."""
+# torch.compile's modes a run may ask for: the default, and one that tries kernel configurations while compiling
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def maybe_compile(model, enabled, device_type, log=print, mode="default"):
+    """torch.compile the model (in mode) where it can run; where it cannot, say why (through log) and stay eager."""
     if not enabled:
         return model
     if device_type == "cpu" and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "c++", "g++")):
@@ -56,7 +60,7 @@ def maybe_compile(model, enabled, device_type, log=print):
             "install gcc or pass --compile 0")
         return model
     try:
-        return torch.compile(model)
+        return torch.compile(model, mode=mode)
     except Exception as e:  # e.g. a Python release torch.compile does not support yet
         log(f"compile: unavailable ({error_text(e)}): running eager; pass --compile 0")
         return model

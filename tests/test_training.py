@@ -3,7 +3,7 @@ import re
 
 import torch
 
-from conftest import HELLASWAG_20, INPUT, SMALL, assert_same_log, read_log
+from conftest import HELLASWAG_20, INPUT, SMALL, assert_same_log, error_of, read_log
 import train_gpt2
 from machinery import world
 from machinery.settings import parse_args
@@ -192,3 +192,16 @@ def test_activation_checkpointing_runs_each_block_again_in_backward_and_changes_
     assert runs["1"] - runs["0"] == 2 * 3  # 2 blocks run again in each of 3 backward passes
     assert len(read_log(tmp_path / "0")) == 5  # 3 train, 2 val
     assert_same_log(tmp_path / "1", tmp_path / "0", tol=1e-6)
+
+
+def test_compile_mode_max_autotune_reaches_torch_compile_and_trains_what_eager_trains(tmp_path, monkeypatch):
+    modes = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: modes.append(kw.get("mode")) or real_compile(model, **kw))
+    args = [*SMALL, "--max_steps", "2", "--eval_every", "1", "--val_steps", "1", "--bf16", "0", "--device", "cpu"]
+    train_gpt2.main([*args, "--compile", "1", "--compile_mode", "max-autotune-no-cudagraphs", "--log_dir", str(tmp_path / "c")])
+    train_gpt2.main([*args, "--log_dir", str(tmp_path / "eager")])  # SMALL: --compile 0
+    assert modes == ["max-autotune-no-cudagraphs"]  # the candidate is what was compiled
+    assert_same_log(tmp_path / "c", tmp_path / "eager", tol=2e-6)  # the same math: fp32 within rounding
+    assert error_of(train_gpt2.main, [*args, "--compile_mode", "fast"]) == \
+        "error: --compile_mode 'fast' is not one of default, max-autotune-no-cudagraphs"
