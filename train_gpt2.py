@@ -37,8 +37,8 @@ from machinery.run_dir import RunDir
 from machinery.settings import (GPT2_PROMPT, batch_plan, check_config, dry_run, fit_batch_size, out_of_memory_advice,
                                 parse_args, samples_prompt)
 from machinery.shards import open_shard, shard_paths
-from machinery.stopping import STOPPED, StopRequest
-from machinery.world import World, bf16_fast, maybe_compile, synchronize
+from machinery.stopping import STOPPED, StopRequest, stop_if_not_finite
+from machinery.world import World, bf16_fast, maybe_compile, synchronize, to_device
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding  # GPT-2's BPE, read from files in this repo: never downloaded
 
 # -----------------------------------------------------------------------------
@@ -565,8 +565,7 @@ def train(cfg, world, model, data, run, checkpoint=None):
             optimizer.zero_grad()
             loss_accum = 0.0
             for micro_step in range(grad_accum_steps):
-                x, y = data.train.next_batch()
-                x, y = x.to(device), y.to(device)
+                x, y = to_device(data.train.next_batch(), device, pinned=cfg.async_host)
                 # DDP would average gradients after every backward; only the last micro-step's is needed.
                 # no_sync() must wrap the forward too: DDP decides during the forward what backward does
                 last = micro_step == grad_accum_steps - 1
@@ -586,9 +585,8 @@ def train(cfg, world, model, data, run, checkpoint=None):
             if world.ddp:  # the loss to print is the mean over all processes (sum, then divide: gloo lacks AVG)
                 dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
                 loss_accum /= world.world_size
-            if not torch.isfinite(loss_accum):  # every rank sees the same reduced loss, so all stop together
-                sys.exit(f"error: the loss is {loss_accum.item()} at step {step}: stopping before the weights are "
-                         f"updated; the checkpoints already in {cfg.log_dir} are untouched (try a lower --max_lr)")
+            if not cfg.async_host:  # inf or nan: stop before the update (reading the loss waits for the GPU)
+                stop_if_not_finite(loss_accum, step, cfg.log_dir)
             # clip the global gradient norm at 1.0: one unlucky batch cannot shock the weights
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # under FSDP, over every rank's shards
             norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # (FSDP returns it as a DTensor)
@@ -597,6 +595,8 @@ def train(cfg, world, model, data, run, checkpoint=None):
                 param_group["lr"] = lr
             optimizer.step()
             synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
+            if cfg.async_host:  # the check at the step's one wait: the weights took the step, no checkpoint does
+                stop_if_not_finite(loss_accum, step, cfg.log_dir, updated=True)
             dt = time.time() - t0
             tokens_per_sec = cfg.batch_size * cfg.seq_len * grad_accum_steps * world.world_size / dt
             world.print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "

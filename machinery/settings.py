@@ -106,6 +106,10 @@ class TrainConfig:
                                   "move slightly. Needs --bf16 1")
     activation_checkpointing: bool = flag(False, "keep only each block's input for backward, recomputing the rest: "
                                                  "far less activation memory for about a third more compute")
+    async_host: bool = flag(False, "the host never waits for the GPU inside a step: batches are copied from pinned "
+                                   "memory without blocking, and the check for a non-finite loss moves from before "
+                                   "the update to the step line's one wait (the step is then not saved). Off by "
+                                   "default until a GPU measures it faster")
     loss_chunks: int = flag(1, "compute the output layer and the loss in this many pieces of the batch's positions, "
                                "so that the (B*T, vocab) logits never exist whole: B=64 fits in 40 GB with 8 (1: whole, "
                                "the lecture's way; off by default until a GPU measures it no slower)")

@@ -12,11 +12,23 @@ import signal
 import sys
 import time
 
+import torch
+
 # the exit code of a run that stopped because it was asked to, after writing its checkpoint: not 0, so a
 # script can tell it from a finished run; 75 is EX_TEMPFAIL, "try again later"
 STOPPED = 75
 # a second Ctrl-C sooner than this after the first is the same keypress reaching the process twice
 AT_ONCE_AFTER = 2.0
+
+
+def stop_if_not_finite(loss, step, log_dir, updated=False):
+    """A loss that is inf or nan ends the run, before anything of this step is saved: every rank sees the same
+    reduced loss, so all of them stop together. updated: the weights in memory already took the step (see
+    --async_host), but no checkpoint holds it."""
+    if not torch.isfinite(loss):
+        what = "without saving this step" if updated else "before the weights are updated"
+        sys.exit(f"error: the loss is {loss.item()} at step {step}: stopping {what}; the checkpoints already in "
+                 f"{log_dir} are untouched (try a lower --max_lr)")
 
 
 class StopRequest:

@@ -51,6 +51,14 @@ def synchronize(device):
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
+def to_device(batch, device, pinned=False):
+    """A batch's tensors on the device. pinned (CUDA): copied from page-locked memory without blocking, so the host
+    goes on queueing the forward pass; a plain copy from pageable memory waits until the GPU has drained its queue."""
+    if pinned and device.startswith("cuda"):
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+    return tuple(t.to(device) for t in batch)
+
+
 def maybe_compile(model, enabled, device_type, log=print, mode="default"):
     """torch.compile the model (in mode) where it can run; where it cannot, say why (through log) and stay eager."""
     if not enabled:

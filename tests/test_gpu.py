@@ -14,7 +14,7 @@ import train_gpt2
 from machinery import memory
 from machinery.memory import choose_batch_size, memory_estimate
 from machinery.settings import parse_args
-from machinery.world import World, init_device
+from machinery.world import World, init_device, to_device as world_to_device
 from train_gpt2 import GPT, GPTConfig, PADDED_VOCAB_SIZE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -155,3 +155,14 @@ def test_the_kv_cache_samples_the_uncached_tokens_on_cuda():
     idx = torch.full((4, 1), 50256, device=device)
     a, b = (model.generate(idx, 40, generator=torch.Generator(device).manual_seed(42), kv_cache=c) for c in (True, False))
     assert torch.equal(a, b)
+
+
+def test_async_host_copies_batches_from_pinned_memory_and_trains_what_the_plain_step_trains(tmp_path):
+    device = init_device("cuda")
+    x = torch.arange(8).view(2, 4)
+    (moved,) = world_to_device((x,), device, pinned=True)
+    assert moved.is_cuda and torch.equal(moved.cpu(), x)
+    args = [*RUN, "--bf16", "0", "--compile", "0", "--max_steps", "4"]
+    train_gpt2.main([*args, "--async_host", "1", "--log_dir", str(tmp_path / "async")])
+    train_gpt2.main([*args, "--log_dir", str(tmp_path / "plain")])
+    assert all(abs(a - b) < 1e-4 for a, b in zip(train_losses(tmp_path / "async"), train_losses(tmp_path / "plain")))

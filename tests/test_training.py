@@ -205,3 +205,13 @@ def test_compile_mode_max_autotune_reaches_torch_compile_and_trains_what_eager_t
     assert_same_log(tmp_path / "c", tmp_path / "eager", tol=2e-6)  # the same math: fp32 within rounding
     assert error_of(train_gpt2.main, [*args, "--compile_mode", "fast"]) == \
         "error: --compile_mode 'fast' is not one of default, max-autotune-no-cudagraphs"
+
+
+def test_async_host_trains_what_the_plain_step_trains_and_on_the_cpu_copies_plainly(tmp_path):
+    args = [*SMALL, "--max_steps", "3", "--eval_every", "2", "--val_steps", "1", "--bf16", "0", "--device", "cpu"]
+    train_gpt2.main([*args, "--async_host", "1", "--log_dir", str(tmp_path / "async")])
+    train_gpt2.main([*args, "--log_dir", str(tmp_path / "plain")])
+    assert_same_log(tmp_path / "async", tmp_path / "plain")  # digit for digit: only when the host waits changes
+    x, y = torch.arange(4).view(2, 2), torch.ones(2, 2)
+    moved = world.to_device((x, y), "cpu", pinned=True)  # no pinned memory without an accelerator: a plain copy
+    assert all(torch.equal(a, b) and not a.is_pinned() for a, b in zip(moved, (x, y)))
