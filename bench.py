@@ -108,19 +108,20 @@ def bench_generate(model, rows, new_tokens, device, use_bf16):
 
 
 def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup=3, fused=True, tf32=True, profiler=None,
-                  compile_mode="default"):
+                  compile_mode="default", accum=1):
     """Seconds of each timed training step (forward, backward, clipping, AdamW) of model on one batch of random
     tokens, after warmup untimed ones, and every step's loss. fused: AdamW's one-launch CUDA kernel; tf32: fp32
     matmuls on tensor cores (else full fp32, the lecture's first rung); profiler: a torch.profiler.profile that
-    records the timed steps only."""
+    records the timed steps only; accum: micro-batches of B a step, their gradients added up (the same batch of
+    B * accum rows as one micro-batch of that size)."""
     device_type = device.split(":")[0]
     optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type=device_type)
     for group in optimizer.param_groups:  # fused=False: the lecture's rung before the fused kernel
         group["fused"] = group["fused"] and fused
     step_model = maybe_compile(model, compile, device_type, mode=compile_mode)
     g = torch.Generator(device).manual_seed(1337)  # the same batch for every setting
-    x = torch.randint(0, min(model.config.vocab_size, GPT2_VOCAB_SIZE), (B, T + 1), device=device, generator=g)
-    x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    x = torch.randint(0, min(model.config.vocab_size, GPT2_VOCAB_SIZE), (B * accum, T + 1), device=device, generator=g)
+    batches = [(rows[:, :-1].contiguous(), rows[:, 1:].contiguous()) for rows in x.split(B)]
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     times, losses = [], []
@@ -130,13 +131,16 @@ def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup
                 profiler.start()
             t0 = time.time()
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
-                _, loss = step_model(x, y)
-            loss.backward()
+            total = 0.0
+            for x, y in batches:
+                with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = step_model(x, y)[1] / accum
+                loss.backward()
+                total += loss.detach()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             synchronize(device)
-            losses.append(loss.item())
+            losses.append(float(total))
             if step >= warmup:
                 times.append(time.time() - t0)
     finally:

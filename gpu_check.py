@@ -71,12 +71,13 @@ REHEARSAL_RECIPE = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--seq_
 
 def step_figures(model, B, T, device, flops, steps=10, **setting):
     """ms/step, tok/s, MFU (of the datasheet bf16 peak) and peak GiB of one training step, and its first losses."""
+    accum = setting.get("accum", 1)
     on_gpu = device.startswith("cuda")
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = bench.time_training(model, B, T, device, steps=steps, warmup=3 if on_gpu else 1, **setting)
     ms = statistics.median(times) * 1000
-    tok_s = B * T / ms * 1000
+    tok_s = B * accum * T / ms * 1000
     return dict(ms=ms, tok_s=tok_s, mfu=tok_s * flops / (datasheet_tflops(device) or float("nan")) / 1e12,
                 peak=torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else float("nan"), losses=losses)
 
@@ -98,10 +99,15 @@ def run_ladder(device, rows, rehearse):
 
 
 # same-math candidates, each measured beside the default compiled step of the default recipe (B=64, bf16): a name, the
-# micro-batch, and what it changes (GPT attributes); a candidate becomes a default only once measured no slower
+# micro-batch, what it sets on the model, and how the step is compiled; a candidate becomes a default only once a GPU
+# measured it faster. --async_host changes the trainer's loop, not the step: it is measured with the recipe (part 5)
+SEQUENCES = 128  # a candidate's step: 2 micro-batches of 64 sequences, or 1 of 128
 CANDIDATES = [
-    ("default: compiled, B=64", 64, {}),
-    ("--loss_chunks 8", 64, {"loss_chunks": 8}),
+    ("default: compiled, B=64", 64, {}, "default"),
+    ("--batch_size 128", 128, {}, "default"),
+    ("--loss_chunks 8", 64, {"loss_chunks": 8}, "default"),
+    ("--loss_chunks 8 --batch_size 128", 128, {"loss_chunks": 8}, "default"),
+    ("--compile_mode max-autotune-no-cudagraphs", 64, {}, "max-autotune-no-cudagraphs"),
 ]
 
 
@@ -111,23 +117,31 @@ def run_candidates(device, rows, rehearse):
     shape, T = (REHEARSAL, 128) if rehearse else ({}, 1024)
     on_gpu = device.startswith("cuda")
     figures = {}
-    for name, B, changes in CANDIDATES:
+    for name, B, changes, mode in CANDIDATES:
         torch.manual_seed(1337)
         model = GPT(GPTConfig(block_size=T, vocab_size=PADDED_VOCAB_SIZE, **shape)).to(device)
         for attribute, value in changes.items():
             setattr(model, attribute, value)
         flops = flops_per_token(sum(p.numel() for p in model.parameters()), model.config, T)
-        B = B // 8 if rehearse else B
-        f = figures[name] = step_figures(model, B, T, device, flops, steps=2 if rehearse else 10, bf16=on_gpu, compile=on_gpu)
+        scale = 16 if rehearse else 1  # the rehearsal's steps: 8 sequences
+        B, t0, f = B // scale, time.time(), None
+        try:  # each step: the same sequences, in micro-batches of B
+            f = figures[name] = step_figures(model, B, T, device, flops, steps=2 if rehearse else 10, bf16=on_gpu,
+                                             compile=on_gpu, compile_mode=mode, accum=SEQUENCES // scale // B)
+        except torch.OutOfMemoryError:
+            pass
+        del model
+        free()
+        if f is None:
+            rows.append((f"candidate: {name}", B, "", "", "", "", "out of memory on this GPU"))
+            continue
         base = figures[CANDIDATES[0][0]]
         drift = max(abs(a - b) for a, b in zip(f["losses"], base["losses"]))
         rows.append((f"candidate: {name}", B, f"{f['ms']:.1f}", f"{f['tok_s']:,.0f}", f"{100 * f['mfu']:.1f}%",
-                     f"{f['peak']:.2f}", f"{base['ms'] / f['ms']:.3f}x the default; losses within {drift:.1e} of its: "
-                     + " ".join(f"{x:.4f}" for x in f["losses"][:10])))
+                     f"{f['peak']:.2f}", f"{base['ms'] / f['ms']:.3f}x the default; {time.time() - t0:.0f} s with "
+                     f"compiling; losses within {drift:.1e} of its: " + " ".join(f"{x:.4f}" for x in f["losses"][:10])))
         print(f"  {rows[-1]}", flush=True)
-        del model
-        free()
-    faster = [name for name, *_ in CANDIDATES[1:] if figures[name]["ms"] < figures[CANDIDATES[0][0]]["ms"]]
+    faster = [name for name, *_ in CANDIDATES[1:] if name in figures and figures[name]["ms"] < figures[CANDIDATES[0][0]]["ms"]]
     rows.append(("candidates to make default", "", "", "", "", "", ", ".join(faster) or "none: the default is fastest"))
 
 
@@ -167,11 +181,30 @@ def run_recipe(out, shards, hellaswag_file, rows, device, rehearse):
                        r"\| eta \S+(?: \| mem ([\d.]+) GiB)?$", done.stdout, re.M)
     timed = [s for s in steps if int(s[0]) > 0]  # step 0 compiles
     hella = re.findall(r"HellaSwag accuracy: ([\d.]+) over (\d+) examples \(([\d.]+) s\)", done.stdout)
+    default_ms = statistics.median(float(s[2]) for s in timed)
     rows.append((f"default recipe, {len(steps)} steps", batch[batch.index("--batch_size") + 1] if batch else 64, f"{statistics.median(float(s[2]) for s in timed):.1f}",
                  f"{statistics.median(float(s[3]) for s in timed):,.0f}", f"{statistics.median(float(s[4]) for s in timed):.1f}%",
                  f"{max(float(s[5] or 'nan') for s in steps):.2f}",
                  f"step 0 {float(steps[0][2]) / 1000:.1f} s; loss {steps[0][1]} -> {steps[-1][1]}; HellaSwag over "
                  f"{hella[0][1] if hella else 0} examples: " + ", ".join(f"{h[2]} s" for h in hella)))
+    # --async_host, the candidate that changes the loop: the same recipe's first 12 steps, no evaluation in between
+    quiet = ["--max_steps", "3" if rehearse else "12", "--hellaswag", "0", "--eval_every", "1000", "--val_steps", "1", "--sample_every", "1000",
+             "--log_dir", os.path.join(out, "async_log"), "--async_host", "1"]
+    done = subprocess.run(cmd + quiet, capture_output=True, text=True)  # later flags win over the recipe's
+    candidate = re.findall(r"^step +(\d+) \| loss ([\d.]+) .*?\| dt ([\d.]+)ms \| tok/sec ([\d.]+) \| mfu ([\d.]+)% ",
+                           done.stdout, re.M)
+    if done.returncode != 0 or len(candidate) < 2:
+        rows.append(("candidate: --async_host 1", "", "", "", "", "", f"failed: {done.stderr.strip()[-300:]}"))
+        return
+    ms = statistics.median(float(s[2]) for s in candidate[1:])
+    warmup = 1 if rehearse else 10  # the steps whose learning rate does not depend on --max_steps
+    drift = max(abs(float(a[1]) - float(b[1])) for a, b in zip(candidate[:warmup], steps[:warmup]))
+    rows.append((f"candidate: --async_host 1 (the trainer, {len(candidate)} steps)", rows[-1][1], f"{ms:.1f}",
+                 f"{statistics.median(float(s[3]) for s in candidate[1:]):,.0f}",
+                 f"{statistics.median(float(s[4]) for s in candidate[1:]):.1f}%", "",
+                 f"{default_ms / ms:.3f}x the recipe's steps ({'faster: make it default' if ms < default_ms else 'not faster'}); "
+                 f"the {warmup} warmup steps' losses within {drift:.1e} of the recipe's: "
+                 + " ".join(s[1] for s in candidate[:warmup])))
 
 
 def main(argv=None):

@@ -17,13 +17,20 @@ def test_the_rehearsal_runs_the_recipe_and_auto_and_writes_one_table(tmp_path, c
     assert table in out + "\n" or table.strip() in out  # the table printed is the one written
     rows = {line.split(" | ")[0].lstrip("| "): line.strip("|").split(" | ") for line in table.splitlines()
             if line.startswith("| ") and not line.startswith("| what")}
-    assert list(rows) == ["candidate: default: compiled, B=64", "candidate: --loss_chunks 8", "candidates to make default",
-                          "--batch_size auto, the default recipe", "default recipe, 4 steps"]
-    # each candidate beside the default: its speed ratio and its first losses, within rounding of the default's
-    chunked = rows["candidate: --loss_chunks 8"][6].strip()
-    assert re.match(r"[\d.]+x the default; losses within \d\.\de-\d\d of its: (10\.\d{4} ){2}10\.\d{4}$", chunked), chunked
-    assert float(chunked.split("within ")[1].split(" ")[0]) < 1e-5  # fp32 on the CPU: the same math
-    assert rows["--batch_size auto, the default recipe"][1].strip() == "32"  # all 32 sequences of the rehearsal's step
+    candidates = ["default: compiled, B=64", "--batch_size 128", "--loss_chunks 8", "--loss_chunks 8 --batch_size 128",
+                  "--compile_mode max-autotune-no-cudagraphs"]
+    assert list(rows) == [*(f"candidate: {c}" for c in candidates), "candidates to make default",
+                          "--batch_size auto, the default recipe", "default recipe, 4 steps",
+                          "candidate: --async_host 1 (the trainer, 3 steps)"]
+    # each candidate beside the default: its speed ratio and its first losses, those of the same math (fp32, the CPU)
+    for c in candidates[1:]:
+        note = rows[f"candidate: {c}"][6].strip()
+        assert re.match(r"[\d.]+x the default; \d+ s with compiling; losses within \d\.\de[-+]\d\d of its: "
+                        r"(10\.\d{4} ){2}10\.\d{4}$", note), note
+        assert float(note.split("within ")[1].split(" ")[0]) < 1e-5, (c, note)
+    assert rows["candidate: --async_host 1 (the trainer, 3 steps)"][6].strip().endswith(
+        "the 1 warmup steps' losses within 0.0e+00 of the recipe's: " + rows["default recipe, 4 steps"][6].split(
+            "loss ")[1].split(" ")[0])  # digit for digit: where the host waits changes no number
     recipe = rows["default recipe, 4 steps"]
     assert recipe[1].strip() == "16" and float(recipe[2]) > 0 and "HellaSwag over 20 examples: " in recipe[6]
     assert recipe[6].count(" s") >= 3  # steps 0, 2 and the last evaluate HellaSwag: each pass's seconds
