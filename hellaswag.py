@@ -2,8 +2,9 @@
 
     python hellaswag.py                     # download the 10,042 val examples once, and check them
 
-The trainer scores it in its loop with this file's evaluate(); eval_hellaswag.py scores a model from the
-command line. This file imports nothing of the project but the tokenizer and the error helpers.
+The trainer loads it for every rank with this file's load_for_run() and scores it in its loop with
+evaluate(); eval_hellaswag.py scores a model from the command line. This file imports nothing of the
+project but the tokenizer and the error helpers (the trainer hands it its World).
 
 Each ending is rendered as the context's tokens followed by the tokens of " " + ending, and
 scored by the model's cross-entropy over the ending's tokens only. acc picks the lowest summed
@@ -17,10 +18,11 @@ import os
 import urllib.request
 
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from machinery.cli import one_line_errors, run_script
+from machinery.cli import error_text, one_line_errors, run_script
 from tokenizer import EOT, gpt2_encoding
 
 DATA_CACHE_DIR = os.environ.get("HELLASWAG_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag"))
@@ -130,6 +132,39 @@ def by_length(examples):
     length pad little: rounds of 64 val examples in file order hold 21% padding, sorted ones 0.4%."""
     enc = gpt2_encoding()
     return sorted(examples, key=lambda example: len(render_example(example, enc)[0]))
+
+
+def load_for_run(cfg, world):
+    """The HellaSwag val examples for the training loop (cfg.hellaswag, cfg.hellaswag_file), or None (switched off
+    or unavailable). Every rank of world gets the same answer: if one lacks the data (a node that could not
+    download it), none scores HellaSwag, since the others would wait for it in the all-reduce forever."""
+    if not cfg.hellaswag:
+        return None
+    path = cfg.hellaswag_file or os.path.join(DATA_CACHE_DIR, "hellaswag_val.jsonl")
+    reason = examples = error = None
+    if not cfg.hellaswag_file:  # the cached val split; each node's local rank 0 downloads it (nodes may not share disks)
+        if world.local_rank == 0:
+            try:
+                download("val")
+            except Exception as e:  # offline, say
+                reason = error_text(e)
+        if world.ddp:
+            dist.barrier()
+    if os.path.isfile(path):
+        try:
+            examples = list(iterate_examples(path))
+        except (ValueError, OSError) as e:
+            error = error_text(e)
+    if world.any(error is not None):  # a bad file on one node stops every rank
+        raise ValueError(f"--hellaswag_file: {error or 'another process cannot read its HellaSwag file'}")
+    n = torch.tensor(len(examples) if examples else -1, device=world.device)
+    if world.ddp:  # the largest count; then does any rank hold another one (or none)?
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    if world.any(examples is None or len(examples) != n.item()):
+        world.print(f"hellaswag: no data ({reason or path + ' not found'}" + (" on some node" if world.ddp else "") +
+                    "): training goes on without it")
+        return None
+    return by_length(examples)  # each round of evaluate_hellaswag then holds rows of similar length
 
 
 @torch.no_grad()

@@ -384,39 +384,6 @@ def evaluate_loss(model, val_loader, val_steps, world, use_bf16=False, should_st
     return loss_sum.item() / val_steps
 
 
-def load_hellaswag(cfg, world):
-    """The HellaSwag val examples for the loop, or None (switched off or unavailable). Every rank gets the same
-    answer: if one lacks the data (a node that could not download it), none scores HellaSwag, since the
-    others would wait for it in the all-reduce forever."""
-    if not cfg.hellaswag:
-        return None
-    path = cfg.hellaswag_file or os.path.join(hellaswag.DATA_CACHE_DIR, "hellaswag_val.jsonl")
-    reason = examples = error = None
-    if not cfg.hellaswag_file:  # the cached val split; each node's local rank 0 downloads it (nodes may not share disks)
-        if world.local_rank == 0:
-            try:
-                hellaswag.download("val")
-            except Exception as e:  # offline, say
-                reason = error_text(e)
-        if world.ddp:
-            dist.barrier()
-    if os.path.isfile(path):
-        try:
-            examples = list(hellaswag.iterate_examples(path))
-        except (ValueError, OSError) as e:
-            error = error_text(e)
-    if world.any(error is not None):  # a bad file on one node stops every rank
-        raise ValueError(f"--hellaswag_file: {error or 'another process cannot read its HellaSwag file'}")
-    n = torch.tensor(len(examples) if examples else -1, device=world.device)
-    if world.ddp:  # the largest count; then does any rank hold another one (or none)?
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    if world.any(examples is None or len(examples) != n.item()):
-        world.print(f"hellaswag: no data ({reason or path + ' not found'}" + (" on some node" if world.ddp else "") +
-                    "): training goes on without it")
-        return None
-    return hellaswag.by_length(examples)  # each round of evaluate_hellaswag then holds rows of similar length
-
-
 @torch.no_grad()
 def evaluate_hellaswag(model, examples, world, use_bf16=False, should_stop=lambda: False, sharded=False):
     """acc_norm over all examples: each rank scores every world_size-th one, then the counts add up. They go
@@ -677,7 +644,7 @@ def main(argv=None):
                     raise ValueError(f"--val_steps {cfg.val_steps} is more than the val split of {cfg.data} holds: "
                                      f"{chunks} chunks of {cfg.batch_size} x {cfg.seq_len}: pass --val_steps {chunks} or less")
             checkpoint = checkpoint_to_resume(cfg, world, run, model)
-            data = Data(train_loader, val_loader, hellaswag=load_hellaswag(cfg, world))
+            data = Data(train_loader, val_loader, hellaswag=hellaswag.load_for_run(cfg, world))
             # an error on one rank alone: it says why, and every rank stops; out of memory: which B to try
             with world.stop_all_on_error(), out_of_memory_advice(cfg):
                 stopped = train(cfg, world, model, data, run, checkpoint)

@@ -12,7 +12,7 @@ import train_gpt2
 from machinery.settings import parse_args
 from machinery.world import World
 from tokenizer import gpt2_encoding
-from train_gpt2 import evaluate_hellaswag, GPT, GPTConfig, load_hellaswag
+from train_gpt2 import evaluate_hellaswag, GPT, GPTConfig
 
 HELLASWAG_64 = os.path.join(FIXTURES, "hellaswag_val_64.jsonl")  # rows of 17 to 123 tokens, 34 to 302 packed
 
@@ -141,7 +141,7 @@ def test_a_model_with_a_short_context_sees_the_end_of_the_context_as_generate_wo
 def test_the_loop_scores_the_examples_shortest_first_so_its_rounds_pad_little():
     enc = gpt2_encoding()
     examples = list(hellaswag.iterate_examples(HELLASWAG_64))
-    loaded = load_hellaswag(parse_args(["--hellaswag_file", HELLASWAG_64]), World())
+    loaded = hellaswag.load_for_run(parse_args(["--hellaswag_file", HELLASWAG_64]), World())
     lengths = [len(hellaswag.render_example(example, enc)[0]) for example in loaded]
     assert lengths == sorted(lengths) and (lengths[0], lengths[-1]) == (34, 302)
     assert sorted(e["ctx"] for e in loaded) == sorted(e["ctx"] for e in examples)  # each example, once
