@@ -167,7 +167,7 @@ def test_an_exception_becomes_one_line_even_when_it_says_nothing(monkeypatch, ca
     assert error_text(RuntimeError()) == "RuntimeError"  # str(e) is '': no IndexError
     assert error_text(OSError("  \n")) == "OSError"
 
-    def broken_compile(model):
+    def broken_compile(model, **options):  # mode=, as maybe_compile passes it
         raise RuntimeError()
     monkeypatch.setattr(torch, "compile", broken_compile)
     model = torch.nn.Linear(2, 2)
