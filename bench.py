@@ -27,9 +27,9 @@ from torch.profiler import ProfilerActivity, profile
 import hellaswag
 from machinery.cli import auto_on_off, on_off, one_line_errors, run_script
 from machinery.perf import datasheet_tflops, flops_per_token, measured_tflops
-from machinery.world import bf16_fast, init_device, maybe_compile, synchronize
+from machinery.world import bf16_fast, compile_update, init_device, maybe_compile, synchronize
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding
-from train_gpt2 import GPT, PADDED_VOCAB_SIZE, GPTConfig
+from train_gpt2 import GPT, PADDED_VOCAB_SIZE, GPTConfig, clip_and_step
 
 def machine_name(device):
     if device.startswith("cuda"):
@@ -108,17 +108,19 @@ def bench_generate(model, rows, new_tokens, device, use_bf16):
 
 
 def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup=3, fused=True, tf32=True, profiler=None,
-                  compile_mode="default", accum=1):
+                  compile_mode="default", accum=1, compile_step=False):
     """Seconds of each timed training step (forward, backward, clipping, AdamW) of model on one batch of random
     tokens, after warmup untimed ones, and every step's loss. fused: AdamW's one-launch CUDA kernel; tf32: fp32
     matmuls on tensor cores (else full fp32, the lecture's first rung); profiler: a torch.profiler.profile that
     records the timed steps only; accum: micro-batches of B a step, their gradients added up (the same batch of
-    B * accum rows as one micro-batch of that size)."""
+    B * accum rows as one micro-batch of that size); compile_step: clipping and AdamW compiled too, as the trainer's
+    --compile_step does it."""
     device_type = device.split(":")[0]
     optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type=device_type)
     for group in optimizer.param_groups:  # fused=False: the lecture's rung before the fused kernel
         group["fused"] = group["fused"] and fused
     step_model = maybe_compile(model, compile, device_type, mode=compile_mode)
+    update = compile_update(clip_and_step, optimizer) if compile_step else clip_and_step
     g = torch.Generator(device).manual_seed(1337)  # the same batch for every setting
     x = torch.randint(0, min(model.config.vocab_size, GPT2_VOCAB_SIZE), (B * accum, T + 1), device=device, generator=g)
     batches = [(rows[:, :-1].contiguous(), rows[:, 1:].contiguous()) for rows in x.split(B)]
@@ -137,8 +139,7 @@ def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup
                     loss = step_model(x, y)[1] / accum
                 loss.backward()
                 total += loss.detach()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            update(model, optimizer)
             synchronize(device)
             losses.append(float(total))
             if step >= warmup:
@@ -199,6 +200,9 @@ def main(argv=None):
     p.add_argument("--compile", type=on_off, default=True)
     p.add_argument("--bf16", type=auto_on_off, default="auto", help="auto: on for CUDA GPUs with bf16, off elsewhere")
     p.add_argument("--tf32", type=on_off, default=True, help="fp32 matmuls on tensor cores (0: full fp32)")
+    p.add_argument("--compile_step", type=on_off, default=False, help="also compile clipping and AdamW, as the "
+                                                                        "trainer's --compile_step does")
+    p.add_argument("--loss_chunks", type=int, default=1, help="the output layer and the loss in this many pieces")
     p.add_argument("--fused_adamw", type=on_off, default=True, help="AdamW's fused CUDA kernel (0: the loop of kernels)")
     p.add_argument("--profile", type=on_off, default=False, help="then profile 3 more steps: each kind's share of the "
                                                                    "time (matmul, attention, loss, ...) and the top kernels")
@@ -209,7 +213,7 @@ def main(argv=None):
                                                            "with and without the KV cache, instead of training")
     args = p.parse_args(argv)
     with one_line_errors():
-        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "batch_size", "seq_len", "steps"):
+        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "batch_size", "seq_len", "steps", "loss_chunks"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
         if args.warmup < 0 or args.generate < 0:
@@ -248,8 +252,9 @@ def main(argv=None):
         bench_hellaswag(model.eval(), examples, args.hellaswag, device, use_bf16)
         print(f"peak memory: {peak_memory(device)}")
         return
+    model.loss_chunks = args.loss_chunks
     times, _ = time_training(model, B, T, device, args.compile, use_bf16, args.steps, args.warmup,
-                             fused=args.fused_adamw, tf32=args.tf32)
+                             fused=args.fused_adamw, tf32=args.tf32, compile_step=args.compile_step)
     dt = statistics.median(times)
     tok_s = B * T / dt
     achieved = tok_s * flops / 1e12
@@ -264,7 +269,7 @@ def main(argv=None):
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
         prof = profile(activities=activities)
         time_training(model, B, T, device, args.compile, use_bf16, steps=3, warmup=1, fused=args.fused_adamw,
-                      tf32=args.tf32, profiler=prof)
+                      tf32=args.tf32, profiler=prof, compile_step=args.compile_step)
         profile_report(prof, 3, device_type == "cuda")
 
 

@@ -99,15 +99,16 @@ def run_ladder(device, rows, rehearse):
 
 
 # same-math candidates, each measured beside the default compiled step of the default recipe (B=64, bf16): a name, the
-# micro-batch, what it sets on the model, and how the step is compiled; a candidate becomes a default only once a GPU
+# micro-batch, what it sets on the model, and how the step is run (bench.time_training's options); a candidate becomes a default only once a GPU
 # measured it faster. --async_host changes the trainer's loop, not the step: it is measured with the recipe (part 5)
 SEQUENCES = 128  # a candidate's step: 2 micro-batches of 64 sequences, or 1 of 128
 CANDIDATES = [
-    ("default: compiled, B=64", 64, {}, "default"),
-    ("--batch_size 128", 128, {}, "default"),
-    ("--loss_chunks 8", 64, {"loss_chunks": 8}, "default"),
-    ("--loss_chunks 8 --batch_size 128", 128, {"loss_chunks": 8}, "default"),
-    ("--compile_mode max-autotune-no-cudagraphs", 64, {}, "max-autotune-no-cudagraphs"),
+    ("default: compiled, B=64", 64, {}, {}),
+    ("--batch_size 128", 128, {}, {}),
+    ("--loss_chunks 8", 64, {"loss_chunks": 8}, {}),
+    ("--loss_chunks 8 --batch_size 128", 128, {"loss_chunks": 8}, {}),
+    ("--compile_step 1", 64, {}, {"compile_step": True}),
+    ("--compile_mode max-autotune-no-cudagraphs", 64, {}, {"compile_mode": "max-autotune-no-cudagraphs"}),
 ]
 
 
@@ -117,7 +118,7 @@ def run_candidates(device, rows, rehearse):
     shape, T = (REHEARSAL, 128) if rehearse else ({}, 1024)
     on_gpu = device.startswith("cuda")
     figures = {}
-    for name, B, changes, mode in CANDIDATES:
+    for name, B, changes, step in CANDIDATES:
         torch.manual_seed(1337)
         model = GPT(GPTConfig(block_size=T, vocab_size=PADDED_VOCAB_SIZE, **shape)).to(device)
         for attribute, value in changes.items():
@@ -127,7 +128,7 @@ def run_candidates(device, rows, rehearse):
         B, t0, f = B // scale, time.time(), None
         try:  # each step: the same sequences, in micro-batches of B
             f = figures[name] = step_figures(model, B, T, device, flops, steps=2 if rehearse else 10, bf16=on_gpu,
-                                             compile=on_gpu, compile_mode=mode, accum=SEQUENCES // scale // B)
+                                             compile=on_gpu, accum=SEQUENCES // scale // B, **step)
         except torch.OutOfMemoryError:
             pass
         del model

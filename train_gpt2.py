@@ -38,7 +38,7 @@ from machinery.settings import (GPT2_PROMPT, batch_plan, check_config, dry_run, 
                                 parse_args, samples_prompt)
 from machinery.shards import open_shard, shard_paths
 from machinery.stopping import STOPPED, StopRequest, stop_if_not_finite
-from machinery.world import World, bf16_fast, maybe_compile, synchronize, to_device
+from machinery.world import World, bf16_fast, compile_update, maybe_compile, synchronize, to_device
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding  # GPT-2's BPE, read from files in this repo: never downloaded
 
 # -----------------------------------------------------------------------------
@@ -484,6 +484,14 @@ def shard_model(model, device, master, bf16_traffic=False):
     set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
+def clip_and_step(model, optimizer):
+    """The update: clip the global gradient norm at 1.0 (one unlucky batch cannot shock the weights), then AdamW's
+    step. Returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # under FSDP, over every rank's shards
+    optimizer.step()
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm  # (FSDP returns it as a DTensor)
+
+
 def train(cfg, world, model, data, run, checkpoint=None):
     """The training loop: from step 0, or from where checkpoint left off. True if it stopped on request."""
     device = world.device
@@ -501,6 +509,8 @@ def train(cfg, world, model, data, run, checkpoint=None):
     start_step = restore_checkpoint(checkpoint, model, optimizer, data.train) if checkpoint else 0
     if start_step:  # a checkpoint's step is the next to run: 1 or more
         world.print(f"resuming at step {start_step}")
+    # --compile_step: the update compiled too, its learning rates tensors changed in place (a new rate compiles nothing)
+    update = compile_update(clip_and_step, optimizer) if cfg.compile_step else clip_and_step
     # compile fuses the model's elementwise ops into a few kernels and cuts Python overhead; the
     # compiled module shares raw_model's weights, and raw_model stays for sampling (other shapes)
     raw_model = model
@@ -554,13 +564,10 @@ def train(cfg, world, model, data, run, checkpoint=None):
                 loss_accum /= world.world_size
             if not cfg.async_host:  # inf or nan: stop before the update (reading the loss waits for the GPU)
                 stop_if_not_finite(loss_accum, step, cfg.log_dir)
-            # clip the global gradient norm at 1.0: one unlucky batch cannot shock the weights
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # under FSDP, over every rank's shards
-            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # (FSDP returns it as a DTensor)
             lr = get_lr(step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
             for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-            optimizer.step()
+                param_group["lr"] = param_group["lr"].fill_(lr) if cfg.compile_step else lr
+            norm = update(model, optimizer)  # clip, then AdamW
             synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
             if cfg.async_host:  # the check at the step's one wait: the weights took the step, no checkpoint does
                 stop_if_not_finite(loss_accum, step, cfg.log_dir, updated=True)

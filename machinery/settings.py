@@ -96,6 +96,8 @@ class TrainConfig:
     bf16: str = flag("auto", "bfloat16 autocast for the forward pass and loss: 1, 0, or auto (on for CUDA GPUs "
                              "that support it; off elsewhere: most CPUs and older Macs run it slower or not at all)")
     compile: bool = flag(True, "torch.compile the model (slow to start, faster steps)")
+    compile_step: bool = flag(False, "also compile the update (clipping and AdamW) into one graph, not the model alone; "
+                                     "not under --fsdp 1. Off by default until a GPU measures it faster")
     compile_mode: str = flag("default", "torch.compile's mode: default, or max-autotune-no-cudagraphs (it tries kernel "
                                         "configurations while compiling: minutes more to start; off by default until "
                                         "a GPU measures it faster)")
@@ -171,6 +173,8 @@ def check_config(cfg, world_size=1):
     if cfg.sharded_checkpoints is True and not cfg.fsdp:
         raise ValueError("--sharded_checkpoints 1 saves the shards FSDP makes: pass --fsdp 1 too, or "
                          "--sharded_checkpoints auto")
+    if cfg.compile_step and cfg.fsdp:
+        raise ValueError("--compile_step 1 compiles clipping over whole tensors; FSDP's are sharded: pass --compile_step 0")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"--compile_mode {cfg.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
     if cfg.n_embd % cfg.n_head:

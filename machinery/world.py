@@ -74,6 +74,16 @@ def maybe_compile(model, enabled, device_type, log=print, mode="default"):
         return model
 
 
+def compile_update(update, optimizer):
+    """--compile_step: update (clipping and AdamW's step) as one compiled graph, beside the compiled model. Its
+    learning rates become tensors, which the loop changes in place: a float would be a constant in the graph, and each
+    new one would compile it again. AdamW runs its foreach code, which compile fuses; its fused kernel is opaque."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]))
+        group["fused"], group["foreach"] = False, None  # None: foreach wherever AdamW can
+    return torch.compile(update)
+
+
 # what torchrun sets in each process's environment: all of them, or none for a plain run
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

@@ -166,3 +166,11 @@ def test_async_host_copies_batches_from_pinned_memory_and_trains_what_the_plain_
     train_gpt2.main([*args, "--async_host", "1", "--log_dir", str(tmp_path / "async")])
     train_gpt2.main([*args, "--log_dir", str(tmp_path / "plain")])
     assert all(abs(a - b) < 1e-4 for a, b in zip(train_losses(tmp_path / "async"), train_losses(tmp_path / "plain")))
+
+
+def test_compile_step_trains_what_the_plain_step_trains_on_cuda(tmp_path):
+    args = [*RUN, "--bf16", "1", "--compile", "1", "--max_steps", "6"]
+    train_gpt2.main([*args, "--compile_step", "1", "--log_dir", str(tmp_path / "step")])
+    train_gpt2.main([*args, "--log_dir", str(tmp_path / "plain")])
+    step, plain = train_losses(tmp_path / "step"), train_losses(tmp_path / "plain")
+    assert len(step) == 6 and all(abs(a - b) < 0.02 for a, b in zip(step, plain)), (step, plain)  # bf16 noise

@@ -18,7 +18,7 @@ def test_the_rehearsal_runs_the_recipe_and_auto_and_writes_one_table(tmp_path, c
     rows = {line.split(" | ")[0].lstrip("| "): line.strip("|").split(" | ") for line in table.splitlines()
             if line.startswith("| ") and not line.startswith("| what")}
     candidates = ["default: compiled, B=64", "--batch_size 128", "--loss_chunks 8", "--loss_chunks 8 --batch_size 128",
-                  "--compile_mode max-autotune-no-cudagraphs"]
+                  "--compile_step 1", "--compile_mode max-autotune-no-cudagraphs"]
     assert list(rows) == [*(f"candidate: {c}" for c in candidates), "candidates to make default",
                           "--batch_size auto, the default recipe", "default recipe, 4 steps",
                           "candidate: --async_host 1 (the trainer, 3 steps)"]
