@@ -1,7 +1,7 @@
 """One command for whoever holds a CUDA GPU: the GPU tests, the lecture's speed ladder, same-math candidates beside the
 default step, --batch_size auto, and the default recipe for 30 steps with HellaSwag in the loop; then one table.
 
-    python gpu_check.py                      # about 7 minutes on an H100 or H200
+    python gpu_check.py                      # 8 to 10 minutes on an H100 or H200
     python gpu_check.py --skip tests,ladder  # only what is left
     python gpu_check.py --rehearse 1         # every part with a 2-layer model, on the CPU too: a minute
 
