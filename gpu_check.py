@@ -13,6 +13,7 @@ import argparse
 import gc
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -163,6 +164,8 @@ def run_auto(device, rows, rehearse):
 def run_recipe(out, shards, hellaswag_file, rows, device, rehearse):
     """The default recipe for 30 steps, as the H200 measurements ran it, in a process of its own."""
     log_dir = os.path.join(out, "recipe_log")
+    for old in (log_dir, os.path.join(out, "async_log")):  # this command's own runs of before: a run starts afresh
+        shutil.rmtree(old, ignore_errors=True)
     on_gpu = device.startswith("cuda")
     memory = torch.cuda.get_device_properties(device).total_memory / 2**30 if on_gpu else 0
     batch = [] if memory > 48 or rehearse else ["--batch_size", "32"]  # B=64 peaks at 41 GiB compiled
@@ -170,7 +173,7 @@ def run_recipe(out, shards, hellaswag_file, rows, device, rehearse):
         batch = REHEARSAL_RECIPE + ([] if on_gpu else ["--device", "cpu", "--compile", "0"])
     cmd = [sys.executable, os.path.join(ROOT, "train_gpt2.py"), "--data", shards, "--max_steps", "30",
            "--warmup_steps", "10", "--eval_every", "15", "--sample_every", "15", "--checkpoint_every", "20",
-           "--hellaswag_file", hellaswag_file, "--log_dir", log_dir, "--resume", "auto", *batch]
+           "--hellaswag_file", hellaswag_file, "--log_dir", log_dir, *batch]
     print("  " + " ".join(cmd[1:]), flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     with open(os.path.join(out, "recipe_stdout.txt"), "w") as f:
