@@ -1,9 +1,11 @@
 import os
 import re
+import subprocess
+import sys
 
 import torch
 
-from conftest import HELLASWAG_20, INPUT, SMALL, assert_same_log, error_of, read_log
+from conftest import HELLASWAG_20, INPUT, ROOT, SMALL, assert_same_log, error_of, read_log
 import train_gpt2
 from machinery import world
 from machinery.settings import parse_args
@@ -149,21 +151,34 @@ def test_compiled_run_with_hellaswag_and_sampling_in_the_loop(tmp_path, capsys):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
 
 
-def test_a_compile_failure_at_the_first_step_is_one_line_that_says_compile_0(tmp_path, monkeypatch):
+def test_a_compile_failure_at_the_first_step_is_one_line_that_says_compile_0(tmp_path):
     import pytest
     import torch._dynamo
     import torch._inductor.config
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # compile for real, not from a cache
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))  # as if no compiler worked
-    with pytest.raises(SystemExit) as e:
-        train_gpt2.main([*SMALL, "--n_layer", "1", "--n_embd", "24", "--seq_len", "8", "--total_batch_size", "16",
-                         "--max_steps", "2", "--compile", "1", "--bf16", "0", "--device", "cpu", "--log_dir", str(tmp_path)])
+    # torch's own patch, not monkeypatch: the config's undo must go through torch, or later compiles find it broken
+    # (pytest 9's monkeypatch deletes cpp.cxx instead of restoring it: see the test below)
+    with torch._inductor.config.patch({"fx_graph_cache": False,  # compile for real, not from a cache
+                                       "cpp.cxx": (None, "/nonexistent/c++")}):  # as if no compiler worked
+        with pytest.raises(SystemExit) as e:
+            train_gpt2.main([*SMALL, "--n_layer", "1", "--n_embd", "24", "--seq_len", "8", "--total_batch_size", "16",
+                             "--max_steps", "2", "--compile", "1", "--bf16", "0", "--device", "cpu", "--log_dir", str(tmp_path)])
     torch._dynamo.reset()
     message = str(e.value.code)
     assert message.startswith("error: torch.compile failed (") and "No working C++ compiler" in message
     assert message.endswith("): pass --compile 0 to train without it") and "\n" not in message
     assert os.listdir(tmp_path) == []  # nothing logged: it failed before the first step's val loss
+
+
+def test_a_compile_after_the_compile_failure_test_in_the_same_process_still_compiles():
+    # the failure test breaks torch's compiler config on purpose; whatever pytest's version, what runs after it in the
+    # same process must find the config whole again, and compile
+    here = "tests/test_training.py::"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           here + "test_a_compile_failure_at_the_first_step_is_one_line_that_says_compile_0",
+                           here + "test_compile_mode_max_autotune_reaches_torch_compile_and_trains_what_eager_trains"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and re.search(r"^2 passed", done.stdout.splitlines()[-1]), done.stdout[-3000:]
 
 
 def test_bf16_defaults_to_auto_which_is_off_on_the_cpu(tmp_path):
