@@ -19,8 +19,26 @@ def readme_main_command():
     """The training command of the README's set-up section, as an argument list."""
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
-    line = next(l for l in readme.splitlines() if l.startswith("pip install torch==2.13.0 -r requirements.txt && "))
-    return shlex.split(line.split("&&", 1)[1])
+    line = next(l for l in readme.splitlines() if l.startswith("pip install torch==2.13.0 -r requirements.txt "))
+    install, command = line.split(" && ", 1)
+    assert install.endswith(" -c constraints.txt")  # the versions the suite passed with
+    return shlex.split(command)
+
+
+def test_ci_runs_the_readmes_test_command_in_a_virtual_environment_of_its_own():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read().splitlines()
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read().splitlines()
+    test_command = next(l for l in readme if l.startswith("pip install ") and "python -m pytest" in l)
+    assert test_command == "pip install torch==2.13.0 -r requirements-dev.txt -c constraints.txt && python -m pytest -q tests"
+    assert ci[-1] == test_command  # exactly, as the last thing CI does
+    # pip installs into a virtual environment made in this run, not into whatever the machine has
+    made, activated = ci.index('python3 -m venv "$venv"'), ci.index('source "$venv/bin/activate"')
+    assert made < activated < len(ci) - 1 and 'venv="$(mktemp -d)/venv"' in ci
+    with open(os.path.join(ROOT, "constraints.txt")) as f:
+        pins = dict(l.split("==") for l in f.read().splitlines() if l and not l.startswith("#"))
+    assert pins["torch"] == "2.13.0" and {"pytest", "numpy", "tiktoken", "transformers", "datasets"} <= set(pins)
 
 
 def test_readme_main_command_trains_and_samples(tmp_path):
