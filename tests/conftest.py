@@ -9,6 +9,7 @@ from each other.
 """
 import glob
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,7 +46,6 @@ os.environ.pop("TIKTOKEN_CACHE_DIR", None)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # a shell starts a background job (`pytest &`, some CI runners) with SIGINT ignored, and a child process inherits
 # that: the Ctrl-C tests would then send a signal nobody hears. Handled here, it is reset to the default in
 # every child, as in a terminal, however the suite was started
@@ -61,8 +61,17 @@ def _local_only_connect(self, address):
     return _connect(self, address)
 
 
+def selects_gpu_tests(markexpr):
+    """Whether a -m expression asks for the GPU tests: `-m gpu` does, `-m "not gpu"` and no -m do not."""
+    return re.search(r"(?<!not )\bgpu\b", markexpr or "") is not None
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tests/test_gpu.py); skipped without one, as in CI")
+    # the CPU suite runs on the CPU even where a GPU is (a test's numbers must not depend on the machine), so the GPU
+    # is hidden, before any test asks CUDA; `pytest -m gpu` asks for it, and sees it
+    if not selects_gpu_tests(config.getoption("markexpr")):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,13 @@
 """gpu_check.py, the one command for whoever holds a GPU, rehearsed on the CPU: its parts run and its table is filled."""
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import HELLASWAG_20, error_of
+from conftest import HELLASWAG_20, ROOT, error_of
 import gpu_check
 
 
@@ -44,3 +46,28 @@ def test_without_a_gpu_it_says_to_rehearse_and_a_wrong_part_is_named(tmp_path):
         "error: no CUDA GPU here: this command measures one (--rehearse 1 checks it on the CPU)"
     assert error_of(gpu_check.main, ["--skip", "tests,speed"]) == \
         "error: --skip 'tests,speed': the parts are tests, ladder, candidates, auto, recipe"
+
+
+PROBE = '''import os
+import pytest
+
+@pytest.mark.gpu
+def test_gpu_probe():
+    print("gpu test sees", repr(os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+def test_cpu_probe():
+    print("cpu test sees", repr(os.environ.get("CUDA_VISIBLE_DEVICES")))
+'''
+
+
+@pytest.mark.parametrize("markexpr, seen", [("gpu", {"gpu": "'0'"}), ("not gpu", {"cpu": "''"}),
+                                            (None, {"gpu": "''", "cpu": "''"})])
+def test_pytest_m_gpu_keeps_the_gpu_visible_and_every_other_run_hides_it(tmp_path, markexpr, seen):
+    (tmp_path / "test_probe.py").write_text(PROBE)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0", "PYTHONPATH": os.path.join(ROOT, "tests")}
+    # this suite's conftest, loaded as a plugin into a pytest of its own, as `CUDA_VISIBLE_DEVICES=0 pytest -m gpu` would
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-p", "conftest",
+                           *(["-m", markexpr] if markexpr else []), str(tmp_path / "test_probe.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert dict(re.findall(r"(gpu|cpu) test sees ('[^']*')", done.stdout)) == seen, done.stdout
