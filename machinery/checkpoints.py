@@ -192,14 +192,19 @@ def restore_checkpoint(checkpoint, model, optimizer, train_loader):
     next. A file holds whole tensors, whether DDP, FSDP or one process wrote it; a model sharded by FSDP takes
     its shards of them. A sharded checkpoint is read by each rank for its own shards, however many ranks wrote
     it. The checkpoint is emptied as it is used: it is 1.5 GB at 124M."""
-    fused = [group["fused"] for group in optimizer.param_groups]  # this device's choice, not the saving one's
+    # this device's AdamW kernel, not the saving one's, set before loading: torch puts each state tensor where the
+    # kernel in the groups wants it, and the fused CUDA kernel wants the step counters on the GPU, not where a CPU
+    # run saved them (it refuses mixed devices: pytorch#124133)
+    here = [{"fused": group["fused"]} for group in optimizer.param_groups]
+    def kernel_here(saved_groups):
+        return [{**saved, **mine} for saved, mine in zip(saved_groups, here)]
     if "sharded" in checkpoint:
         model_state = get_model_state_dict(model)
         optimizer_state = get_optimizer_state_dict(model, optimizer)  # AdamW's moments made, to be read into
         read_shards({"model": model_state, "optimizer": optimizer_state["state"]}, checkpoint["sharded"],
                     alone=not dist.is_initialized())
         set_model_state_dict(model, model_state)
-        set_optimizer_state_dict(model, optimizer, {**optimizer_state, "param_groups": checkpoint["param_groups"]})
+        set_optimizer_state_dict(model, optimizer, {**optimizer_state, "param_groups": kernel_here(checkpoint["param_groups"])})
     else:
         current = model.state_dict()
         model.load_state_dict({k: shard_like(v, current[k]) for k, v in checkpoint.pop("model").items()})
@@ -209,9 +214,7 @@ def restore_checkpoint(checkpoint, model, optimizer, train_loader):
             for k, v in state.items():
                 if k != "step":  # AdamW's moments have their parameter's shape; the step count is a scalar
                     state[k] = shard_like(v, params[i])
-        optimizer.load_state_dict(optimizer_state)
-    for group, f in zip(optimizer.param_groups, fused):
-        group["fused"] = f
+        optimizer.load_state_dict({**optimizer_state, "param_groups": kernel_here(optimizer_state["param_groups"])})
     train_loader.load_state_dict(checkpoint["train_loader"])
     # CUDA generators are not restored: training draws none, and a checkpoint saved where 8 GPUs
     # were visible holds 8 states that a 1-GPU machine cannot take

@@ -258,6 +258,25 @@ def test_one_call_restores_weights_optimizer_data_position_and_random_state(tmp_
     assert [g["fused"] for g in optimizer.param_groups] == [True, True]
 
 
+def test_after_a_restore_with_fused_adamw_each_state_tensor_is_where_its_parameter_is(tmp_path):
+    checkpoint = torch.load(tiny_checkpoint(tmp_path / "c.pt"), weights_only=True)  # saved on the CPU: not fused
+    assert [g["fused"] for g in checkpoint["optimizer"]["param_groups"]] == [False, False]
+    with torch.device("meta"):  # a device that is not the checkpoint's, as a GPU is not
+        model = GPT(GPTConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
+    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
+    for group in optimizer.param_groups:
+        group["fused"] = True  # what configure_optimizers chooses on CUDA
+    with torch.random.fork_rng(devices=[]):  # the restore sets the random state: this test's own, not the suite's
+        restore_checkpoint(checkpoint, model, optimizer, DataLoaderLite(2, 16, data_root=INPUT))
+    assert [g["fused"] for g in optimizer.param_groups] == [True, True]
+    for p in model.parameters():
+        state = optimizer.state[p]
+        assert sorted(state) == ["exp_avg", "exp_avg_sq", "step"]
+        # the step counters too: the fused kernel refuses a step on the CPU beside moments on the GPU
+        assert {k: t.device.type for k, t in state.items()} == dict.fromkeys(state, "meta")
+        assert state["step"].dtype == torch.float32
+
+
 def test_no_logits_or_checkpoint_weights_outlive_their_use(tmp_path, monkeypatch):
     import weakref
     args = [*TINY, "--max_steps", "4", "--checkpoint_every", "2"]
