@@ -514,7 +514,6 @@ def train(cfg, world, model, data, run, checkpoint=None):
     # compile fuses the model's elementwise ops into a few kernels and cuts Python overhead; the
     # compiled module shares raw_model's weights, and raw_model stays for sampling (other shapes)
     raw_model = model
-    raw_model.activation_checkpointing, raw_model.loss_chunks = cfg.activation_checkpointing, cfg.loss_chunks
     model = eval_model = maybe_compile(model, cfg.compile, world.device_type, world.print, cfg.compile_mode)  # eval: no DDP
     if world.ddp and not cfg.fsdp:
         # DDP averages the gradients of all processes during backward, bucket by bucket; compiled around DDP, not
@@ -637,6 +636,8 @@ def main(argv=None):
                     model = load_model(cfg.init_from)
                 if cfg.seq_len > model.config.block_size:
                     raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
+                # how the model trains, set before anything measures it (--batch_size auto tries this very model)
+                model.activation_checkpointing, model.loss_chunks = cfg.activation_checkpointing, cfg.loss_chunks
             if cfg.batch_size == "auto":  # the largest that fits: tried on a CUDA GPU, else from the memory estimate
                 with world.together():
                     cfg.batch_size = choose_batch_size(cfg, world, model, log=world.print)

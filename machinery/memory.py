@@ -38,7 +38,8 @@ def memory_estimate(config, n_params, cfg, world_size, fsdp, grad_accum_steps):
 
 
 # the share of a device's memory a micro-batch is planned to fill: the estimate is within a few percent of what a
-# GPU measured, and the CUDA context, the allocator's fragments and evaluation take the rest
+# GPU measured, and the CUDA context, the allocator's fragments and evaluation take the rest. A size tried on a GPU
+# must run with the rest set aside too: one that only just ran once fails later, on a fragmented allocator
 PLANNED_SHARE = 0.9
 # how far above the device's memory an estimate may be and still be tried: compile and the allocator can do better
 TRIED_ABOVE = 1.25
@@ -110,7 +111,8 @@ def trial_step(model, B, T, device, bf16, reserved):
 
 def choose_batch_size(cfg, world, model, log=print):
     """--batch_size auto. On a CUDA GPU (not under FSDP, whose every forward is a collective): the largest that
-    runs a forward and backward, compiled if the run is, tried largest first from what the estimate allows. Elsewhere,
+    runs a forward and backward of the model as the run trains it (compiled, --loss_chunks, activation checkpointing)
+    with a tenth of the memory set aside, tried largest first from what the estimate allows. Elsewhere,
     and under FSDP: the largest the estimate fits in the memory there is. Every process takes the smallest choice."""
     n_params = sum(p.numel() for p in model.parameters())
     memory = device_memory(world.device)
@@ -120,12 +122,14 @@ def choose_batch_size(cfg, world, model, log=print):
         model.to(world.device)
         # a graph per size: no dynamic shapes, which would make the run's own graph slower
         trial = torch.compile(model, dynamic=False, mode=cfg.compile_mode) if cfg.compile else model
-        reserved = 8 * n_params + (4 * n_params if world.ddp else 0)  # AdamW's two moments; DDP's buckets
+        # AdamW's two moments; DDP's buckets; and the headroom a run needs beyond its step's peak
+        reserved = 8 * n_params + (4 * n_params if world.ddp else 0) + int((1 - PLANNED_SHARE) * memory)
         chosen = largest_that_runs(
             sizes, lambda B: trial_step(trial, B, cfg.seq_len, world.device, cfg.bf16, reserved), lambda: free_memory(model))
         if cfg.compile:
             torch._dynamo.reset()  # the run compiles its own graph, at the chosen size
-        how = "the largest that ran a step here" + (", compiled" if cfg.compile else "")
+        how = (f"the largest that ran a step here with {1 - PLANNED_SHARE:.0%} of the memory to spare"
+               + (", compiled" if cfg.compile else ""))
     else:
         chosen = largest_estimated(cfg, model.config, n_params, world.world_size, memory)
         how = f"the largest the memory estimate fits in {PLANNED_SHARE:.0%} of this device's {memory / 2**30:.1f} GiB"

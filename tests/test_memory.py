@@ -42,9 +42,32 @@ def test_auto_tries_the_largest_first_and_takes_the_first_that_runs_freeing_memo
     assert choose_batch_size(cfg, world, model, log=lines.append) == 8
     assert calls == [64, 32, 16, 8]  # largest first, down to the first that runs
     assert freed == [1, 2, 3, 4]  # after every try, the failed ones included
-    assert lines == ["--batch_size auto: 8 (the largest that ran a step here)"]
+    assert lines == ["--batch_size auto: 8 (the largest that ran a step here with 10% of the memory to spare)"]
     assert all(p.grad is None for p in model.parameters())  # the try's gradients are not left for the run
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nor any change to the weights
+
+
+def test_auto_tries_the_model_as_the_run_trains_it_with_a_tenth_of_the_memory_set_aside(tmp_path, monkeypatch):
+    seen = []
+    real_choose = train_gpt2.choose_batch_size
+    def choose(cfg, world, model, log):  # the model main() hands to --batch_size auto, as it is then
+        seen.append((model.loss_chunks, model.activation_checkpointing))
+        return real_choose(cfg, world, model, log)
+    monkeypatch.setattr(train_gpt2, "choose_batch_size", choose)
+    train_gpt2.main([*AUTO, "--max_steps", "1", "--loss_chunks", "4", "--activation_checkpointing", "1",
+                     "--log_dir", str(tmp_path)])
+    assert seen == [(4, True)]  # not the plain model: the chunked loss and checkpointing change what fits
+    # on a GPU each size is tried with AdamW's moments and a tenth of the memory taken first: a size that only just
+    # ran once is not chosen
+    reserved = []
+    monkeypatch.setattr(memory, "trial_step", lambda model, B, T, device, bf16, aside: reserved.append(aside))
+    monkeypatch.setattr(memory, "device_memory", lambda device: 2**30)
+    model = GPT(GPTConfig(block_size=64, vocab_size=512, n_layer=2, n_head=2, n_embd=32))
+    world = World(device="cpu")
+    world.device_type = "cuda"  # the path a CUDA GPU takes, on this CPU
+    cfg = parse_args([*AUTO[:-4], "--compile", "0"])
+    assert choose_batch_size(cfg, world, model, log=lambda line: None) == 64 and len(reserved) == 1
+    assert reserved[0] == 8 * sum(p.numel() for p in model.parameters()) + int(0.1 * 2**30)
 
 
 def test_auto_says_in_one_line_when_not_even_one_sequence_fits(monkeypatch):
