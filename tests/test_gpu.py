@@ -149,13 +149,29 @@ def test_the_chunked_loss_equals_the_plain_one_on_cuda_and_needs_less_memory():
     assert chunked_peak < 0.6 * plain_peak, (chunked_peak / 2**30, plain_peak / 2**30)  # the logits were most of it
 
 
-def test_the_kv_cache_samples_the_uncached_tokens_on_cuda():
+def test_the_kv_cache_computes_the_uncached_logits_and_samples_its_tokens_on_cuda():
     device = init_device("cuda")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=PADDED_VOCAB_SIZE, n_layer=2, n_head=4, n_embd=128)).to(device).eval()
-    idx = torch.full((4, 1), 50256, device=device)
-    a, b = (model.generate(idx, 40, generator=torch.Generator(device).manual_seed(42), kv_cache=c) for c in (True, False))
-    assert torch.equal(a, b)
+    with torch.no_grad():  # as on the CPU: weights scaled up, so the picks depend on the logits, not on near-ties
+        for p in model.parameters():
+            p.mul_(8)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # full fp32 matmuls: TF32's rounding alone can flip a tie
+    try:
+        idx = torch.randint(0, 50257, (4, 40), device=device, generator=torch.Generator(device).manual_seed(1))
+        with torch.no_grad():
+            full = model(idx)[0]
+            caches = [[] for _ in model.transformer.h]
+            first = model(idx[:, :30], pos=torch.arange(0, 30, device=device), caches=caches)[0]
+            steps = [model(idx[:, t:t + 1], pos=torch.arange(t, t + 1, device=device), caches=caches)[0]
+                     for t in range(30, 40)]
+        assert torch.allclose(torch.cat([first, *steps], dim=1), full, atol=1e-3, rtol=1e-4)
+        start = torch.full((4, 1), 50256, device=device)
+        a, b = (model.generate(start, 40, generator=torch.Generator(device).manual_seed(42), kv_cache=c) for c in (True, False))
+        assert torch.equal(a, b) and len(set(a[:, 1:].flatten().tolist())) > 10  # equal by more than luck
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def test_async_host_copies_batches_from_pinned_memory_and_trains_what_the_plain_step_trains(tmp_path):
