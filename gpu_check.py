@@ -43,7 +43,7 @@ from machinery.perf import datasheet_tflops, flops_per_token
 from machinery.settings import parse_args
 from machinery.shards import write_manifest, write_shard
 from machinery.world import World, init_device
-from train_gpt2 import GPT, GPTConfig, PADDED_VOCAB_SIZE, load_text_tokens
+from train_gpt2 import GPT, GPTConfig, PADDED_VOCAB_SIZE, RECIPE, load_text_tokens
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GPU_TESTS = os.path.join(ROOT, "tests", "test_gpu.py")
@@ -302,7 +302,7 @@ def run_auto(device, rehearse, table):
     """--batch_size auto for the default recipe, then a few training steps at the B it chose, AdamW included."""
     on_gpu = device.startswith("cuda")
     cfg = parse_args(["--batch_size", "auto", "--bf16", str(int(on_gpu)), "--compile", str(int(on_gpu))] +
-                     (REHEARSAL_RECIPE if rehearse else []))  # the default recipe: GPT-2 124M, compiled
+                     (REHEARSAL_RECIPE if rehearse else []), RECIPE)  # the default recipe: GPT-2 124M, compiled
     torch.manual_seed(1337)
     model = GPT(GPTConfig(block_size=cfg.seq_len, vocab_size=PADDED_VOCAB_SIZE, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, n_embd=cfg.n_embd))

@@ -599,9 +599,30 @@ def scratch_config(cfg):
                      n_embd=cfg.n_embd)
 
 
+# The recipe: GPT-3 Small's hyperparameters (the GPT-3 paper, Table 2.1), with which the lecture trains GPT-2 124M on
+# 10B tokens of FineWeb-Edu. Each is the default of the flag of the same name (--help), which overrides it; --model
+# sets other sizes' own (machinery/settings.py)
+RECIPE = dict(
+    n_layer=GPTConfig.n_layer, n_head=GPTConfig.n_head, n_embd=GPTConfig.n_embd,  # the model: GPT-2 124M
+    total_batch_size=524288,  # 2**19, ~0.5M tokens per optimisation step, as GPT-3 Small
+    batch_size=64,  # B, the micro-batch: sequences a GPU computes at once; gradient accumulation makes up the rest
+    seq_len=1024,  # T: tokens per sequence
+    max_lr=6e-4,  # GPT-3 Small's peak learning rate
+    min_lr=6e-5,  # max_lr * 0.1: the cosine decays to 10% of the peak
+    warmup_steps=715,  # 375M tokens / 2**19: GPT-3's warmup
+    max_steps=19073,  # 10B tokens / 2**19: one epoch of FineWeb-Edu's 10B-token sample
+    weight_decay=0.1,
+    eval_every=250,  # the val loss and HellaSwag every 250 steps, and at the last
+    val_steps=20,  # val batches of B x T each evaluation
+    sample_every=250,
+    checkpoint_every=5000,
+    seed=1337,
+)
+
+
 def main(argv=None):
     with one_line_errors():  # the same settings on every rank: if these fail, they fail on all of them alike
-        cfg = parse_args(argv)
+        cfg = parse_args(argv, RECIPE)  # the recipe, as --model and the flags given change it
         world = World.from_env(cfg.device, planning=cfg.dry_run)
         check_config(cfg, world.world_size)
         cfg.batch_size = fit_batch_size(cfg, world)

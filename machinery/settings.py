@@ -51,7 +51,8 @@ MODELS = {
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run. The defaults reproduce GPT-2 124M; each one is a flag of the same name."""
+    """Every setting of a run, each a flag of the same name. Those whose default is None take it from the recipe that
+    parse_args is given: the lesson's (train_gpt2.RECIPE, GPT-2 124M), which the --model presets change."""
     # data and model
     data: str = flag("edu_fineweb10B", "a directory of fineweb.py shards, or a text file (90% train, 10% val)")
     shuffle_shards: bool = flag(False, "read the train shards in a new seeded order each epoch after the first "
@@ -60,30 +61,30 @@ class TrainConfig:
                               "the flags below that are given explicitly override it")
     init_from: str = flag("scratch", "scratch (random GPT-2 init), or start from weights: gpt2 ... gpt2-xl, "
                                      "a Hugging Face GPT-2 directory, or a .pt checkpoint of this project")
-    n_layer: int = flag(12, "transformer blocks (scratch only)")
-    n_head: int = flag(12, "attention heads (scratch only)")
-    n_embd: int = flag(768, "channels (scratch only)")
+    n_layer: int = flag(None, "transformer blocks (scratch only)")
+    n_head: int = flag(None, "attention heads (scratch only)")
+    n_embd: int = flag(None, "channels (scratch only)")
     # batch
-    total_batch_size: int = flag(524288, "tokens per optimisation step (2**19, GPT-3 Small's 0.5M)")
-    batch_size: int = flag(64, "B: sequences per micro-batch; accumulation makes up the rest. auto: the largest that "
+    total_batch_size: int = flag(None, "tokens per optimisation step")
+    batch_size: int = flag(None, "B: sequences per micro-batch; accumulation makes up the rest. auto: the largest that "
                                "fits the device (tried on a CUDA GPU, else from the memory estimate)")
-    seq_len: int = flag(1024, "T: tokens per sequence, and a new model's context (block_size)")
+    seq_len: int = flag(None, "T: tokens per sequence, and a new model's context (block_size)")
     # optimisation schedule
-    max_steps: int = flag(19073, "optimisation steps (19073 x 524288 tokens: one epoch of FineWeb-Edu 10B)")
-    warmup_steps: int = flag(715, "linear learning-rate warmup steps (GPT-3: 375M tokens)")
-    max_lr: float = flag(6e-4, "peak learning rate, after warmup")
-    min_lr: float = flag(6e-5, "final learning rate, 10% of the peak")
-    weight_decay: float = flag(0.1, "AdamW weight decay on 2-D+ tensors (matmul weights, embeddings)")
+    max_steps: int = flag(None, "optimisation steps")
+    warmup_steps: int = flag(None, "linear learning-rate warmup steps")
+    max_lr: float = flag(None, "peak learning rate, after warmup")
+    min_lr: float = flag(None, "final learning rate, reached at --max_steps")
+    weight_decay: float = flag(None, "AdamW weight decay on 2-D+ tensors (matmul weights, embeddings)")
     # evaluation, logging and checkpoints
-    eval_every: int = flag(250, "evaluate every this many steps, and at the last step")
-    val_steps: int = flag(20, "val batches per evaluation, from the start of the val split")
+    eval_every: int = flag(None, "evaluate every this many steps, and at the last step")
+    val_steps: int = flag(None, "val batches per evaluation, from the start of the val split")
     hellaswag: bool = flag(True, "evaluate HellaSwag acc_norm every --eval_every steps")
     hellaswag_file: str = flag("", "a local HellaSwag jsonl (default: the val split, downloaded once by hellaswag.py)")
-    sample_every: int = flag(250, "print 4 samples every this many steps, and at the last step")
+    sample_every: int = flag(None, "print 4 samples every this many steps, and at the last step")
     prompt: str = flag("auto", "the samples' prompt; auto: the first line of a text --data, so the samples show the "
                                f"text's form, else the lecture's {GPT2_PROMPT!r}")
     log_dir: str = flag("log", "where log.txt and the checkpoints are written")
-    checkpoint_every: int = flag(5000, "write log_dir/model_{step:05d}.pt every this many steps, and at the last")
+    checkpoint_every: int = flag(None, "write log_dir/model_{step:05d}.pt every this many steps, and at the last")
     checkpoint_minutes: float = flag(60, "also write one when this many minutes have passed since the last (0: never); "
                                          "each of these replaces the one before it, once written")
     sharded_checkpoints: str = flag("auto", "save each rank's shards (torch.distributed.checkpoint, a directory "
@@ -91,7 +92,7 @@ class TrainConfig:
                                     "auto (on under --fsdp 1 when a checkpoint outgrows 64 GB: gpt3-6.7b and up)")
     resume: str = flag("", "continue a run exactly from a checkpoint: a path, or 'auto' (the newest in --log_dir)")
     # system
-    seed: int = flag(1337, "seed for initialisation and training")
+    seed: int = flag(None, "seed for initialisation and training")
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     bf16: str = flag("auto", "bfloat16 autocast for the forward pass and loss: 1, 0, or auto (on for CUDA GPUs "
                              "that support it; off elsewhere: most CPUs and older Macs run it slower or not at all)")
@@ -119,14 +120,20 @@ class TrainConfig:
                                 "GPU for DDP and FSDP on WORLD_SIZE processes (default 1), then exit")
 
 
-def parse_args(argv=None):
-    """The command line as a TrainConfig, or a ValueError that says which flag is wrong."""
+def parse_args(argv, recipe):
+    """The command line as a TrainConfig, or a ValueError that says which flag is wrong: each setting is the flag
+    given, else what the --model preset sets, else the recipe's value (a dict, a value for each field whose default
+    is None), else the field's default."""
+    needed = {f.name for f in fields(TrainConfig) if f.default is None}
+    if set(recipe) != needed:  # a mistake in the lesson, not in the command line
+        raise TypeError(f"the recipe must give {sorted(needed)}, not {sorted(recipe)}")
     # exit_on_error=False: argparse raises its errors, to end in one line like any; --max is no abbreviation
     parser = argparse.ArgumentParser(description="Train GPT-2 (124M by default), then sample from it.",
                                      exit_on_error=False, allow_abbrev=False)
     preset = set().union(*MODELS.values())  # the flags whose default --model sets
-    for f in fields(TrainConfig):  # default None: a flag left out takes the model's value, else the field's
-        default = f"{f.default} for gpt2; other models set their own" if f.name in preset else f.default
+    for f in fields(TrainConfig):  # default None: a flag left out takes the model's value, else the recipe's or field's
+        default = recipe.get(f.name, f.default)
+        default = f"{default} for gpt2; other models set their own" if f.name in preset else default
         parser.add_argument(f"--{f.name}", type=on_off if f.type is bool else auto_on_off if f.name in ("bf16", "sharded_checkpoints")
                             else int_or_auto if f.name == "batch_size" else f.type,
                             default=None, help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
@@ -140,7 +147,7 @@ def parse_args(argv=None):
     model = given.get("model", TrainConfig.model)
     if model not in MODELS:
         raise ValueError(f"--model {model!r} is not one of {', '.join(MODELS)}")
-    return TrainConfig(**{**MODELS[model], **given})
+    return TrainConfig(**{**recipe, **MODELS[model], **given})
 
 
 def check_config(cfg, world_size=1):

@@ -98,6 +98,13 @@ def hf_checkpoint(tmp_path):
     return lambda name="tiny", seed=0, **shape: make_hf_checkpoint(tmp_path / name, seed, **shape)
 
 
+def parse_args(argv):
+    """The settings a run of train_gpt2.py gets from these flags: its recipe, changed by them."""
+    import train_gpt2
+    from machinery import settings
+    return settings.parse_args(argv, train_gpt2.RECIPE)
+
+
 def run(args, cwd=ROOT, timeout=600, env=None):
     """`python *args` in a fresh process, from the repository root: what a user's shell would see."""
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)

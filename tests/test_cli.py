@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from conftest import INPUT, ROOT, SMALL, error_of, read_log, run
+from conftest import error_of, INPUT, parse_args, read_log, ROOT, run, SMALL
 import train_gpt2
 from machinery.cli import error_text
 from machinery.perf import duration
-from machinery.settings import check_config, GPT2_PROMPT, MODELS, parse_args, samples_prompt, TrainConfig
+from machinery.settings import check_config, GPT2_PROMPT, MODELS, samples_prompt, TrainConfig
 from machinery.world import LAUNCHER_VARIABLES, maybe_compile
 
 
@@ -131,7 +131,8 @@ def test_help_lists_every_flag_with_its_default():
 
 
 def test_a_model_sets_its_shape_and_recipe_and_explicit_flags_win():
-    assert parse_args([]) == parse_args(["--model", "gpt2"]) == TrainConfig()  # the defaults are GPT-2 124M's
+    assert parse_args([]) == parse_args(["--model", "gpt2"]) == TrainConfig(**train_gpt2.RECIPE)  # the lesson's recipe
+    assert (parse_args([]).total_batch_size, parse_args([]).max_steps, parse_args([]).max_lr) == (524288, 19073, 6e-4)
     c = parse_args(["--model", "gpt3-xl"])  # GPT-3 XL: 24 layers of 2048, 1M tokens a step, lr 2e-4, context 2048
     assert (c.n_layer, c.n_head, c.n_embd, c.seq_len, c.total_batch_size) == (24, 16, 2048, 2048, 2**20)
     assert (c.max_lr, c.min_lr, c.warmup_steps, c.max_steps) == (2e-4, 2e-5, 358, 9537)  # 375M and 10B tokens

@@ -9,11 +9,10 @@ import re
 import pytest
 import torch
 
-from conftest import HELLASWAG_20, INPUT, read_log
+from conftest import HELLASWAG_20, INPUT, parse_args, read_log
 import train_gpt2
 from machinery import memory
 from machinery.memory import choose_batch_size, memory_estimate
-from machinery.settings import parse_args
 from machinery.world import World, init_device, to_device as world_to_device
 from train_gpt2 import GPT, GPTConfig, PADDED_VOCAB_SIZE
 

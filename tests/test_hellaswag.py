@@ -5,11 +5,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import FIXTURES, HELLASWAG_20 as EXAMPLES, SMALL, error_of, run
+from conftest import error_of, FIXTURES, HELLASWAG_20 as EXAMPLES, parse_args, run, SMALL
 import eval_hellaswag
 import hellaswag
 import train_gpt2
-from machinery.settings import parse_args
 from machinery.world import World
 from tokenizer import gpt2_encoding
 from train_gpt2 import evaluate_hellaswag, GPT, GPTConfig

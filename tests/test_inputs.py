@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import INPUT, SMALL, error_of, make_hf_checkpoint
-from machinery.settings import PROMPT_CHARS, parse_args, samples_prompt
+from conftest import error_of, INPUT, make_hf_checkpoint, parse_args, SMALL
+from machinery.settings import PROMPT_CHARS, samples_prompt
 from machinery.shards import shard_name, write_manifest, write_shard
 from tokenizer import EOT
 import sample

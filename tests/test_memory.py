@@ -1,11 +1,10 @@
 """--batch_size auto: the largest micro-batch that fits, tried (here with an injected out-of-memory) or estimated."""
 import torch
 
-from conftest import SMALL, assert_same_log
+from conftest import assert_same_log, parse_args, SMALL
 import train_gpt2
 from machinery import memory
 from machinery.memory import choose_batch_size, estimated_bytes
-from machinery.settings import parse_args
 from machinery.world import World
 from train_gpt2 import GPT, GPTConfig
 

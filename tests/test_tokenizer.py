@@ -2,9 +2,8 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import parse_args, ROOT
 from tokenizer import EOT, gpt2_encoding, GPT2_VOCAB_SIZE
-from machinery.settings import parse_args
 from train_gpt2 import scratch_config
 
 PROMPT = "Hello, I'm a language model,"

@@ -5,10 +5,9 @@ import sys
 
 import torch
 
-from conftest import HELLASWAG_20, INPUT, ROOT, SMALL, assert_same_log, error_of, read_log
+from conftest import assert_same_log, error_of, HELLASWAG_20, INPUT, parse_args, read_log, ROOT, SMALL
 import train_gpt2
 from machinery import world
-from machinery.settings import parse_args
 from machinery.world import bf16_fast, maybe_compile
 from train_gpt2 import DataLoaderLite, get_lr, GPT, GPTConfig
 
