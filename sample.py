@@ -6,10 +6,9 @@ import argparse
 
 from machinery.cli import one_line_errors, run_script
 from machinery.inputs import check_vocab
-from machinery.settings import GPT2_PROMPT
 from machinery.world import init_device
 from tokenizer import GPT2_VOCAB_SIZE
-from train_gpt2 import load_model, sample
+from train_gpt2 import GPT2_PROMPT, load_model, sample
 
 
 def main(argv=None):

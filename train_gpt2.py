@@ -34,7 +34,7 @@ from machinery.inputs import check_vocab, load_hf_gpt2, read_text
 from machinery.memory import choose_batch_size
 from machinery.perf import Meter
 from machinery.run_dir import RunDir
-from machinery.settings import (GPT2_PROMPT, batch_plan, check_config, dry_run, fit_batch_size, out_of_memory_advice,
+from machinery.settings import (batch_plan, check_config, dry_run, fit_batch_size, out_of_memory_advice,
                                 parse_args, samples_prompt)
 from machinery.shards import open_shard, shard_paths
 from machinery.stopping import STOPPED, StopRequest, stop_if_not_finite
@@ -435,6 +435,10 @@ def evaluate(step, eval_model, raw_model, data, cfg, world, run, should_stop):
     return True
 
 
+# the lecture's prompt, for samples of a model trained on the web
+GPT2_PROMPT = "Hello, I'm a language model,"
+
+
 @torch.no_grad()
 def sample(model, device, num_samples=4, max_new_tokens=32, seed=42, prompt=GPT2_PROMPT):
     """num_samples continuations of prompt (top-k 50), from a generator of their own."""
@@ -534,7 +538,7 @@ def train(cfg, world, model, data, run, checkpoint=None):
             sample_due = (step > 0 and step % cfg.sample_every == 0) or last_step
             if sample_due and not world.any(stop.requested) and (world.master or cfg.fsdp):
                 # the eager model again: each new token makes a new shape, which would recompile every time
-                for i, text in enumerate(sample(raw_model, device, prompt=samples_prompt(cfg))):
+                for i, text in enumerate(sample(raw_model, device, prompt=samples_prompt(cfg, GPT2_PROMPT))):
                     world.print(f"sample {i}: {text}")
 
             t0 = time.time()

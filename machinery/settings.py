@@ -13,10 +13,6 @@ from machinery.shards import open_shard, shard_paths
 from machinery.world import COMPILE_MODES
 
 
-# the lecture's prompt for samples of a model trained on the web
-GPT2_PROMPT = "Hello, I'm a language model,"
-
-
 def flag(default, help):
     return field(default=default, metadata={"help": help})
 
@@ -82,7 +78,7 @@ class TrainConfig:
     hellaswag_file: str = flag("", "a local HellaSwag jsonl (default: the val split, downloaded once by hellaswag.py)")
     sample_every: int = flag(None, "print 4 samples every this many steps, and at the last step")
     prompt: str = flag("auto", "the samples' prompt; auto: the first line of a text --data, so the samples show the "
-                               f"text's form, else the lecture's {GPT2_PROMPT!r}")
+                               "text's form, else the lecture's prompt (for web text: FineWeb's shards)")
     log_dir: str = flag("log", "where log.txt and the checkpoints are written")
     checkpoint_every: int = flag(None, "write log_dir/model_{step:05d}.pt every this many steps, and at the last")
     checkpoint_minutes: float = flag(60, "also write one when this many minutes have passed since the last (0: never); "
@@ -251,9 +247,9 @@ def saves_sharded(cfg, n_params):
 PROMPT_CHARS = 80  # the longest --prompt auto takes from a text's first line
 
 
-def samples_prompt(cfg):
+def samples_prompt(cfg, web_prompt):
     """What --prompt auto means: a text file's first line (in Shakespeare, a speaker's name and a line break),
-    or for FineWeb's shards the lecture's prompt."""
+    or for FineWeb's shards web_prompt, the lecture's."""
     if cfg.prompt != "auto":
         return cfg.prompt
     if os.path.isfile(cfg.data):
@@ -261,7 +257,7 @@ def samples_prompt(cfg):
             line = f.readline(PROMPT_CHARS + 1)  # a text without line breaks must not be one whole-file prompt
         # cut at the last space within PROMPT_CHARS: whole words, each sample's prompt a line or so on screen
         return line if len(line) <= PROMPT_CHARS else line[:PROMPT_CHARS].rsplit(" ", 1)[0] or line[:PROMPT_CHARS]
-    return GPT2_PROMPT
+    return web_prompt
 
 
 def dry_run(cfg, world, model_class, config):

@@ -9,9 +9,10 @@ import pytest
 
 from conftest import error_of, INPUT, parse_args, read_log, ROOT, run, SMALL
 import train_gpt2
+from train_gpt2 import GPT2_PROMPT
 from machinery.cli import error_text
 from machinery.perf import duration
-from machinery.settings import check_config, GPT2_PROMPT, MODELS, samples_prompt, TrainConfig
+from machinery.settings import check_config, MODELS, samples_prompt, TrainConfig
 from machinery.world import LAUNCHER_VARIABLES, maybe_compile
 
 
@@ -57,9 +58,9 @@ def test_readme_main_command_trains_and_samples(tmp_path):
 
 
 def test_samples_start_from_the_texts_first_line_or_the_lectures_prompt(tmp_path):
-    assert samples_prompt(parse_args(["--data", INPUT])) == "First Citizen:\n"
-    assert samples_prompt(parse_args(["--data", INPUT, "--prompt", "ROMEO:"])) == "ROMEO:"
-    assert samples_prompt(parse_args(["--data", str(tmp_path)])) == GPT2_PROMPT == "Hello, I'm a language model,"
+    assert samples_prompt(parse_args(["--data", INPUT]), GPT2_PROMPT) == "First Citizen:\n"
+    assert samples_prompt(parse_args(["--data", INPUT, "--prompt", "ROMEO:"]), GPT2_PROMPT) == "ROMEO:"
+    assert samples_prompt(parse_args(["--data", str(tmp_path)]), GPT2_PROMPT) == "Hello, I'm a language model,"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -16,7 +16,7 @@ from machinery.shards import shard_name, write_manifest, write_shard
 from tokenizer import EOT
 import sample
 import train_gpt2
-from train_gpt2 import DataLoaderLite
+from train_gpt2 import DataLoaderLite, GPT2_PROMPT
 
 
 def refused(argv, tmp_path):
@@ -48,9 +48,9 @@ def test_a_jsonl_given_as_text_is_refused_with_the_command_that_tokenizes_it(tmp
 def test_prompt_auto_takes_at_most_a_short_first_line_in_whole_words(tmp_path):
     text = tmp_path / "one_line.txt"
     text.write_text("word " * 10000)  # no line break anywhere
-    prompt = samples_prompt(parse_args(["--data", str(text)]))
+    prompt = samples_prompt(parse_args(["--data", str(text)]), GPT2_PROMPT)
     assert prompt == "word " * 15 + "word" and len(prompt) <= PROMPT_CHARS
-    assert samples_prompt(parse_args(["--data", INPUT])) == "First Citizen:\n"  # a short first line, whole
+    assert samples_prompt(parse_args(["--data", INPUT]), GPT2_PROMPT) == "First Citizen:\n"  # a short first line, whole
 
 
 def test_a_prompt_holding_endoftext_samples_in_training_and_in_sample_py(tmp_path, capsys):
