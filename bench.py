@@ -29,7 +29,7 @@ from machinery.cli import auto_on_off, on_off, one_line_errors, run_script
 from machinery.perf import datasheet_tflops, flops_per_token, measured_tflops
 from machinery.world import bf16_fast, compile_update, init_device, maybe_compile, synchronize
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding
-from train_gpt2 import GPT, PADDED_VOCAB_SIZE, GPTConfig, clip_and_step
+from train_gpt2 import GPT, PADDED_VOCAB_SIZE, GPTConfig, clip_and_step, pick_device
 
 def machine_name(device):
     if device.startswith("cuda"):
@@ -222,7 +222,7 @@ def main(argv=None):
             raise ValueError(f"--generate {args.generate} must be shorter than the context, {max(1024, args.seq_len)}")
         if args.n_embd % args.n_head:
             raise ValueError(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head}")
-        device = init_device(args.device)
+        device = init_device(pick_device(args.device))
         use_bf16 = bf16_fast(device) if args.bf16 == "auto" else args.bf16
         if args.hellaswag and not os.path.isfile(args.hellaswag):
             raise ValueError(f"--hellaswag {args.hellaswag!r} not found: it takes a HellaSwag jsonl file")

@@ -15,7 +15,7 @@ from machinery.cli import one_line_errors, run_script
 from machinery.inputs import check_vocab
 from machinery.world import bf16_fast, init_device
 from tokenizer import GPT2_VOCAB_SIZE
-from train_gpt2 import load_model
+from train_gpt2 import load_model, pick_device
 
 
 def main(argv=None):
@@ -28,7 +28,7 @@ def main(argv=None):
     p.add_argument("--batch_tokens", type=int, default=hellaswag.BATCH_TOKENS, help="tokens per forward pass, padding included")
     args = p.parse_args(argv)
     with one_line_errors():
-        device = init_device(args.device)
+        device = init_device(pick_device(args.device))
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {args.limit}")
         if args.batch_tokens < 1:

@@ -8,7 +8,7 @@ from machinery.cli import one_line_errors, run_script
 from machinery.inputs import check_vocab
 from machinery.world import init_device
 from tokenizer import GPT2_VOCAB_SIZE
-from train_gpt2 import GPT2_PROMPT, load_model, sample
+from train_gpt2 import GPT2_PROMPT, load_model, pick_device, sample
 
 
 def main(argv=None):
@@ -24,7 +24,7 @@ def main(argv=None):
         if args.num_samples < 1 or args.max_new_tokens < 0:
             raise ValueError("--num_samples must be at least 1 and --max_new_tokens at least 0, got "
                              f"{args.num_samples} and {args.max_new_tokens}")
-        device = init_device(args.device)
+        device = init_device(pick_device(args.device))
         model = load_model(args.model).to(device)
         check_vocab(model, GPT2_VOCAB_SIZE - 1, "GPT-2 text (--prompt)")
     for i, text in enumerate(sample(model, device, args.num_samples, args.max_new_tokens, args.seed, args.prompt)):

@@ -14,23 +14,19 @@ import torch.distributed as dist
 from machinery.cli import error_text
 
 
-def init_device(requested="auto", local_rank=None):
-    """The device to run on, set up: the fastest there is (cuda, then Apple's mps, then cpu), or the one asked for."""
+def init_device(device, local_rank=None):
+    """device (cpu, cuda, cuda:N or mps) checked against what this torch sees, and set up: under torchrun each process
+    drives one GPU, its local rank's. Which device to ask for is the lesson's choice (train_gpt2.pick_device)."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    device = next(kind for kind, ok in available.items() if ok) if requested == "auto" else requested
     kind = device.split(":")[0]
     if kind not in available:
-        raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     if not available[kind]:
-        raise ValueError(f"device {requested!r} asked for, but this torch sees no {'CUDA GPU' if kind == 'cuda' else 'MPS'} "
+        raise ValueError(f"device {device!r} asked for, but this torch sees no {'CUDA GPU' if kind == 'cuda' else 'MPS'} "
                          "here: use --device cpu")
-    if kind == "cuda":
-        if local_rank is not None:  # under torchrun: each process drives one GPU, its local rank's
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa, ~3x faster on A100/H100; the
-        # weights and activations stay fp32 and training does not notice the lost precision
-        torch.set_float32_matmul_precision("high")
+    if kind == "cuda" and local_rank is not None:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
     return device
 
 
@@ -97,6 +93,21 @@ def env_int(name, default):
         raise ValueError(f"{name}={value!r} is not a whole number: unset it, or start the run with torchrun") from None
 
 
+def check_launcher(planning=False):
+    """torchrun tells each process who it is in environment variables: all of them set, as whole numbers that fit
+    together, or none (a plain run, a world of one), else a ValueError saying what to do. Planning (a dry run),
+    WORLD_SIZE alone is the number of processes to plan for."""
+    given = [k for k in LAUNCHER_VARIABLES if k in os.environ]
+    if given and not planning and len(given) < len(LAUNCHER_VARIABLES):  # set by hand, or a launcher's half
+        missing = next(k for k in LAUNCHER_VARIABLES if k not in os.environ)
+        raise ValueError(f"{given[0]} is set but {missing} is not: torchrun sets them all; start the run with "
+                         f"torchrun --nproc_per_node=N, or unset {', '.join(given)}")
+    rank, local_rank, world_size = (env_int(k, d) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if not (world_size >= 1 and 0 <= rank < world_size and local_rank >= 0):
+        raise ValueError(f"RANK={rank}, LOCAL_RANK={local_rank} and WORLD_SIZE={world_size} do not fit together: "
+                         "start the run with torchrun")
+
+
 @dataclass
 class World:
     """This process's place in the run: which process it is, of how many, on which device."""
@@ -111,22 +122,6 @@ class World:
         self.master = self.rank == 0  # rank 0 alone prints, logs and writes files
         self.writing = threading.Lock()  # held while a file is written: a rank leaving after another's error waits
         self.waits = 0  # wait_for_master calls so far: every rank makes them in the same order
-
-    @classmethod
-    def from_env(cls, requested_device="auto", planning=False):
-        """torchrun tells each process who it is in environment variables; a plain run is a world of one.
-        Planning (a dry run), WORLD_SIZE alone is the number of processes to plan for."""
-        given = [k for k in LAUNCHER_VARIABLES if k in os.environ]
-        if given and not planning and len(given) < len(LAUNCHER_VARIABLES):  # set by hand, or a launcher's half
-            missing = next(k for k in LAUNCHER_VARIABLES if k not in os.environ)
-            raise ValueError(f"{given[0]} is set but {missing} is not: torchrun sets them all; start the run with "
-                             f"torchrun --nproc_per_node=N, or unset {', '.join(given)}")
-        rank, local_rank, world_size = (env_int(k, d) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-        if not (world_size >= 1 and 0 <= rank < world_size and local_rank >= 0):
-            raise ValueError(f"RANK={rank}, LOCAL_RANK={local_rank} and WORLD_SIZE={world_size} do not fit together: "
-                             "start the run with torchrun")
-        ddp = bool(given) and not planning
-        return cls(rank, local_rank, world_size, ddp, init_device(requested_device, local_rank if ddp else None))
 
     def print(self, *args):
         if self.master:

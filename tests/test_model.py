@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from machinery.world import World, init_device
-from train_gpt2 import CausalSelfAttention, GPT, GPTConfig
+from train_gpt2 import CausalSelfAttention, GPT, GPTConfig, pick_device
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -92,18 +92,15 @@ def test_sequence_longer_than_block_size_is_a_clear_error(hf_checkpoint):
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-def test_init_device_picks_cpu_without_a_gpu_and_honours_an_override(monkeypatch):
-    assert init_device("auto") == "cpu"  # the tests hide any GPU
-    assert init_device("cpu") == "cpu"
-    assert torch.get_float32_matmul_precision() == "highest"  # full fp32 on the CPU
-    with pytest.raises(ValueError, match="unknown device"):
+def test_the_device_is_the_fastest_there_is_or_the_one_asked_for_and_is_checked(monkeypatch):
+    assert pick_device("auto") == "cpu" and init_device(pick_device("auto")) == "cpu"  # the tests hide any GPU
+    assert pick_device("cpu") == init_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
         init_device("gpu0")
+    with pytest.raises(ValueError, match="device 'cuda' asked for, but this torch sees no CUDA GPU here: use --device cpu"):
+        init_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as if on a GPU machine
-    try:
-        assert init_device("auto") == "cuda"
-        assert torch.get_float32_matmul_precision() == "high"  # TF32 matmuls, set up with the device
-    finally:
-        torch.set_float32_matmul_precision("highest")
+    assert pick_device("auto") == "cuda" and pick_device("mps") == "mps"
 
 
 def test_weight_tying_and_the_124M_parameter_count():
