@@ -35,7 +35,7 @@ from machinery.inputs import check_vocab, load_hf_gpt2, read_text
 from machinery.memory import choose_batch_size
 from machinery.perf import Meter
 from machinery.run_dir import RunDir
-from machinery.settings import (batch_plan, check_config, dry_run, fit_batch_size, out_of_memory_advice,
+from machinery.settings import (batch_line, check_config, dry_run, fit_batch_size, out_of_memory_advice,
                                 parse_args, samples_prompt)
 from machinery.shards import open_shard, shard_paths
 from machinery.stopping import STOPPED, StopRequest, stop_if_not_finite
@@ -502,7 +502,11 @@ def train(cfg, world, model, data, run, checkpoint=None):
     device = world.device
     world.print(f"using device: {device}" + (f", {world.world_size} processes" if world.ddp else ""))
     world.print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
-    grad_accum_steps = batch_plan(cfg, world)
+    # a 0.5M-token batch does not fit in memory at once: add up the gradients of several micro-batches of B x T
+    B, T = cfg.batch_size, cfg.seq_len
+    assert cfg.total_batch_size % (B * T * world.world_size) == 0, "total_batch_size must divide into B * T * processes"
+    grad_accum_steps = cfg.total_batch_size // (B * T * world.world_size)
+    world.print(batch_line(cfg, world.world_size, grad_accum_steps))
     meter = Meter(model, cfg, world)  # MFU and the time left, for each step line
     if cfg.fsdp:
         shard_model(model, device, world.master, cfg.fsdp_bf16)
@@ -576,7 +580,7 @@ def train(cfg, world, model, data, run, checkpoint=None):
             if cfg.async_host:  # the check at the step's one wait: the weights took the step, no checkpoint does
                 stop_if_not_finite(loss_accum, step, cfg.log_dir, updated=True)
             dt = time.time() - t0
-            tokens_per_sec = cfg.batch_size * cfg.seq_len * grad_accum_steps * world.world_size / dt
+            tokens_per_sec = B * T * grad_accum_steps * world.world_size / dt
             world.print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
                         f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f} | {meter(step, tokens_per_sec, dt)}")
             run.log(step, "train", f"{loss_accum.item():.6f}")

@@ -47,9 +47,14 @@ TRIED_ABOVE = 1.25
 DRY_RUN_MEMORY = 80 * 2**30
 
 
+def sequences_per_process(cfg, world_size):
+    """The sequences each process adds up in a step: --total_batch_size tokens in sequences of --seq_len, shared out."""
+    return cfg.total_batch_size // (cfg.seq_len * world_size)
+
+
 def batch_sizes(cfg, world_size):
     """The micro-batches a step can be made of, largest first: those that divide the sequences each process adds up."""
-    sequences = cfg.total_batch_size // (cfg.seq_len * world_size)
+    sequences = sequences_per_process(cfg, world_size)
     return [b for b in range(sequences, 0, -1) if sequences % b == 0]
 
 
@@ -65,7 +70,7 @@ def device_memory(device):
 def estimated_bytes(cfg, config, n_params, world_size, batch_size):
     """The memory estimate's total for one process at this micro-batch."""
     planned = dataclasses.replace(cfg, batch_size=batch_size)
-    accum = cfg.total_batch_size // (batch_size * cfg.seq_len * world_size)
+    accum = sequences_per_process(cfg, world_size) // batch_size
     return sum(memory_estimate(config, n_params, planned, world_size, cfg.fsdp, accum).values())
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from machinery.cli import auto_on_off, error_text, int_or_auto, on_off
-from machinery.memory import DRY_RUN_MEMORY, device_memory, largest_estimated, memory_estimate
+from machinery.memory import DRY_RUN_MEMORY, device_memory, largest_estimated, memory_estimate, sequences_per_process
 from machinery.perf import DATASHEET_BF16_TFLOPS, MEASURED_MFU, MEASURED_ON, SCALING, duration, flops_per_token, run_seconds
 from machinery.shards import open_shard, shard_paths
 from machinery.world import COMPILE_MODES
@@ -190,7 +190,7 @@ def fit_batch_size(cfg, world):
     at once, not which tokens a step trains on: a run may resume with another B, or on another number of GPUs."""
     if cfg.batch_size == "auto":
         return "auto"  # chosen once the model is built (machinery/auto_batch.py)
-    sequences = cfg.total_batch_size // (cfg.seq_len * world.world_size)
+    sequences = sequences_per_process(cfg, world.world_size)
     fitted = max(b for b in range(1, min(cfg.batch_size, sequences) + 1) if sequences % b == 0)
     if fitted != cfg.batch_size:
         world.print(f"--batch_size {cfg.batch_size} does not divide the {sequences} sequences each of "
@@ -219,13 +219,10 @@ def out_of_memory_advice(cfg):
                             "or --fsdp 1 under torchrun")) from None
 
 
-def batch_plan(cfg, world):
-    """How a step's tokens are made up: the micro-steps of each process, said in a line."""
-    # a 0.5M-token batch does not fit in memory at once: add up the gradients of several micro-batches
-    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_len * world.world_size)
-    world.print(f"total batch {cfg.total_batch_size:,} tokens = {grad_accum_steps} micro-batches of "
-                f"{cfg.batch_size} x {cfg.seq_len} on each of {world.world_size} processes")
-    return grad_accum_steps
+def batch_line(cfg, world_size, grad_accum_steps):
+    """How a step's tokens are made up, in a line: the micro-steps of each process."""
+    return (f"total batch {cfg.total_batch_size:,} tokens = {grad_accum_steps} micro-batches of {cfg.batch_size} x "
+            f"{cfg.seq_len} on each of {world_size} processes")
 
 
 def checkpoint_bytes(n_params):
@@ -281,7 +278,8 @@ def dry_run(cfg, world, model_class, config):
                     f"GiB, from the memory estimate ({', '.join(f'{b} on {gib} GiB' for gib, b in fits.items())}; "
                     "a run on a CUDA GPU tries them)")
         cfg.batch_size = cfg.batch_size or 1
-    grad_accum_steps = batch_plan(cfg, world)
+    grad_accum_steps = sequences_per_process(cfg, world.world_size) // cfg.batch_size
+    world.print(batch_line(cfg, world.world_size, grad_accum_steps))
     if os.path.isdir(cfg.data):
         paths, _ = shard_paths(cfg.data, "train")
         tokens = sum(len(open_shard(path)) for path in paths)  # memory-mapped: only the headers are read
