@@ -39,7 +39,7 @@ from machinery.settings import (batch_line, check_config, dry_run, fit_batch_siz
                                 parse_args, samples_prompt)
 from machinery.shards import open_shard, shard_paths
 from machinery.stopping import STOPPED, StopRequest, stop_if_not_finite
-from machinery.world import World, bf16_fast, check_launcher, compile_update, init_device, maybe_compile, synchronize, to_device
+from machinery.world import World, bf16_fast, can_compile, check_launcher, compile_update, init_device, synchronize, to_device
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding  # GPT-2's BPE, read from files in this repo: never downloaded
 
 # -----------------------------------------------------------------------------
@@ -522,13 +522,16 @@ def train(cfg, world, model, data, run, checkpoint=None):
     update = compile_update(clip_and_step, optimizer) if cfg.compile_step else clip_and_step
     # compile fuses the model's elementwise ops into a few kernels and cuts Python overhead; the
     # compiled module shares raw_model's weights, and raw_model stays for sampling (other shapes)
-    raw_model = model
-    model = eval_model = maybe_compile(model, cfg.compile, world.device_type, world.print, cfg.compile_mode)  # eval: no DDP
+    raw_model = eval_model = model
+    use_compile = cfg.compile and can_compile(world.device_type, world.print)  # a compiler, a Python it supports
+    if use_compile:
+        model = eval_model = torch.compile(model, mode=cfg.compile_mode)  # evaluation needs no DDP
     if world.ddp and not cfg.fsdp:
         # DDP averages the gradients of all processes during backward, bucket by bucket; compiled around DDP, not
         # inside it, the graph breaks at the buckets so that each one's all-reduce overlaps the rest of backward
         model = DDP(raw_model, device_ids=[world.local_rank] if world.device_type == "cuda" else None)
-        model = maybe_compile(model, cfg.compile, world.device_type, lambda *_: None, cfg.compile_mode)
+        if use_compile:
+            model = torch.compile(model, mode=cfg.compile_mode)
 
     stopping = False
     with StopRequest(world) as stop:  # SIGTERM, Ctrl-C, SIGHUP, SIGUSR1: finish the step, checkpoint, exit

@@ -55,19 +55,22 @@ def to_device(batch, device, pinned=False):
     return tuple(t.to(device) for t in batch)
 
 
-def maybe_compile(model, enabled, device_type, log=print, mode="default"):
-    """torch.compile the model (in mode) where it can run; where it cannot, say why (through log) and stay eager."""
-    if not enabled:
-        return model
+def can_compile(device_type, log=print):
+    """Whether torch.compile can run here; where it cannot, say why (through log), and the run stays eager."""
     if device_type == "cpu" and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "c++", "g++")):
         log("compile: no C/C++ compiler found (the CPU backend needs one): running eager; "
             "install gcc or pass --compile 0")
-        return model
-    try:
-        return torch.compile(model, mode=mode)
-    except Exception as e:  # e.g. a Python release torch.compile does not support yet
-        log(f"compile: unavailable ({error_text(e)}): running eager; pass --compile 0")
-        return model
+        return False
+    if not torch._dynamo.is_dynamo_supported():  # a Python release torch.compile does not support yet
+        log(f"compile: unavailable on Python {sys.version.split()[0]} with torch {torch.__version__}: running eager; "
+            "pass --compile 0")
+        return False
+    return True
+
+
+def maybe_compile(model, enabled, device_type, log=print, mode="default"):
+    """torch.compile the model (in mode) where it can run, else the model as it is."""
+    return torch.compile(model, mode=mode) if enabled and can_compile(device_type, log) else model
 
 
 def compile_update(update, optimizer):
