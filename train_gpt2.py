@@ -20,8 +20,6 @@ import torch.distributed as dist
 from torch.distributed import init_process_group
 import torch.nn as nn
 import torch.utils.checkpoint
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -31,6 +29,7 @@ from machinery.checkpoints import (check_weights, checkpoint_due, checkpoint_to_
                                    restore_checkpoint, save_checkpoint)
 from machinery.chunked_loss import chunked_cross_entropy
 from machinery.cli import error_text, one_line_errors, run_script
+from machinery.fsdp import shard_model
 from machinery.inputs import check_vocab, load_hf_gpt2, read_text
 from machinery.memory import choose_batch_size
 from machinery.perf import Meter
@@ -473,22 +472,6 @@ def get_lr(step, warmup_steps, max_steps, max_lr, min_lr):
 # The training loop
 
 
-def shard_model(model, device, master, bf16_traffic=False):
-    """FSDP2: each block, then the root (embeddings, ln_f, lm_head), becomes a unit whose weights, gradients and
-    AdamW moments are split across the processes, and gathered whole only while the unit computes. Rank 0 alone
-    holds the weights whole: each rank allocates its own shards, then takes its part of rank 0's weights, which
-    are sent one tensor at a time. bf16_traffic: the blocks gather their weights in bf16, half the bytes, and
-    compute in bf16 from input to output; gradients are still summed in fp32 (a bf16 sum over many ranks loses
-    precision), and the shards, AdamW and the root stay fp32."""
-    whole = model.state_dict() if master else {}
-    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32, torch.float32) if bf16_traffic else MixedPrecisionPolicy()
-    for block in model.transformer.h:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model)
-    model.to_empty(device=device)
-    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-
-
 def clip_and_step(model, optimizer):
     """The update: clip the global gradient norm at 1.0 (one unlucky batch cannot shock the weights), then AdamW's
     step. Returns the norm before clipping."""
@@ -508,7 +491,7 @@ def train(cfg, world, model, data, run, checkpoint=None):
     grad_accum_steps = cfg.total_batch_size // (B * T * world.world_size)
     world.print(batch_line(cfg, world.world_size, grad_accum_steps))
     meter = Meter(model, cfg, world)  # MFU and the time left, for each step line
-    if cfg.fsdp:
+    if cfg.fsdp:  # FSDP2: weights, gradients and AdamW's moments split across the processes (machinery/fsdp.py)
         shard_model(model, device, world.master, cfg.fsdp_bf16)
     else:
         model.to(device)

@@ -11,6 +11,7 @@ module a concern, each usable on its own:
 - inputs.py: what a user hands the trainer besides flags (a text file, Hugging Face weights), checked
 - locks.py: one process at a time in a directory (a run's --log_dir, fineweb.py's --local_dir)
 - run_dir.py: the --log_dir a run owns: its lock, log.txt, checkpoint names, curves.png
+- fsdp.py: FSDP2, the model's weights, gradients and AdamW's moments sharded across the processes
 - checkpoints.py: reading, checking, writing and restoring checkpoints, FSDP's shards included
 - stopping.py: signals that ask a run to stop with a checkpoint, and the exit code that says so
 
