@@ -5,8 +5,9 @@ HellaSwag examples/s, or sampling tokens/s with and without the KV cache.
     python bench.py --hellaswag tests/fixtures/hellaswag_val_every50.jsonl --device cpu --n_layer 4 --n_head 4 --n_embd 128
     python bench.py --generate 256 --batch_size 4 --device cpu
 
-It times whole training steps (forward, backward, clipping, AdamW) on random tokens, so data
-loading is not measured. MFU is achieved FLOP/s over the device's peak: the peak is measured
+It times whole training steps (forward, backward, clipping, AdamW) on random tokens made on the
+device, so data loading is not measured (--host plain: copied from the host each micro-step, as the
+trainer does; --host async: as the async_host candidate would). MFU is achieved FLOP/s over the device's peak: the peak is measured
 here with a large matmul in the step's precision, and also taken from the datasheet where the
 device is a GPU this file knows. With --hellaswag it times scoring that file instead, with
 hellaswag.predict and with a plain loop that scores one example at a time, on the same model. With
@@ -27,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 import hellaswag
 from machinery.cli import auto_on_off, on_off, one_line_errors, run_script
 from machinery.perf import datasheet_tflops, flops_per_token, measured_tflops
-from machinery.world import bf16_fast, compile_update, init_device, maybe_compile, synchronize
+from machinery.world import bf16_fast, init_device, maybe_compile, synchronize
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding
 from train_gpt2 import GPT, PADDED_VOCAB_SIZE, GPTConfig, clip_and_step, pick_device
 
@@ -107,22 +108,45 @@ def bench_generate(model, rows, new_tokens, device, use_bf16):
     print(f"same tokens: {torch.equal(out[True], out[False])}")
 
 
+def to_device(batch, device, pinned=False):
+    """A batch's tensors on the device, as the trainer copies them (pinned False), or as the async_host candidate does
+    (CUDA): copied from page-locked memory without blocking, so the host
+    goes on queueing the forward pass; a plain copy from pageable memory waits until the GPU has drained its queue."""
+    if pinned and device.startswith("cuda"):
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+    return tuple(t.to(device) for t in batch)
+
+
+def compile_update(update, optimizer):
+    """compile_step, a candidate: update (clipping and AdamW's step) as one compiled graph, beside the compiled model. Its
+    learning rates become tensors, which the loop changes in place: a float would be a constant in the graph, and each
+    new one would compile it again. AdamW runs its foreach code, which compile fuses; its fused kernel is opaque."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]))
+        group["fused"], group["foreach"] = False, None  # None: foreach wherever AdamW can
+    return torch.compile(update)
+
+
 def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup=3, fused=True, tf32=True, profiler=None,
-                  compile_mode="default", accum=1, compile_step=False):
+                  compile_mode="default", accum=1, compile_step=False, host=None):
     """Seconds of each timed training step (forward, backward, clipping, AdamW) of model on one batch of random
     tokens, after warmup untimed ones, and every step's loss. fused: AdamW's one-launch CUDA kernel; tf32: fp32
     matmuls on tensor cores (else full fp32, the lecture's first rung); profiler: a torch.profiler.profile that
     records the timed steps only; accum: micro-batches of B a step, their gradients added up (the same batch of
-    B * accum rows as one micro-batch of that size); compile_step: clipping and AdamW compiled too, as the trainer's
-    --compile_step does it."""
+    B * accum rows as one micro-batch of that size); compile_step: clipping and AdamW compiled too (a candidate).
+    host: the batch starts on the host and each micro-batch is copied to the device, "plain" as the trainer does it
+    (a pageable copy, and the loss read before the update, for the trainer's inf/nan check: two waits for the GPU a
+    step) or "async" (the async_host candidate: pinned, non-blocking copies, the loss read once the step is done);
+    None: the batch is made on the device, the step alone is timed."""
     device_type = device.split(":")[0]
     optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type=device_type)
     for group in optimizer.param_groups:  # fused=False: the lecture's rung before the fused kernel
         group["fused"] = group["fused"] and fused
     step_model = maybe_compile(model, compile, device_type, mode=compile_mode)
     update = compile_update(clip_and_step, optimizer) if compile_step else clip_and_step
-    g = torch.Generator(device).manual_seed(1337)  # the same batch for every setting
-    x = torch.randint(0, min(model.config.vocab_size, GPT2_VOCAB_SIZE), (B * accum, T + 1), device=device, generator=g)
+    where = "cpu" if host else device
+    g = torch.Generator(where).manual_seed(1337)  # the same batch for every setting
+    x = torch.randint(0, min(model.config.vocab_size, GPT2_VOCAB_SIZE), (B * accum, T + 1), device=where, generator=g)
     batches = [(rows[:, :-1].contiguous(), rows[:, 1:].contiguous()) for rows in x.split(B)]
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
@@ -135,10 +159,14 @@ def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for x, y in batches:
+                if host:
+                    x, y = to_device((x, y), device, pinned=host == "async")
                 with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
                     loss = step_model(x, y)[1] / accum
                 loss.backward()
                 total += loss.detach()
+            if host == "plain":
+                torch.isfinite(total).item()  # the trainer's check before the update: the host waits for the GPU
             update(model, optimizer)
             synchronize(device)
             losses.append(float(total))
@@ -200,8 +228,12 @@ def main(argv=None):
     p.add_argument("--compile", type=on_off, default=True)
     p.add_argument("--bf16", type=auto_on_off, default="auto", help="auto: on for CUDA GPUs with bf16, off elsewhere")
     p.add_argument("--tf32", type=on_off, default=True, help="fp32 matmuls on tensor cores (0: full fp32)")
-    p.add_argument("--compile_step", type=on_off, default=False, help="also compile clipping and AdamW, as the "
-                                                                        "trainer's --compile_step does")
+    p.add_argument("--compile_step", type=on_off, default=False, help="a candidate: also compile clipping and AdamW, "
+                                                                        "into one graph beside the model's")
+    p.add_argument("--host", choices=("none", "plain", "async"), default="none",
+                   help="where the batches start: none (made on the device: the step alone), plain (copied from the "
+                        "host each micro-step, the loss read before the update: as the trainer does), async (a "
+                        "candidate: pinned, non-blocking copies, the loss read once the step is done)")
     p.add_argument("--loss_chunks", type=int, default=1, help="the output layer and the loss in this many pieces")
     p.add_argument("--fused_adamw", type=on_off, default=True, help="AdamW's fused CUDA kernel (0: the loop of kernels)")
     p.add_argument("--profile", type=on_off, default=False, help="then profile 3 more steps: each kind's share of the "
@@ -254,7 +286,8 @@ def main(argv=None):
         return
     model.loss_chunks = args.loss_chunks
     times, _ = time_training(model, B, T, device, args.compile, use_bf16, args.steps, args.warmup,
-                             fused=args.fused_adamw, tf32=args.tf32, compile_step=args.compile_step)
+                             fused=args.fused_adamw, tf32=args.tf32, compile_step=args.compile_step,
+                             host=None if args.host == "none" else args.host)
     dt = statistics.median(times)
     tok_s = B * T / dt
     achieved = tok_s * flops / 1e12
@@ -269,7 +302,8 @@ def main(argv=None):
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
         prof = profile(activities=activities)
         time_training(model, B, T, device, args.compile, use_bf16, steps=3, warmup=1, fused=args.fused_adamw,
-                      tf32=args.tf32, profiler=prof, compile_step=args.compile_step)
+                      tf32=args.tf32, profiler=prof, compile_step=args.compile_step,
+                      host=None if args.host == "none" else args.host)
         profile_report(prof, 3, device_type == "cuda")
 
 

@@ -2,11 +2,12 @@
 
 The default recipe runs with HellaSwag in the loop, the candidates beside the default step; the table is kept as it fills.
 
-    python gpu_check.py --minutes 8                          # the core: GPU tests, the recipe (and --async_host)
-    python gpu_check.py --skip tests,recipe,max_autotune --out gpu_check_out/more --minutes 8   # the rest, less ...
-    python gpu_check.py --skip tests,recipe,batch128,loss_chunks,loss_chunks_batch128,compile_step,auto,ladder \\
-        --out gpu_check_out/autotune --minutes 8             # ... max-autotune, which compiles for minutes
-    python gpu_check.py --rehearse 1                         # every part with a 2-layer model, on the CPU too
+    python gpu_check.py --skip candidates,auto,ladder --minutes 8    # the core: the GPU tests, then the recipe
+    python gpu_check.py --skip tests,recipe,max_autotune,ladder --out gpu_check_out/candidates --minutes 8
+    python gpu_check.py --skip tests,recipe,auto,ladder,batch128,loss_chunks,loss_chunks_batch128,compile_step,async_host \
+        --out gpu_check_out/autotune --minutes 8                     # max-autotune, which compiles for minutes
+    python gpu_check.py --skip tests,recipe,candidates,auto --out gpu_check_out/ladder --minutes 8
+    python gpu_check.py --rehearse 1                                 # every part with a 2-layer model, on the CPU too
 
 The parts run in order of value (a short lease gets the most useful rows first); each part, candidate and rung is
 guarded on its own: a failure is a row `failed: <one line>` and the command goes on. The table (--out/gpu_check.md)
@@ -14,10 +15,11 @@ is rewritten after every row, and the recipe's output streams to --out/recipe_st
 keeps every finished row. --minutes N skips whatever would start past N minutes by the estimate below (seconds
 on one H100, compiling included; an H200 is a little faster) and says so in its row:
 
-    tests 300 | recipe 120, async_host 45 | candidates: default 40 (timed twice, for the noise), batch128 45,
-    loss_chunks 45, loss_chunks_batch128 50, compile_step 60, max_autotune 330 | auto 60 | ladder 120
+    tests 300 | recipe 120 | candidates: default 40 (timed first and last, for the noise), batch128 45, loss_chunks 45,
+    loss_chunks_batch128 50, compile_step 60, max_autotune 330, async_host 80 (with the trainer's copies beside it) |
+    auto 60 | ladder 120
 
-The commands above: 7.8, 7.7 and 6.8 minutes by that estimate. The rehearsal takes about 80 s on 2 CPU cores.
+The commands above: 7.0, 7.0, 6.8 and 2.0 minutes by that estimate. The rehearsal takes about 80 s on 2 CPU cores.
 It needs no network: the shards are made from input.txt (tiled to 2M val and 10M train tokens, in fineweb.py's
 layout), and HellaSwag is read from a file: the val set if hellaswag.py has downloaded it, else the repo's 201
 examples (every 50th). Everything it writes goes to --out. Paste the table into the README with the date.
@@ -50,8 +52,7 @@ GPU_TESTS = os.path.join(ROOT, "tests", "test_gpu.py")
 PARTS = ("tests", "recipe", "candidates", "auto", "ladder")  # in order of value
 # same-math candidates, each measured beside the default compiled step of the default recipe (B=64, bf16): a name for
 # --skip, the row's name, the micro-batch, what it sets on the model, and how the step is run (bench.time_training's
-# options). A candidate becomes a default only once a GPU measured it faster by more than the noise. --async_host
-# changes the trainer's loop, not the step: it is measured with the recipe
+# options). A candidate becomes a default only once a GPU measured it faster by more than the noise
 CANDIDATES = [
     ("default", "default: compiled, B=64", 64, {}, {}),
     ("batch128", "--batch_size 128", 128, {}, {}),
@@ -59,12 +60,15 @@ CANDIDATES = [
     ("loss_chunks_batch128", "--loss_chunks 8 --batch_size 128", 128, {"loss_chunks": 8}, {}),
     ("compile_step", "--compile_step 1", 64, {}, {"compile_step": True}),
     ("max_autotune", "--compile_mode max-autotune-no-cudagraphs", 64, {}, {"compile_mode": "max-autotune-no-cudagraphs"}),
+    # the batches copied from the host in the step, pinned and without blocking, and the loss read at its end: beside the
+    # same step copying them as the trainer does (a pageable copy, the loss read before the update)
+    ("async_host", "async_host: pinned, non-blocking copies from the host", 64, {}, {"host": "async"}),
 ]
 SEQUENCES = 128  # a candidate's step: 2 micro-batches of 64 sequences, or 1 of 128
 # what each item takes on one H100, in seconds, compiling included (see the docstring): what --minutes plans with
-ESTIMATES = dict(tests=300, recipe=120, async_host=45, default=40, batch128=45, loss_chunks=45, loss_chunks_batch128=50,
-                 compile_step=60, max_autotune=330, auto=60, ladder=120)
-SKIPPABLE = (*PARTS, "async_host", *(name for name, *_ in CANDIDATES[1:]))
+ESTIMATES = dict(tests=300, recipe=120, default=40, batch128=45, loss_chunks=45, loss_chunks_batch128=50,
+                 compile_step=60, max_autotune=330, async_host=80, auto=60, ladder=120)
+SKIPPABLE = (*PARTS, *(name for name, *_ in CANDIDATES[1:]))
 # the lecture's rungs, as the H200 measurements of 2026-11-30 ran them: (name, B, vocab, bf16, compile, fused, tf32)
 LADDER = [
     ("fp32, TF32 off, eager", 16, PADDED_VOCAB_SIZE, False, False, True, False),
@@ -219,7 +223,7 @@ def step_lines(text, what):
 
 def run_recipe(out, cmd, B, table):
     """The shards, then the recipe, whose row has its steps' median speed (step 0 compiles), peak memory, losses and
-    HellaSwag's seconds. The recipe's step lines, for --async_host to compare with."""
+    HellaSwag's seconds."""
     make_shards(out)
     print("  " + " ".join(cmd[1:]), flush=True)
     text = run_streamed(cmd, os.path.join(out, "recipe_stdout.txt"))
@@ -231,23 +235,6 @@ def run_recipe(out, cmd, B, table):
               f"{max(float(s[5] or 'nan') for s in steps):.2f}",
               f"step 0 {float(steps[0][2]) / 1000:.1f} s; loss {steps[0][1]} -> {steps[-1][1]}; HellaSwag over "
               f"{hella[0][1] if hella else 0} examples: " + ", ".join(f"{h[2]} s" for h in hella))
-    return steps
-
-
-def run_async_host(out, cmd, recipe, rehearse, table):
-    """--async_host, the candidate that changes the loop: the recipe's first 12 steps, no evaluation in between, beside
-    the recipe's own steps."""
-    quiet = ["--max_steps", "3" if rehearse else "12", "--hellaswag", "0", "--eval_every", "1000", "--val_steps", "1",
-             "--sample_every", "1000", "--log_dir", os.path.join(out, "async_log"), "--async_host", "1"]
-    steps = step_lines(run_streamed(cmd + quiet, os.path.join(out, "async_stdout.txt")), "--async_host's run")
-    ms, base_ms = (statistics.median(float(s[2]) for s in run[1:]) for run in (steps, recipe))
-    warmup = 1 if rehearse else 10  # the steps whose learning rate does not depend on --max_steps
-    drift = max(abs(float(a[1]) - float(b[1])) for a, b in zip(steps[:warmup], recipe[:warmup]))
-    table.add(f"candidate: --async_host 1 (the trainer, {len(steps)} steps)", "", f"{ms:.1f}",
-              f"{statistics.median(float(s[3]) for s in steps[1:]):,.0f}",
-              f"{statistics.median(float(s[4]) for s in steps[1:]):.1f}%", "",
-              f"{base_ms / ms:.3f}x the recipe's steps; the {warmup} warmup steps' losses within {drift:.1e} of the "
-              f"recipe's: " + " ".join(s[1] for s in steps[:warmup]))
 
 
 def shape_of(rehearse):
@@ -264,13 +251,19 @@ def run_candidate(what, B, changes, step, device, rehearse, base, table):
     for attribute, value in changes.items():
         setattr(model, attribute, value)
     B, t0 = B // scale, time.time()
-    f = step_figures(model, B, T, device, steps=2 if rehearse else 10, bf16=on_gpu, compile=on_gpu,
-                     accum=SEQUENCES // scale // B, **step)
+    settings = dict(steps=2 if rehearse else 10, bf16=on_gpu, compile=on_gpu, accum=SEQUENCES // scale // B)
+    against = "the default"
+    if "host" in step:  # beside the same step with the batches copied as the trainer copies them
+        torch.manual_seed(1337)
+        plain = GPT(GPTConfig(block_size=T, vocab_size=PADDED_VOCAB_SIZE, **shape)).to(device)
+        base, against = step_figures(plain, B, T, device, **settings, host="plain"), "the trainer's copies"
+        del plain
+    f = step_figures(model, B, T, device, **settings, **step)
     base = base or f
     drift = max(abs(a - b) for a, b in zip(f["losses"], base["losses"]))
-    table.add(f"candidate: {what}", B, *figure_cells(f), f"{base['ms'] / f['ms']:.3f}x the default; {time.time() - t0:.0f} "
-              f"s with compiling; losses within {drift:.1e} of the default's: " + " ".join(f"{x:.4f}" for x in f["losses"][:10]))
-    return f
+    table.add(f"candidate: {what}", B, *figure_cells(f), f"{base['ms'] / f['ms']:.3f}x {against}; {time.time() - t0:.0f} "
+              f"s with compiling; losses within {drift:.1e} of {against}'s: " + " ".join(f"{x:.4f}" for x in f["losses"][:10]))
+    return dict(f, speedup=base["ms"] / f["ms"])
 
 
 def run_candidates(device, rehearse, plan, table):
@@ -293,7 +286,9 @@ def run_candidates(device, rehearse, plan, table):
     best = min(f["ms"] for f in runs["default"])
     noise = abs(runs["default"][0]["ms"] - runs["default"][1]["ms"]) / best
     margin = max(2 * noise, 0.01)  # faster by more than twice what the same step varies by, and by 1% at least
-    faster = [what for name, what, *_ in CANDIDATES[1:] if name in runs and best / runs[name][0]["ms"] > 1 + margin]
+    speedup = {name: best / f[0]["ms"] if "host" not in step else f[0]["speedup"]
+               for (name, what, B, changes, step) in CANDIDATES[1:] for f in [runs.get(name)] if f}
+    faster = [what for name, what, *_ in CANDIDATES[1:] if speedup.get(name, 0) > 1 + margin]
     table.add("candidates to make default", notes=f"{', '.join(faster) or 'none'} (faster than the default's better "
                                                  f"time by more than {margin:.1%}; its two times differ by {noise:.1%})")
 
@@ -369,14 +364,10 @@ def main(argv=None):
         print("1. the GPU tests (pytest -m gpu)", flush=True)
         guarded(table, "GPU tests (tests/test_gpu.py)", lambda: run_tests(args.out, device, table))
     if plan.runs("recipe", "default recipe"):
-        print("2. the default recipe, 30 steps, HellaSwag in the loop; then --async_host 1", flush=True)
-        for old in ("recipe_log", "async_log"):  # this command's own runs of before: a run starts afresh
-            shutil.rmtree(os.path.join(args.out, old), ignore_errors=True)
+        print("2. the default recipe, 30 steps, HellaSwag in the loop", flush=True)
+        shutil.rmtree(os.path.join(args.out, "recipe_log"), ignore_errors=True)  # this command's run of before: afresh
         cmd, B = recipe_command(args.out, hellaswag_file, device, args.rehearse)
-        recipe = []
-        guarded(table, "default recipe", lambda: recipe.extend(run_recipe(args.out, cmd, B, table)))
-        if recipe and plan.runs("async_host", "candidate: --async_host 1"):
-            guarded(table, "candidate: --async_host 1", lambda: run_async_host(args.out, cmd, recipe, args.rehearse, table))
+        guarded(table, "default recipe", lambda: run_recipe(args.out, cmd, B, table))
     if "candidates" not in skip:  # each candidate asks the plan itself
         print("3. same-math candidates beside the default step, the default timed twice", flush=True)
         run_candidates(device, args.rehearse, plan, table)

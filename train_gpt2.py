@@ -38,7 +38,7 @@ from machinery.settings import (batch_line, check_config, dry_run, fit_batch_siz
                                 parse_args, samples_prompt)
 from machinery.shards import open_shard, shard_paths
 from machinery.stopping import STOPPED, StopRequest, stop_if_not_finite
-from machinery.world import World, bf16_fast, can_compile, check_launcher, compile_update, init_device, synchronize, to_device
+from machinery.world import World, bf16_fast, can_compile, check_launcher, init_device, synchronize
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding  # GPT-2's BPE, read from files in this repo: never downloaded
 
 # -----------------------------------------------------------------------------
@@ -501,8 +501,6 @@ def train(cfg, world, model, data, run, checkpoint=None):
     start_step = restore_checkpoint(checkpoint, model, optimizer, data.train) if checkpoint else 0
     if start_step:  # a checkpoint's step is the next to run: 1 or more
         world.print(f"resuming at step {start_step}")
-    # --compile_step: the update compiled too, its learning rates tensors changed in place (a new rate compiles nothing)
-    update = compile_update(clip_and_step, optimizer) if cfg.compile_step else clip_and_step
     # compile fuses the model's elementwise ops into a few kernels and cuts Python overhead; the
     # compiled module shares raw_model's weights, and raw_model stays for sampling (other shapes)
     raw_model = eval_model = model
@@ -536,7 +534,8 @@ def train(cfg, world, model, data, run, checkpoint=None):
             optimizer.zero_grad()
             loss_accum = 0.0
             for micro_step in range(grad_accum_steps):
-                x, y = to_device(data.train.next_batch(), device, pinned=cfg.async_host)
+                x, y = data.train.next_batch()
+                x, y = x.to(device), y.to(device)
                 # DDP would average gradients after every backward; only the last micro-step's is needed.
                 # no_sync() must wrap the forward too: DDP decides during the forward what backward does
                 last = micro_step == grad_accum_steps - 1
@@ -556,15 +555,12 @@ def train(cfg, world, model, data, run, checkpoint=None):
             if world.ddp:  # the loss to print is the mean over all processes (sum, then divide: gloo lacks AVG)
                 dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
                 loss_accum /= world.world_size
-            if not cfg.async_host:  # inf or nan: stop before the update (reading the loss waits for the GPU)
-                stop_if_not_finite(loss_accum, step, cfg.log_dir)
+            stop_if_not_finite(loss_accum, step, cfg.log_dir)  # inf or nan: stop before the update
             lr = get_lr(step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
             for param_group in optimizer.param_groups:
-                param_group["lr"] = param_group["lr"].fill_(lr) if cfg.compile_step else lr
-            norm = update(model, optimizer)  # clip, then AdamW
+                param_group["lr"] = lr
+            norm = clip_and_step(model, optimizer)  # clip, then AdamW
             synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
-            if cfg.async_host:  # the check at the step's one wait: the weights took the step, no checkpoint does
-                stop_if_not_finite(loss_accum, step, cfg.log_dir, updated=True)
             dt = time.time() - t0
             tokens_per_sec = B * T * grad_accum_steps * world.world_size / dt
             world.print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "

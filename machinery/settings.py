@@ -93,8 +93,6 @@ class TrainConfig:
     bf16: str = flag("auto", "bfloat16 autocast for the forward pass and loss: 1, 0, or auto (on for CUDA GPUs "
                              "that support it; off elsewhere: most CPUs and older Macs run it slower or not at all)")
     compile: bool = flag(True, "torch.compile the model (slow to start, faster steps)")
-    compile_step: bool = flag(False, "also compile the update (clipping and AdamW) into one graph, not the model alone; "
-                                     "not under --fsdp 1. Off by default until a GPU measures it faster")
     compile_mode: str = flag("default", "torch.compile's mode: default, or max-autotune-no-cudagraphs (it tries kernel "
                                         "configurations while compiling: minutes more to start; off by default until "
                                         "a GPU measures it faster)")
@@ -105,10 +103,6 @@ class TrainConfig:
                                   "move slightly. Needs --bf16 1")
     activation_checkpointing: bool = flag(False, "keep only each block's input for backward, recomputing the rest: "
                                                  "far less activation memory for about a third more compute")
-    async_host: bool = flag(False, "the host never waits for the GPU inside a step: batches are copied from pinned "
-                                   "memory without blocking, and the check for a non-finite loss moves from before "
-                                   "the update to the step line's one wait (the step is then not saved). Off by "
-                                   "default until a GPU measures it faster")
     loss_chunks: int = flag(1, "compute the output layer and the loss in this many pieces of the batch's positions, "
                                "so that the (B*T, vocab) logits never exist whole: B=64 fits in 40 GB with 8 (1: whole, "
                                "the lecture's way; off by default until a GPU measures it no slower)")
@@ -176,8 +170,6 @@ def check_config(cfg, world_size=1):
     if cfg.sharded_checkpoints is True and not cfg.fsdp:
         raise ValueError("--sharded_checkpoints 1 saves the shards FSDP makes: pass --fsdp 1 too, or "
                          "--sharded_checkpoints auto")
-    if cfg.compile_step and cfg.fsdp:
-        raise ValueError("--compile_step 1 compiles clipping over whole tensors; FSDP's are sharded: pass --compile_step 0")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"--compile_mode {cfg.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
     if cfg.n_embd % cfg.n_head:

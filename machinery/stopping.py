@@ -21,14 +21,12 @@ STOPPED = 75
 AT_ONCE_AFTER = 2.0
 
 
-def stop_if_not_finite(loss, step, log_dir, updated=False):
-    """A loss that is inf or nan ends the run, before anything of this step is saved: every rank sees the same
-    reduced loss, so all of them stop together. updated: the weights in memory already took the step (see
-    --async_host), but no checkpoint holds it."""
+def stop_if_not_finite(loss, step, log_dir):
+    """A loss that is inf or nan ends the run before the weights are updated: every rank sees the same reduced loss,
+    so all of them stop together."""
     if not torch.isfinite(loss):
-        what = "without saving this step" if updated else "before the weights are updated"
-        sys.exit(f"error: the loss is {loss.item()} at step {step}: stopping {what}; the checkpoints already in "
-                 f"{log_dir} are untouched (try a lower --max_lr)")
+        sys.exit(f"error: the loss is {loss.item()} at step {step}: stopping before the weights are updated; the "
+                 f"checkpoints already in {log_dir} are untouched (try a lower --max_lr)")
 
 
 class StopRequest:

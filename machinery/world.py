@@ -47,14 +47,6 @@ def synchronize(device):
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
-def to_device(batch, device, pinned=False):
-    """A batch's tensors on the device. pinned (CUDA): copied from page-locked memory without blocking, so the host
-    goes on queueing the forward pass; a plain copy from pageable memory waits until the GPU has drained its queue."""
-    if pinned and device.startswith("cuda"):
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
-    return tuple(t.to(device) for t in batch)
-
-
 def can_compile(device_type, log=print):
     """Whether torch.compile can run here; where it cannot, say why (through log), and the run stays eager."""
     if device_type == "cpu" and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "c++", "g++")):
@@ -71,16 +63,6 @@ def can_compile(device_type, log=print):
 def maybe_compile(model, enabled, device_type, log=print, mode="default"):
     """torch.compile the model (in mode) where it can run, else the model as it is."""
     return torch.compile(model, mode=mode) if enabled and can_compile(device_type, log) else model
-
-
-def compile_update(update, optimizer):
-    """--compile_step: update (clipping and AdamW's step) as one compiled graph, beside the compiled model. Its
-    learning rates become tensors, which the loop changes in place: a float would be a constant in the graph, and each
-    new one would compile it again. AdamW runs its foreach code, which compile fuses; its fused kernel is opaque."""
-    for group in optimizer.param_groups:
-        group["lr"] = torch.tensor(float(group["lr"]))
-        group["fused"], group["foreach"] = False, None  # None: foreach wherever AdamW can
-    return torch.compile(update)
 
 
 # what torchrun sets in each process's environment: all of them, or none for a plain run

@@ -5,6 +5,7 @@ import torch
 
 from conftest import HELLASWAG_20, ROOT, error_of, run
 import bench
+from train_gpt2 import GPT, GPTConfig
 
 
 def test_bench_prints_throughput_mfu_and_memory():
@@ -105,3 +106,24 @@ def test_readme_documents_the_benchmarks_with_their_machine():
         plain, fast, speedup = float(plain.removesuffix("/s")), float(fast.removesuffix("/s")), float(speedup.removesuffix("x"))
         # the speed-up was printed from unrounded seconds: it agrees with the rates to their rounding
         assert abs(speedup - fast / plain) <= 0.05 * fast / plain
+
+
+def test_the_candidates_bench_measures_take_the_same_steps_as_the_trainers_step(monkeypatch):
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: compiled.append(f.__name__) or real_compile(f, **kw))
+    def losses(**setting):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=16, vocab_size=512, n_layer=1, n_head=2, n_embd=32))
+        return bench.time_training(model, 2, 16, "cpu", compile=False, bf16=False, steps=3, warmup=1, **setting)[1]
+    plain = losses()
+    assert len(plain) == 4 and plain[-1] < plain[0]  # it learns the batch
+    # compile_step: clipping and AdamW compiled into one graph, once, beside the model (eager here)
+    fused_update = losses(compile_step=True)  # the same math, in another order: fp32 rounding apart, not bit for bit
+    assert all(abs(a - b) < 1e-5 for a, b in zip(fused_update, plain)) and compiled == ["clip_and_step"]
+    # the batches copied from the host as the trainer copies them, or pinned without blocking (on a CPU: plainly)
+    host = losses(host="plain")
+    assert losses(host="async") == host and host[-1] < host[0]
+    x, y = torch.arange(4).view(2, 2), torch.ones(2, 2)
+    moved = bench.to_device((x, y), "cpu", pinned=True)  # no pinned memory without an accelerator: a plain copy
+    assert all(torch.equal(a, b) and not a.is_pinned() for a, b in zip(moved, (x, y)))

@@ -123,8 +123,8 @@ def test_help_lists_every_flag_with_its_default():
         "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "eval_every", "val_steps",
         "hellaswag", "hellaswag_file", "sample_every", "prompt", "log_dir", "checkpoint_every", "checkpoint_minutes",
         "sharded_checkpoints", "resume", "seed",
-        "device", "bf16", "compile", "compile_step", "compile_mode", "fsdp", "fsdp_bf16", "activation_checkpointing",
-        "async_host", "loss_chunks", "dry_run"]
+        "device", "bf16", "compile", "compile_mode", "fsdp", "fsdp_bf16", "activation_checkpointing", "loss_chunks",
+        "dry_run"]
     for flag, default in (("data", "edu_fineweb10B"), ("max_steps", "19073 for gpt2; other models set their own"),
                           ("log_dir", "log"), ("bf16", "auto"), ("compile", "True"), ("resume", "")):
         assert options[flag].endswith(f"(default: {default})"), (flag, options[flag])

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from conftest import HELLASWAG_20, INPUT, parse_args, read_log
+import bench
 import train_gpt2
 from machinery import memory
 from machinery.memory import choose_batch_size, memory_estimate
-from machinery.world import World, init_device, to_device as world_to_device
+from machinery.world import World, init_device
 from train_gpt2 import GPT, GPTConfig, PADDED_VOCAB_SIZE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -173,20 +174,15 @@ def test_the_kv_cache_computes_the_uncached_logits_and_samples_its_tokens_on_cud
         torch.set_float32_matmul_precision(precision)
 
 
-def test_async_host_copies_batches_from_pinned_memory_and_trains_what_the_plain_step_trains(tmp_path):
+def test_the_async_host_and_compile_step_candidates_take_the_plain_steps_on_cuda():
     device = init_device("cuda")
     x = torch.arange(8).view(2, 4)
-    (moved,) = world_to_device((x,), device, pinned=True)
+    (moved,) = bench.to_device((x,), device, pinned=True)
     assert moved.is_cuda and torch.equal(moved.cpu(), x)
-    args = [*RUN, "--bf16", "0", "--compile", "0", "--max_steps", "4"]
-    train_gpt2.main([*args, "--async_host", "1", "--log_dir", str(tmp_path / "async")])
-    train_gpt2.main([*args, "--log_dir", str(tmp_path / "plain")])
-    assert all(abs(a - b) < 1e-4 for a, b in zip(train_losses(tmp_path / "async"), train_losses(tmp_path / "plain")))
-
-
-def test_compile_step_trains_what_the_plain_step_trains_on_cuda(tmp_path):
-    args = [*RUN, "--bf16", "1", "--compile", "1", "--max_steps", "6"]
-    train_gpt2.main([*args, "--compile_step", "1", "--log_dir", str(tmp_path / "step")])
-    train_gpt2.main([*args, "--log_dir", str(tmp_path / "plain")])
-    step, plain = train_losses(tmp_path / "step"), train_losses(tmp_path / "plain")
-    assert len(step) == 6 and all(abs(a - b) < 0.02 for a, b in zip(step, plain)), (step, plain)  # bf16 noise
+    def losses(**setting):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=256, vocab_size=PADDED_VOCAB_SIZE, n_layer=4, n_head=4, n_embd=256)).to(device)
+        return bench.time_training(model, 8, 256, device, steps=5, warmup=1, **setting)[1]  # compiled, bf16
+    plain, host = losses(), losses(host="plain")
+    assert all(abs(a - b) < 1e-4 for a, b in zip(losses(host="async"), host)), host  # only where the host waits
+    assert all(abs(a - b) < 0.02 for a, b in zip(losses(compile_step=True), plain)), plain  # bf16 noise

@@ -219,36 +219,3 @@ def test_compile_mode_max_autotune_reaches_torch_compile_and_trains_what_eager_t
     assert_same_log(tmp_path / "c", tmp_path / "eager", tol=2e-6)  # the same math: fp32 within rounding
     assert error_of(train_gpt2.main, [*args, "--compile_mode", "fast"]) == \
         "error: --compile_mode 'fast' is not one of default, max-autotune-no-cudagraphs"
-
-
-def test_async_host_trains_what_the_plain_step_trains_and_on_the_cpu_copies_plainly(tmp_path):
-    args = [*SMALL, "--max_steps", "3", "--eval_every", "2", "--val_steps", "1", "--bf16", "0", "--device", "cpu"]
-    train_gpt2.main([*args, "--async_host", "1", "--log_dir", str(tmp_path / "async")])
-    train_gpt2.main([*args, "--log_dir", str(tmp_path / "plain")])
-    assert_same_log(tmp_path / "async", tmp_path / "plain")  # digit for digit: only when the host waits changes
-    x, y = torch.arange(4).view(2, 2), torch.ones(2, 2)
-    moved = world.to_device((x, y), "cpu", pinned=True)  # no pinned memory without an accelerator: a plain copy
-    assert all(torch.equal(a, b) and not a.is_pinned() for a, b in zip(moved, (x, y)))
-
-
-def test_compile_step_compiles_clipping_and_adamw_once_and_trains_what_the_plain_step_trains(tmp_path, monkeypatch):
-    compiled = []
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda f, **kw: compiled.append(f.__name__) or real_compile(f, **kw))
-    args = [*SMALL, "--max_steps", "4", "--eval_every", "1000", "--val_steps", "1", "--checkpoint_every", "2",
-            "--bf16", "0", "--device", "cpu"]
-    train_gpt2.main([*args, "--compile_step", "1", "--log_dir", str(tmp_path / "step")])
-    train_gpt2.main([*args, "--log_dir", str(tmp_path / "plain")])
-    assert compiled == ["clip_and_step"]  # the update, not the model (SMALL: --compile 0)
-    assert_same_log(tmp_path / "step", tmp_path / "plain")  # digit for digit on the CPU
-    saved = torch.load(tmp_path / "step" / "model_00001.pt", weights_only=True)
-    # the learning rate as a tensor (float32: within 1e-7 of the float), changed in place each step
-    assert all(abs(float(g["lr"]) / get_lr(1, 1, 4, 6e-4, 6e-5) - 1) < 1e-7 for g in saved["optimizer"]["param_groups"])
-    # its checkpoint resumes in a plain run (and a plain one under --compile_step), the same steps after
-    for flags, source in (([], "step"), (["--compile_step", "1"], "plain")):
-        (tmp_path / f"from_{source}").mkdir()
-        train_gpt2.main([*args, *flags, "--resume", str(tmp_path / source / "model_00001.pt"),
-                         "--log_dir", str(tmp_path / f"from_{source}")])
-        assert_same_log(tmp_path / f"from_{source}", tmp_path / "plain", after=1)
-    assert error_of(train_gpt2.main, [*args, "--compile_step", "1", "--fsdp", "1"]) == \
-        "error: --compile_step 1 compiles clipping over whole tensors; FSDP's are sharded: pass --compile_step 0"
