@@ -25,21 +25,22 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag  # downloads, renders and scores HellaSwag; of ours, it imports only the tokenizer
-from machinery.checkpoints import (check_weights, checkpoint_due, checkpoint_to_resume, read_checkpoint,
-                                   restore_checkpoint, save_checkpoint)
-from machinery.chunked_loss import chunked_cross_entropy
-from machinery.cli import error_text, one_line_errors, run_script
-from machinery.fsdp import shard_model
-from machinery.inputs import check_vocab, load_hf_gpt2, read_text
-from machinery.memory import choose_batch_size
-from machinery.perf import Meter
-from machinery.run_dir import RunDir
-from machinery.settings import (batch_line, check_config, dry_run, fit_batch_size, out_of_memory_advice,
-                                parse_args, samples_prompt)
-from machinery.shards import open_shard, shard_paths
-from machinery.stopping import STOPPED, StopRequest, stop_if_not_finite
-from machinery.world import World, bf16_fast, can_compile, check_launcher, init_device, synchronize
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding  # GPT-2's BPE, read from files in this repo: never downloaded
+# what a production run needs beyond the lecture, from the package beside this file (which never imports it)
+from machinery.checkpoints import (check_weights, checkpoint_due, checkpoint_to_resume, read_checkpoint,
+                                   restore_checkpoint, save_checkpoint)  # checkpoints: written, found, read, restored
+from machinery.chunked_loss import chunked_cross_entropy  # --loss_chunks: the loss without the whole logits
+from machinery.cli import error_text, one_line_errors, run_script  # a bad input is one line and an exit code
+from machinery.fsdp import shard_model  # --fsdp 1: FSDP2 for models that do not fit one GPU
+from machinery.inputs import check_data, load_hf_gpt2, read_text  # what a user hands the trainer, checked
+from machinery.memory import choose_batch_size  # --batch_size auto: the largest micro-batch that fits
+from machinery.perf import Meter  # MFU and the time left, on each step line
+from machinery.run_dir import RunDir  # the --log_dir a run owns: its lock, log.txt, curves.png, STOPPED
+from machinery.settings import (batch_line, check_config, check_run, dry_run, fit_batch_size, out_of_memory_advice,
+                                parse_args, samples_prompt)  # the flags, the --model presets, their checks, --dry_run
+from machinery.shards import open_shard, shard_paths  # the token shards fineweb.py writes
+from machinery.stopping import STOPPED, StopRequest, stop_if_not_finite  # signals that stop a run with a checkpoint
+from machinery.world import World, bf16_fast, can_compile, check_launcher, init_device, synchronize  # devices, ranks
 
 # -----------------------------------------------------------------------------
 # The model
@@ -530,6 +531,7 @@ def train(cfg, world, model, data, run, checkpoint=None):
                 for i, text in enumerate(sample(raw_model, device, prompt=samples_prompt(cfg, GPT2_PROMPT))):
                     world.print(f"sample {i}: {text}")
 
+            # ---- the lecture's training step: BEGIN ----
             t0 = time.time()
             optimizer.zero_grad()
             loss_accum = 0.0
@@ -566,6 +568,7 @@ def train(cfg, world, model, data, run, checkpoint=None):
             world.print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
                         f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f} | {meter(step, tokens_per_sec, dt)}")
             run.log(step, "train", f"{loss_accum.item():.6f}")
+            # ---- the lecture's training step: END; what follows is machinery: stops and checkpoints ----
 
             stopping = world.any(stop.requested)  # the signal may reach the ranks at different steps
             if stopping:
@@ -640,12 +643,7 @@ def main(argv=None):
             return dry_run(cfg, world, GPT, scratch_config(cfg))
         if cfg.bf16 == "auto":  # decided once, here: the checkpoint records what the run really did
             cfg.bf16 = bf16_fast(world.device)
-        if cfg.fsdp_bf16 and not cfg.bf16:
-            raise ValueError("--fsdp_bf16 1 computes the blocks in bf16, and bf16 autocast is off: pass --bf16 1 too, "
-                             "or --fsdp_bf16 0")
-        if cfg.fsdp and not world.ddp:
-            raise ValueError("--fsdp 1 shards the model across the processes torchrun starts: launch with torchrun "
-                             "(--nproc_per_node=N), or pass --fsdp 0")
+        check_run(cfg, world)  # the settings that depend on the device and the processes
     if world.ddp:
         # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
         init_process_group(backend="nccl" if world.device_type == "cuda" else "gloo")
@@ -680,12 +678,7 @@ def main(argv=None):
                 train_loader, val_loader = (DataLoaderLite(cfg.batch_size, cfg.seq_len, world.rank, world.world_size,
                                                            split, cfg.data, cfg.seed if shuffle else None)
                                             for split, shuffle in (("train", cfg.shuffle_shards), ("val", False)))
-                for loader in (train_loader, val_loader):
-                    check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
-                chunks = (val_loader.total - 1) // (cfg.batch_size * cfg.seq_len)  # the val batches the split holds
-                if cfg.val_steps > chunks:  # more would count some of them twice
-                    raise ValueError(f"--val_steps {cfg.val_steps} is more than the val split of {cfg.data} holds: "
-                                     f"{chunks} chunks of {cfg.batch_size} x {cfg.seq_len}: pass --val_steps {chunks} or less")
+                check_data(cfg, model, train_loader, val_loader)  # token ids the model knows, enough val batches
             checkpoint = checkpoint_to_resume(cfg, world, run, model)
             data = Data(train_loader, val_loader, hellaswag=hellaswag.load_for_run(cfg, world))
             # an error on one rank alone: it says why, and every rank stops; out of memory: which B to try

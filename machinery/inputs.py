@@ -71,3 +71,14 @@ def check_vocab(model, max_id, what):
     if max_id >= model.config.vocab_size:
         raise ValueError(f"{what} holds token id {max_id}, but the model's vocabulary has {model.config.vocab_size} "
                          "ids: use data made with its tokenizer, or a model with GPT-2's vocabulary")
+
+
+def check_data(cfg, model, train_loader, val_loader):
+    """Before training: every token id of the data indexes the model's vocabulary, and the val split holds the
+    --val_steps batches an evaluation reads (more would count some of them twice)."""
+    for loader in (train_loader, val_loader):
+        check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
+    chunks = (val_loader.total - 1) // (cfg.batch_size * cfg.seq_len)  # the val batches the split holds
+    if cfg.val_steps > chunks:
+        raise ValueError(f"--val_steps {cfg.val_steps} is more than the val split of {cfg.data} holds: "
+                         f"{chunks} chunks of {cfg.batch_size} x {cfg.seq_len}: pass --val_steps {chunks} or less")

@@ -176,6 +176,16 @@ def check_config(cfg, world_size=1):
         raise ValueError(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
 
 
+def check_run(cfg, world):
+    """The settings that depend on what the run found: bf16 decided for the device, the processes torchrun started."""
+    if cfg.fsdp_bf16 and not cfg.bf16:
+        raise ValueError("--fsdp_bf16 1 computes the blocks in bf16, and bf16 autocast is off: pass --bf16 1 too, "
+                         "or --fsdp_bf16 0")
+    if cfg.fsdp and not world.ddp:
+        raise ValueError("--fsdp 1 shards the model across the processes torchrun starts: launch with torchrun "
+                         "(--nproc_per_node=N), or pass --fsdp 0")
+
+
 def fit_batch_size(cfg, world):
     """The micro-batch B to use: the largest up to --batch_size that divides the sequences each process adds up
     in a step, so any number of GPUs keeps --total_batch_size. B changes how many sequences go through a GPU
