@@ -27,8 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import hellaswag
 from machinery.cli import auto_on_off, on_off, one_line_errors, run_script
-from machinery.perf import datasheet_tflops, flops_per_token, measured_tflops
-from machinery.world import bf16_fast, init_device, maybe_compile, synchronize
+from machinery.perf import datasheet_tflops, flops_per_token, measured_tflops, mfu, peak_memory_gib
+from machinery.world import bf16_fast, device_type, init_device, maybe_compile, synchronize
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding
 from train_gpt2 import GPT, PADDED_VOCAB_SIZE, GPTConfig, clip_and_step, pick_device
 
@@ -60,7 +60,7 @@ def plain_predictions(model, examples, device, use_bf16):
             tokens[i, :len(row)] = torch.tensor(row)
             mask[i, len(ctx):len(row)] = 1
         tokens, mask = tokens.to(device), mask[:, 1:].to(device)  # position t predicts token t + 1
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device_type=device_type(device), dtype=torch.bfloat16, enabled=use_bf16):
             logits, _ = model(tokens)
         losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
         sum_loss = (losses.view(4, -1) * mask).sum(1)
@@ -96,7 +96,7 @@ def bench_generate(model, rows, new_tokens, device, use_bf16):
         model.generate(idx, 2, kv_cache=cached)  # warm-up
         synchronize(device)
         t0 = time.time()
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device_type=device_type(device), dtype=torch.bfloat16, enabled=use_bf16):
             out[cached] = model.generate(idx, new_tokens, generator=torch.Generator(device).manual_seed(42),
                                          kv_cache=cached)
         synchronize(device)
@@ -138,11 +138,11 @@ def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup
     (a pageable copy, and the loss read before the update, for the trainer's inf/nan check: two waits for the GPU a
     step) or "async" (the async_host candidate: pinned, non-blocking copies, the loss read once the step is done);
     None: the batch is made on the device, the step alone is timed."""
-    device_type = device.split(":")[0]
-    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type=device_type)
+    kind = device_type(device)
+    optimizer = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type=kind)
     for group in optimizer.param_groups:  # fused=False: the lecture's rung before the fused kernel
         group["fused"] = group["fused"] and fused
-    step_model = maybe_compile(model, compile, device_type, mode=compile_mode)
+    step_model = maybe_compile(model, compile, kind, mode=compile_mode)
     update = compile_update(clip_and_step, optimizer) if compile_step else clip_and_step
     where = "cpu" if host else device
     g = torch.Generator(where).manual_seed(1337)  # the same batch for every setting
@@ -161,7 +161,7 @@ def time_training(model, B, T, device, compile=True, bf16=True, steps=20, warmup
             for x, y in batches:
                 if host:
                     x, y = to_device((x, y), device, pinned=host == "async")
-                with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=bf16):
                     loss = step_model(x, y)[1] / accum
                 loss.backward()
                 total += loss.detach()
@@ -211,8 +211,9 @@ def profile_report(prof, steps, on_gpu, top=12):
 
 
 def peak_memory(device):
-    if device.startswith("cuda"):
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (max allocated)"
+    held = peak_memory_gib(device)
+    if held is not None:
+        return f"{held:.2f} GiB (max allocated)"
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
 
 
@@ -262,10 +263,10 @@ def main(argv=None):
             raise ValueError(f"--hellaswag scores GPT-2's tokens: --vocab_size must be at least {GPT2_VOCAB_SIZE}, "
                              f"got {args.vocab_size}")
         examples = list(hellaswag.iterate_examples(args.hellaswag)) if args.hellaswag else None
-    device_type = device.split(":")[0]
+    on_gpu = device_type(device) == "cuda"
     if examples is None and not args.generate:
         # the peak first, on an idle device (compile workers and the allocator not yet busy)
-        peak = measured_tflops(device, torch.bfloat16 if use_bf16 else torch.float32, n=4096 if device_type == "cuda" else 2048)
+        peak = measured_tflops(device, torch.bfloat16 if use_bf16 else torch.float32, n=4096 if on_gpu else 2048)
     torch.manual_seed(1337)
     B, T = args.batch_size, args.seq_len
     config = GPTConfig(block_size=max(1024, T), vocab_size=args.vocab_size,
@@ -290,21 +291,20 @@ def main(argv=None):
                              host=None if args.host == "none" else args.host)
     dt = statistics.median(times)
     tok_s = B * T / dt
-    achieved = tok_s * flops / 1e12
     sheet = datasheet_tflops(device)
     print(f"setting: B={B} T={T} device={device} compile={int(args.compile)} bf16={int(use_bf16)}"
-          + (f" tf32={int(args.tf32)} fused_adamw={int(args.fused_adamw)}" if device_type == "cuda" else ""))
-    print(f"step: {dt * 1000:.1f} ms (median of {len(times)}) | {tok_s:,.0f} tok/s | {achieved:.3f} TFLOP/s")
-    print(f"MFU: {100 * achieved / peak:.1f}% of the measured matmul peak {peak:.3f} TFLOP/s"
-          + (f" | {100 * achieved / sheet:.1f}% of the datasheet bf16 peak {sheet} TFLOP/s" if sheet else ""))
+          + (f" tf32={int(args.tf32)} fused_adamw={int(args.fused_adamw)}" if on_gpu else ""))
+    print(f"step: {dt * 1000:.1f} ms (median of {len(times)}) | {tok_s:,.0f} tok/s | {tok_s * flops / 1e12:.3f} TFLOP/s")
+    print(f"MFU: {100 * mfu(tok_s, flops, peak):.1f}% of the measured matmul peak {peak:.3f} TFLOP/s"
+          + (f" | {100 * mfu(tok_s, flops, sheet):.1f}% of the datasheet bf16 peak {sheet} TFLOP/s" if sheet else ""))
     print(f"peak memory: {peak_memory(device)}")
     if args.profile:
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
         prof = profile(activities=activities)
         time_training(model, B, T, device, args.compile, use_bf16, steps=3, warmup=1, fused=args.fused_adamw,
                       tf32=args.tf32, profiler=prof, compile_step=args.compile_step,
                       host=None if args.host == "none" else args.host)
-        profile_report(prof, 3, device_type == "cuda")
+        profile_report(prof, 3, on_gpu)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,10 @@ import bench
 import hellaswag
 from machinery.cli import error_text, on_off, one_line_errors, run_script
 from machinery.memory import choose_batch_size
-from machinery.perf import datasheet_tflops, flops_per_token
+from machinery.perf import datasheet_tflops, flops_per_token, mfu, peak_memory_gib
 from machinery.settings import parse_args
 from machinery.shards import write_manifest, write_shard
-from machinery.world import World, init_device
+from machinery.world import World, device_type, init_device
 from train_gpt2 import GPT, GPTConfig, PADDED_VOCAB_SIZE, RECIPE, load_text_tokens
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -161,14 +161,15 @@ def step_figures(model, B, T, device, steps=10, **setting):
     """ms/step, tok/s, MFU (of the datasheet bf16 peak) and peak GiB of one training step, and its first losses."""
     flops = flops_per_token(sum(p.numel() for p in model.parameters()), model.config, T)
     accum = setting.get("accum", 1)
-    on_gpu = device.startswith("cuda")
+    on_gpu = device_type(device) == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = bench.time_training(model, B, T, device, steps=steps, warmup=3 if on_gpu else 1, **setting)
     ms = statistics.median(times) * 1000
     tok_s = B * accum * T / ms * 1000
-    return dict(ms=ms, tok_s=tok_s, mfu=tok_s * flops / (datasheet_tflops(device) or float("nan")) / 1e12,
-                peak=torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else float("nan"), losses=losses)
+    held = peak_memory_gib(device)
+    return dict(ms=ms, tok_s=tok_s, mfu=mfu(tok_s, flops, datasheet_tflops(device) or float("nan")),
+                peak=float("nan") if held is None else held, losses=losses)
 
 
 def figure_cells(f):

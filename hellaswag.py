@@ -4,7 +4,7 @@
 
 The trainer loads it for every rank with this file's load_for_run() and scores it in its loop with
 evaluate(); eval_hellaswag.py scores a model from the command line. This file imports nothing of the
-project but the tokenizer and the error helpers (the trainer hands it its World).
+project but the tokenizer, the error helpers and device_type (the trainer hands it its World).
 
 Each ending is rendered as the context's tokens followed by the tokens of " " + ending, and
 scored by the model's cross-entropy over the ending's tokens only. acc picks the lowest summed
@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from machinery.cli import error_text, one_line_errors, run_script
+from machinery.world import device_type
 from tokenizer import EOT, gpt2_encoding
 
 DATA_CACHE_DIR = os.environ.get("HELLASWAG_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag"))
@@ -198,7 +199,7 @@ def predict(model, examples, device, budget=BATCH_TOKENS, use_bf16=False, progre
         # token q sees token k <= q if k is the context's or in q's own segment
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         mask = causal & ((seg[:, None, :] == -1) | (seg[:, None, :] == seg[:, :, None]))  # (B, T, T)
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device_type=device_type(device), dtype=torch.bfloat16, enabled=use_bf16):
             h = model.hidden(tokens, pos, mask.unsqueeze(1))
             logits = model.lm_head(h[b, src])  # (scored tokens, vocab)
         losses = F.cross_entropy(logits.float(), target, reduction="none")

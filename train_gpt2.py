@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import hellaswag  # downloads, renders and scores HellaSwag; of ours, it imports only the tokenizer
+import hellaswag  # downloads, renders and scores HellaSwag; it never imports this file
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding  # GPT-2's BPE, read from files in this repo: never downloaded
 # what a production run needs beyond the lecture, from the package beside this file (which never imports it)
 from machinery.checkpoints import (check_weights, checkpoint_due, checkpoint_to_resume, read_checkpoint,

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from machinery.world import device_type
+
 
 def memory_estimate(config, n_params, cfg, world_size, fsdp, grad_accum_steps):
     """One training process's peak memory in bytes, part by part: a planning figure for a GPU with flash attention,
@@ -108,7 +110,7 @@ def trial_step(model, B, T, device, bf16, reserved):
     aside = torch.empty(reserved, dtype=torch.uint8, device=device)
     g = torch.Generator(device).manual_seed(0)  # random numbers of its own: training's stream is untouched
     x = torch.randint(0, model.config.vocab_size, (B, T + 1), device=device, generator=g)
-    with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device_type=device_type(device), dtype=torch.bfloat16, enabled=bf16):
         loss = model(x[:, :-1], x[:, 1:])[1]
     loss.backward()
     del aside

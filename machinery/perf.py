@@ -73,6 +73,16 @@ def peak_tflops(device, bf16):
     return measured_tflops(device, dtype), f"this device's measured {name} matmul peak"
 
 
+def mfu(tokens_per_sec, flops, peak):
+    """Model FLOPs utilisation: the FLOP/s achieved at tokens_per_sec (flops per token), as a share of peak TFLOP/s."""
+    return tokens_per_sec * flops / (peak * 1e12)
+
+
+def peak_memory_gib(device):
+    """The most a CUDA device has held at once in this process (torch.cuda.max_memory_allocated), in GiB; None elsewhere."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
+
+
 class Meter:
     """The end of each step line: MFU (the FLOP/s a process achieves, as a share of what its device could do at
     most), the time left, from the pace since this run's first step (compiling) ended, evaluations included, and
@@ -87,12 +97,12 @@ class Meter:
         self.first = None  # (step, time) when the run's first step ended
 
     def __call__(self, step, tokens_per_sec, dt):
-        mfu = tokens_per_sec / self.world_size * self.flops / (self.peak * 1e12)
+        utilisation = mfu(tokens_per_sec / self.world_size, self.flops, self.peak)
         if self.first is None:
             self.first, pace = (step, time.time()), dt
         else:
             pace = (time.time() - self.first[1]) / (step - self.first[0])
-        line = f"mfu {100 * mfu:.1f}% | eta {duration(pace * (self.max_steps - step - 1))}"
-        if self.device.startswith("cuda"):  # the most this process has held at once, evaluations included
-            line += f" | mem {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+        line = f"mfu {100 * utilisation:.1f}% | eta {duration(pace * (self.max_steps - step - 1))}"
+        if (held := peak_memory_gib(self.device)) is not None:  # the most held at once, evaluations included
+            line += f" | mem {held:.2f} GiB"
         return line

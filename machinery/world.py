@@ -14,11 +14,16 @@ import torch.distributed as dist
 from machinery.cli import error_text
 
 
+def device_type(device):
+    """cuda, mps or cpu: the kind of device, as autocast and fused kernels take it (never 'cuda:3')."""
+    return device.split(":")[0]
+
+
 def init_device(device, local_rank=None):
     """device (cpu, cuda, cuda:N or mps) checked against what this torch sees, and set up: under torchrun each process
     drives one GPU, its local rank's. Which device to ask for is the lesson's choice (train_gpt2.pick_device)."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    kind = device.split(":")[0]
+    kind = device_type(device)
     if kind not in available:
         raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
     if not available[kind]:
@@ -103,7 +108,7 @@ class World:
     device: str = "cpu"
 
     def __post_init__(self):
-        self.device_type = self.device.split(":")[0]  # cuda, mps or cpu: what autocast wants, never 'cuda:3'
+        self.device_type = device_type(self.device)
         self.master = self.rank == 0  # rank 0 alone prints, logs and writes files
         self.writing = threading.Lock()  # held while a file is written: a rank leaving after another's error waits
         self.waits = 0  # wait_for_master calls so far: every rank makes them in the same order
