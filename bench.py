@@ -44,33 +44,10 @@ def machine_name(device):
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-@torch.no_grad()
-def plain_predictions(model, examples, device, use_bf16):
-    """HellaSwag the straightforward way, to compare with hellaswag.predict: one example a forward pass, its
-    4 rows (context + ending) padded to the longest, logits and loss at every position, and a mask that
-    keeps the endings' tokens."""
-    enc = gpt2_encoding()
-    preds = []
-    for example in examples:
-        ctx = enc.encode_ordinary(example["ctx"])
-        rows = [ctx + enc.encode_ordinary(" " + ending) for ending in example["endings"]]
-        tokens = torch.zeros((4, max(len(row) for row in rows)), dtype=torch.long)
-        mask = torch.zeros_like(tokens)
-        for i, row in enumerate(rows):
-            tokens[i, :len(row)] = torch.tensor(row)
-            mask[i, len(ctx):len(row)] = 1
-        tokens, mask = tokens.to(device), mask[:, 1:].to(device)  # position t predicts token t + 1
-        with torch.autocast(device_type=device_type(device), dtype=torch.bfloat16, enabled=use_bf16):
-            logits, _ = model(tokens)
-        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
-        sum_loss = (losses.view(4, -1) * mask).sum(1)
-        preds.append((sum_loss.argmin().item(), (sum_loss / mask.sum(1)).argmin().item()))
-    return preds
-
-
 def bench_hellaswag(model, examples, path, device, use_bf16):
     """Examples/s of hellaswag.predict and of the plain loop, on the same model and examples."""
-    scorers = {"plain loop, an example a pass": lambda ex: plain_predictions(model, ex, device, use_bf16),
+    scorers = {"plain loop, an example a pass": lambda ex: hellaswag.plain_predictions(lambda x: model(x)[0], ex, device,
+                                                                                        use_bf16),
                "hellaswag.predict": lambda ex: hellaswag.predict(model, ex, device, use_bf16=use_bf16)}
     seconds, preds = {}, {}
     for name, score in scorers.items():

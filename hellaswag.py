@@ -1,10 +1,14 @@
 """HellaSwag, completion style: which of four endings does the model find most likely?
 
-    python hellaswag.py                     # download the 10,042 val examples once, and check them
+    python hellaswag.py -m gpt2 -d cuda     # GPT-2 124M on the 10,042 val examples (downloaded once), as the lecture
+    python hellaswag.py -m my_hf_dir -d cpu --data_file hellaswag_val.jsonl    # a local Hugging Face GPT-2, a local file
+    python hellaswag.py --download_only 1   # the val split downloaded once, and checked
 
-The trainer loads it for every rank with this file's load_for_run() and scores it in its loop with
-evaluate(); eval_hellaswag.py scores a model from the command line. This file imports nothing of the
-project but the tokenizer, the error helpers and device_type (the trainer hands it its World).
+The command scores a Hugging Face GPT-2 (OpenAI's weights by name, or a directory) as the lecture's hellaswag.py
+does, an example a forward pass, and ends with its line `N acc_norm: C/N=0.XXXX`. The trainer loads the data for
+every rank with load_for_run() and scores its own model in its loop with evaluate(), batched; eval_hellaswag.py
+scores any model this project reads (its checkpoints too) the same way; on the same model and file the two agree.
+This file imports nothing of the project but the tokenizer and machinery's helpers, so the trainer can import it.
 
 Each ending is rendered as the context's tokens followed by the tokens of " " + ending, and
 scored by the model's cross-entropy over the ending's tokens only. acc picks the lowest summed
@@ -22,8 +26,9 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from machinery.cli import error_text, one_line_errors, run_script
-from machinery.world import device_type
+from machinery.cli import error_text, on_off, one_line_errors, run_script
+from machinery.inputs import load_hf_gpt2
+from machinery.world import device_type, init_device
 from tokenizer import EOT, gpt2_encoding
 
 DATA_CACHE_DIR = os.environ.get("HELLASWAG_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag"))
@@ -218,15 +223,61 @@ def evaluate(model, examples, device, budget=BATCH_TOKENS, use_bf16=False, progr
     return correct, correct_norm, len(examples)
 
 
+@torch.no_grad()
+def plain_predictions(logits_of, examples, device, use_bf16=False):
+    """The straightforward way, the lecture's: one example a forward pass, its 4 rows (context + ending, as
+    render_example makes them) padded to the longest, logits (logits_of(tokens)) at every position, and a mask that
+    keeps the endings' tokens. What predict() computes with a fraction of the work: (acc's, acc_norm's) picks."""
+    enc = gpt2_encoding()
+    preds = []
+    for example in examples:
+        tokens, _, segments = render_example(example, enc)
+        ctx = [t for t, s in zip(tokens, segments) if s == -1]
+        rows = [ctx + [t for t, s in zip(tokens, segments) if s == i] for i in range(4)]
+        x = torch.zeros((4, max(len(row) for row in rows)), dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for i, row in enumerate(rows):
+            x[i, :len(row)] = torch.tensor(row)
+            mask[i, len(ctx):len(row)] = 1
+        x, mask = x.to(device), mask[:, 1:].to(device)  # position t predicts token t + 1
+        with torch.autocast(device_type=device_type(device), dtype=torch.bfloat16, enabled=use_bf16):
+            logits = logits_of(x)
+        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="none")
+        sum_loss = (losses.view(4, -1) * mask).sum(1)
+        preds.append((sum_loss.argmin().item(), (sum_loss / mask.sum(1)).argmin().item()))
+    return preds
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Download a HellaSwag split once (into HELLASWAG_CACHE, default ./hellaswag) "
-                                            "and check it. To score a model: python eval_hellaswag.py -m MODEL")
+    p = argparse.ArgumentParser(description="Score a Hugging Face GPT-2 on HellaSwag, as the lecture does (python "
+                                            "hellaswag.py -m gpt2 -d cuda); the data is downloaded once into "
+                                            "HELLASWAG_CACHE (default ./hellaswag)")
+    p.add_argument("-m", "--model_type", default="gpt2", help="gpt2 ... gpt2-xl (OpenAI's weights, through Hugging "
+                                                              "Face), or a local Hugging Face GPT-2 directory")
+    p.add_argument("-d", "--device", default="cuda", help="the device to use: cuda, cuda:N, mps or cpu")
+    p.add_argument("--data_file", help="a local HellaSwag jsonl (no download)")
     p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--download_only", type=on_off, default=False, help="1: download the split and check it, no model")
     args = p.parse_args(argv)
-    with one_line_errors():  # offline, say: one line, no traceback
-        path = download(args.split)
-        n = sum(1 for _ in iterate_examples(path))
-    print(f"hellaswag {args.split}: {n:,} examples in {path}")
+    with one_line_errors():  # offline, a missing file, no GPU: one line, no traceback
+        path = args.data_file or download(args.split)
+        if not os.path.isfile(path):
+            raise ValueError(f"--data_file {path!r} not found")
+        examples = list(iterate_examples(path))
+        if args.download_only:
+            print(f"hellaswag {args.split}: {len(examples):,} examples in {path}")
+            return
+        device = init_device(args.device)
+        published = () if os.path.isdir(args.model_type) else (args.model_type,)
+        model = load_hf_gpt2(args.model_type, published).to(device).eval()
+    if device_type(device) == "cuda":
+        torch.set_float32_matmul_precision("high")  # use tf32, as the lecture does
+    correct_norm = 0
+    logits_of = lambda x: model(x).logits
+    for n, example in enumerate(examples, start=1):
+        correct_norm += plain_predictions(logits_of, [example], device)[0][1] == example["label"]
+        if n % 1000 == 0 or n == len(examples):
+            print(f"{n} acc_norm: {correct_norm}/{n}={correct_norm / n:.4f}")
 
 
 if __name__ == "__main__":

@@ -170,6 +170,25 @@ def test_cli_scores_a_local_checkpoint_on_a_local_file(hf_checkpoint):
     assert (int(n), float(acc), float(acc_norm)) == (12, round(c / 12, 4), round(cn / 12, 4))
 
 
+def test_the_lectures_command_scores_a_local_hf_model_and_agrees_with_eval_hellaswag(hf_checkpoint):
+    path = hf_checkpoint(vocab_size=50257, n_embd=16, n_positions=256, seed=3)
+    lecture = run(["hellaswag.py", "-m", path, "-d", "cpu", "--data_file", HELLASWAG_64])
+    assert lecture.returncode == 0, lecture.stderr
+    # as the lecture's hellaswag.py ends: N acc_norm: C/N=0.XXXX
+    correct, n, acc_norm = re.fullmatch(r"64 acc_norm: (\d+)/(64)=(0\.\d{4})", lecture.stdout.strip()).groups()
+    assert float(acc_norm) == round(int(correct) / 64, 4)
+    ours = run(["eval_hellaswag.py", "-m", path, "-d", "cpu", "--data_file", HELLASWAG_64])
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout.strip().endswith(f"acc_norm {acc_norm} examples 64")  # the batched scorer: the same number
+    model = GPT.from_pretrained(path).eval()
+    examples = list(hellaswag.iterate_examples(HELLASWAG_64))
+    assert int(correct) == sum(pn == ex["label"] for (_, pn), ex in zip(hellaswag.predict(model, examples, "cpu"), examples))
+    assert 5 < int(correct) < 59  # the tiny model's picks vary: a scorer that always says 0 would not get here
+    no_gpu = run(["hellaswag.py", "-m", path, "--data_file", HELLASWAG_64])  # the lecture's default device: cuda
+    assert no_gpu.returncode == 1 and no_gpu.stderr == \
+        "error: device 'cuda' asked for, but this torch sees no CUDA GPU here: use --device cpu\n"
+
+
 def test_offline_without_a_cache_the_run_says_so_once_and_goes_on(tmp_path):
     env = dict(os.environ, HELLASWAG_CACHE=str(tmp_path / "cache"),
                https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")  # nothing leaves this machine
@@ -234,7 +253,7 @@ def test_hellaswag_is_a_leaf_the_trainer_imports_and_its_command_downloads_and_c
     assert out.returncode == 1 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
     assert not list(cache.glob("*"))  # no partial download left behind
     (cache / "hellaswag_val.jsonl").write_text(open(HELLASWAG_64).read())  # as a finished download leaves it
-    out = run(["hellaswag.py", "--split", "val"], env=env)
+    out = run(["hellaswag.py", "--split", "val", "--download_only", "1"], env=env)
     assert out.returncode == 0 and out.stdout == f"hellaswag val: 64 examples in {cache}/hellaswag_val.jsonl\n"
 
 
