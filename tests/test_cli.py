@@ -239,7 +239,11 @@ def test_a_bad_flag_is_an_error_that_names_it(args, message):
     with pytest.raises(ValueError) as e:
         parse_args(args)
     assert str(e.value) == message
+
+
+def test_on_off_flags_take_1_and_0_and_bf16_takes_auto_too():
     assert parse_args(["--bf16", "auto", "--compile", "0"]).compile is False
+    assert (parse_args(["--compile", "1"]).compile, parse_args(["--bf16", "auto"]).bf16) == (True, "auto")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -388,7 +392,8 @@ def dry_run_memory(argv, capsys):
     return [float(x) for x in row.split()[1:]], out
 
 
-def test_the_dry_runs_memory_for_the_default_recipe_is_near_what_one_h200_measured(monkeypatch, capsys):
+def test_the_dry_run_plans_41_65_gib_compiled_and_53_93_eager_for_the_recipe_within_15_percent_of_the_h200(monkeypatch,
+                                                                                                          capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     # torch.cuda.max_memory_allocated on one H200 (2026-11-30): 41.16 GiB compiled (the whole run), 52.97 eager
     compiled, out = dry_run_memory([], capsys)
