@@ -98,6 +98,14 @@ def hf_checkpoint(tmp_path):
     return lambda name="tiny", seed=0, **shape: make_hf_checkpoint(tmp_path / name, seed, **shape)
 
 
+def read_docs(*names):
+    """The README and the guides in docs/ (all of them, or those named), as one text: what a reader is told."""
+    paths = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    chosen = [p for p in paths if not names or os.path.basename(p) in names]
+    assert chosen, names
+    return "\n".join(open(p).read() for p in chosen)
+
+
 def parse_args(argv):
     """The settings a run of train_gpt2.py gets from these flags: its recipe, changed by them."""
     import train_gpt2

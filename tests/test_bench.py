@@ -3,7 +3,7 @@ import re
 
 import torch
 
-from conftest import HELLASWAG_20, ROOT, error_of, run
+from conftest import HELLASWAG_20, ROOT, error_of, read_docs, run
 import bench
 from train_gpt2 import GPT, GPTConfig
 
@@ -72,10 +72,8 @@ def test_bench_profiles_a_step_into_kinds_of_work_and_its_top_operators(capsys):
     assert bench.kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
 
 
-def test_readme_documents_the_benchmarks_with_their_machine():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    perf = readme[readme.index("## Performance"):]
+def test_the_performance_guide_documents_the_benchmarks_with_their_machine():
+    perf = read_docs("performance.md")
     assert "python bench.py" in perf
     tables, header = {}, None
     for line in perf.splitlines():

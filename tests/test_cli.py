@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import error_of, INPUT, parse_args, read_log, ROOT, run, SMALL
+from conftest import error_of, INPUT, parse_args, read_docs, read_log, ROOT, run, SMALL
 import train_gpt2
 from train_gpt2 import GPT2_PROMPT
 from machinery.cli import error_text
@@ -144,9 +144,8 @@ def test_a_model_sets_its_shape_and_recipe_and_explicit_flags_win():
     assert (c.max_lr, c.min_lr, c.seq_len, c.n_layer, c.n_embd) == (1e-3, 3e-5, 1024, 2, 1024)
 
 
-def test_the_readme_lists_every_model_as_the_trainer_resolves_it():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        rows = re.findall(r"^\| `([\w.-]+)`(?: \(default\))? \| ([\d,]+)M \|(.*)\|$", f.read(), re.M)
+def test_the_sizes_guide_lists_every_model_as_the_trainer_resolves_it():
+    rows = re.findall(r"^\| `([\w.-]+)`(?: \(default\))? \| ([\d,]+)M \|(.*)\|$", read_docs("sizes.md"), re.M)
     assert [name for name, _, _ in rows] == list(MODELS)
     for name, millions, rest in rows:
         c = parse_args(["--model", name])
@@ -168,9 +167,8 @@ def help_of(script):
     return out.getvalue()
 
 
-def test_every_command_in_the_readme_names_real_scripts_and_flags():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
+def test_every_command_in_the_readme_and_docs_names_real_scripts_and_flags():
+    readme = read_docs()  # the README and every guide in docs/
     helps = {}
     for script, args in re.findall(r"python (\w+\.py)([^`\n|#]*)", readme):
         assert os.path.isfile(os.path.join(ROOT, script)), script
@@ -178,7 +176,7 @@ def test_every_command_in_the_readme_names_real_scripts_and_flags():
             helps[script] = help_of(script)
         for name in re.findall(r"(--\w+)", args):
             assert name in helps[script], f"{script} has no {name}"
-    assert {"train_gpt2.py", "fineweb.py", "bench.py", "sample.py", "export_hf.py"} <= set(helps)
+    assert {"train_gpt2.py", "fineweb.py", "bench.py", "sample.py", "export_hf.py", "hellaswag.py", "gpu_check.py"} <= set(helps)
 
 
 def test_an_exception_becomes_one_line_even_when_it_says_nothing(monkeypatch, capsys):

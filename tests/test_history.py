@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, read_docs
 
 # the chapters of "Let's reproduce GPT-2 (124M)" (YouTube l8pRSuU81PU), as the video lists them
 CHAPTERS = {
@@ -52,8 +52,7 @@ def seconds(t):
 
 @pytest.fixture(scope="module")
 def tables():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
+    readme = read_docs("README.md", "lecture.md")  # the steps and themes; the chapters, in docs/lecture.md
     # a step of the lecture's build: number, commit, lecture moment, what it adds (where a | is written \|)
     steps = re.findall(r"^\| (\d+) \| `([0-9a-f]{7})` \| ([^|]+) \| (?:\\\||[^|])+ \|$", readme, re.M)
     # a theme after it: name, the range of its commits in git's notation (after..up to), their count
