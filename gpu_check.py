@@ -19,7 +19,7 @@ on one H100, compiling included; an H200 is a little faster) and says so in its 
     loss_chunks_batch128 50, compile_step 60, max_autotune 330, async_host 80 (with the trainer's copies beside it) |
     auto 60 | ladder 120
 
-The commands above: 7.0, 7.0, 6.8 and 2.0 minutes by that estimate. The rehearsal takes about 80 s on 2 CPU cores.
+The commands above: 7.0, 7.0, 6.8 and 2.0 minutes by that estimate. The rehearsal takes about 60 s on 2 CPU cores.
 It needs no network: the shards are made from input.txt (tiled to 2M val and 10M train tokens, in fineweb.py's
 layout), and HellaSwag is read from a file: the val set if hellaswag.py has downloaded it, else the repo's 201
 examples (every 50th). Everything it writes goes to --out. Paste the table into the README with the date.
@@ -263,7 +263,7 @@ def run_candidate(what, B, changes, step, device, rehearse, base, table):
     base = base or f
     drift = max(abs(a - b) for a, b in zip(f["losses"], base["losses"]))
     table.add(f"candidate: {what}", B, *figure_cells(f), f"{base['ms'] / f['ms']:.3f}x {against}; {time.time() - t0:.0f} "
-              f"s with compiling; losses within {drift:.1e} of {against}'s: " + " ".join(f"{x:.4f}" for x in f["losses"][:10]))
+              f"s with compiling; losses within {drift:.1e} of those of {against}: " + " ".join(f"{x:.4f}" for x in f["losses"][:10]))
     return dict(f, speedup=base["ms"] / f["ms"])
 
 

@@ -54,12 +54,12 @@ def test_the_rehearsal_runs_every_part_in_order_and_a_failure_in_each_is_a_row_t
         if c != "--compile_step 1":
             note = rows[f"candidate: {c}"][6]
             against = "the trainer's copies" if c.startswith("async_host") else "the default"
-            assert re.match(rf"[\d.]+x {against}; \d+ s with compiling; losses within \d\.\de[-+]\d\d of "
-                            rf"{against}'s: (10\.\d{{4}} ){{2}}10\.\d{{4}}$", note), note
+            assert re.match(rf"[\d.]+x {against}; \d+ s with compiling; losses within \d\.\de[-+]\d\d of those of "
+                            rf"{against}: (10\.\d{{4}} ){{2}}10\.\d{{4}}$", note), note
             assert float(note.split("within ")[1].split(" ")[0]) < 1e-5, (c, note)
     assert re.fullmatch(r".* \(faster than the default's better time by more than \d+\.\d%; its two times differ by "
                         r"\d+\.\d%\)", rows["candidates to make default"][6])
-    assert "losses within 0.0e+00 of the trainer's copies'" in rows[f"candidate: {candidates[6]}"][6]  # digit for digit
+    assert "losses within 0.0e+00 of those of the trainer's copies" in rows[f"candidate: {candidates[6]}"][6]  # exactly
     recipe = rows["default recipe, 4 steps"]
     assert recipe[1] == "16" and float(recipe[2]) > 0 and "HellaSwag over 20 examples: " in recipe[6]
     assert recipe[6].count(" s") >= 3  # steps 0, 2 and the last evaluate HellaSwag: each pass's seconds
