@@ -1,5 +1,7 @@
 """The --log_dir a run owns (machinery/run_dir.py): its lock, checkpoint names and curves.png."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,3 +89,37 @@ def test_a_log_line_that_cannot_be_written_is_said_once_and_the_run_goes_on(tmp_
     assert out.count(f"{tmp_path}/log.txt: not written from step 0 on ([Errno 28] No space left on device); "
                      "training goes on") == 1
     assert "step     2 |" in out and sorted(os.listdir(tmp_path)) == ["model_00002.pt"]  # trained and checkpointed
+
+
+def test_where_the_file_system_has_no_flock_a_lock_file_holds_the_log_dir_and_a_stale_one_is_taken_over(tmp_path,
+                                                                                                        monkeypatch):
+    import errno, fcntl, socket
+    from machinery import locks
+    def no_locks(fd, op):  # as some NFS and FUSE mounts answer
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    log_dir = tmp_path / "log"
+    train_gpt2.main([*SMALL, "--max_steps", "1", "--log_dir", str(log_dir)])  # the run starts, trains and ends
+    assert sorted(os.listdir(log_dir)) == ["curves.png", "log.txt", "model_00000.pt"]  # no lock left behind
+    held = tmp_path / "d" / "run.lock.held"
+    with locks.hold_directory(str(tmp_path / "d"), "--log_dir", "run.lock"):
+        assert held.read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+        with pytest.raises(ValueError) as e:  # a second holder, while this process runs
+            with locks.hold_directory(str(tmp_path / "d"), "--log_dir", "run.lock"):
+                pass
+        assert str(e.value) == (f"--log_dir {tmp_path / 'd'} is in use by another run (pid {os.getpid()} on "
+                                f"{socket.gethostname()}; no flock here, so {held} is the lock): wait for it to end, "
+                                "or remove that file if it has, or use another --log_dir")
+    assert not (tmp_path / "d").exists()  # made for nothing, left as found
+    # a holder killed with kill -9 on this machine: its pid runs no more, so the next run takes the lock over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "run.lock.held").write_text(f"pid {dead.stdout.strip()} on {socket.gethostname()}")
+    with locks.hold_directory(str(tmp_path / "e"), "--log_dir", "run.lock"):
+        assert (tmp_path / "e" / "run.lock.held").read_text().startswith(f"pid {os.getpid()} ")
+    assert os.listdir(tmp_path / "e") == []
+    # held on another machine: it cannot be checked, so it is refused, with the file to remove
+    (tmp_path / "e" / "run.lock.held").write_text("pid 1 on another-node")
+    with pytest.raises(ValueError, match=r"in use by another run \(pid 1 on another-node; no flock here"):
+        with locks.hold_directory(str(tmp_path / "e"), "--log_dir", "run.lock"):
+            pass
