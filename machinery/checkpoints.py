@@ -2,6 +2,7 @@
 model and the run's settings, written atomically, and restored exactly, whether one process, DDP or FSDP wrote it."""
 import contextlib
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -49,6 +51,46 @@ def read_checkpoint(path, keys=("model", "model_config")):
     return checkpoint
 
 
+# what torch.distributed.checkpoint writes into a .dcp's .metadata: its own records (sizes, dtypes, chunk offsets, the
+# files the shards are in), torch's sizes, dtypes and layouts, and a path; a pickle that names anything else is refused
+DCP_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "TensorProperties", "ChunkStorageMetadata", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # a layout from its name
+    "torch": {"Size"},  # and the dtypes, checked below
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a .dcp's .metadata with DCP_METADATA_CLASSES only: DCP itself uses plain pickle.load, which runs
+    whatever a planted file names (a .dcp in a shared --log_dir, a checkpoint downloaded from someone)."""
+
+    def find_class(self, module, name):
+        allowed = DCP_METADATA_CLASSES.get(module, set())
+        if name in allowed or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"its .metadata names {module}.{name}, which checkpoint metadata never holds "
+                                     "(unpickled, it could run code)")
+
+
+class MetadataReader(dcp.FileSystemReader):
+    """torch.distributed.checkpoint's reader of a directory, with its .metadata unpickled safely (see above)."""
+
+    def read_metadata(self, *args, **kwargs):
+        with open(os.path.join(str(self.path), ".metadata"), "rb") as f:
+            metadata = MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError("its .metadata is not torch.distributed.checkpoint's Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def read_sharded_checkpoint(path, keys, whole=True):
     """A sharded checkpoint (a directory) as read_checkpoint reads a file: its weights read whole in this process
     (for sampling, exporting, fine-tuning), or, not whole, only their shapes (a resume reads its shards later)."""
@@ -56,15 +98,21 @@ def read_sharded_checkpoint(path, keys, whole=True):
         raise ValueError(f"checkpoint {path} is a directory: pass a checkpoint file in it (model_NNNNN.pt), or "
                          f"--resume auto --log_dir {path} for the newest one there")
     try:
+        tensors = MetadataReader(path).read_metadata().state_dict_metadata
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"checkpoint {path} is refused: {error_text(e)}") from None
+    except Exception:
+        raise ValueError(f"cannot read checkpoint {path}: a directory, but not a whole sharded checkpoint of this "
+                         "project") from None
+    try:
         meta = torch.load(os.path.join(path, META_FILE), map_location="cpu", weights_only=True)
-        tensors = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     except Exception:
         raise ValueError(f"cannot read checkpoint {path}: a directory, but not a whole sharded checkpoint of this "
                          "project") from None
     model = {k.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype, device="cpu" if whole else "meta")
              for k, m in tensors.items() if k.startswith("model.")}
     if whole:
-        read_shards({"model": model}, path, alone=True)  # tensors only: nothing is unpickled
+        read_shards({"model": model}, path, alone=True)  # tensors, and metadata through the allow-list
     checkpoint = {**meta, "model": model, "sharded": path}
     missing = [k for k in keys if k not in checkpoint and k != "optimizer"]  # the optimizer's: read on resuming
     if missing:
@@ -77,7 +125,7 @@ def read_shards(state, path, alone):
     (which torch.distributed.checkpoint warns of, though it is what is meant)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, no_dist=alone)
+        dcp.load(state, storage_reader=MetadataReader(path), no_dist=alone)
 
 
 def check_weights(model, state_dict, path):

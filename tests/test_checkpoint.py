@@ -141,6 +141,41 @@ def test_every_entry_point_that_reads_a_checkpoint_refuses_a_bad_one_in_one_line
     assert not log.exists() and not (tmp_path / "hf").exists()
 
 
+class Planted:
+    """What a stranger's .metadata could hold: unpickled, it runs os.mkdir (any call would do)."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_a_planted_sharded_checkpoint_is_refused_on_every_path_without_running_its_payload(tmp_path):
+    import pickle
+    marker = tmp_path / "the_payload_ran"
+    log = tmp_path / "log"
+    log.mkdir()
+    planted = log / "model_99999.dcp"  # as if put into a shared --log_dir: the newest checkpoint there
+    planted.mkdir()
+    (planted / ".metadata").write_bytes(pickle.dumps(Planted(str(marker))))
+    refused = (f"error: checkpoint {planted} is refused: its .metadata names posix.mkdir, which checkpoint metadata "
+               "never holds (unpickled, it could run code)")
+    for main, args in [
+        (train_gpt2.main, [*TINY, "--log_dir", str(tmp_path / "a"), "--resume", str(planted)]),
+        (train_gpt2.main, [*TINY, "--log_dir", str(tmp_path / "b"), "--init_from", str(planted)]),
+        (sample.main, ["-m", str(planted), "-d", "cpu"]),
+        (export_hf.main, [str(planted), str(tmp_path / "hf")]),
+        (eval_hellaswag.main, ["-m", str(planted), "-d", "cpu", "--data_file", HELLASWAG_20]),
+    ]:
+        assert error_of(main, args) == refused, args
+    (log / "log.txt").write_text("0 train 10.000000\n")
+    error = error_of(train_gpt2.main, [*TINY, "--log_dir", str(log), "--resume", "auto"])
+    assert error.endswith("is refused: its .metadata names posix.mkdir, which checkpoint metadata never holds "
+                          "(unpickled, it could run code)"), error
+    assert not marker.exists()  # nothing ran
+    assert sorted(os.listdir(tmp_path)) == ["log"] and sorted(os.listdir(log)) == ["log.txt", "model_99999.dcp"]
+
+
 def test_resume_needs_a_whole_training_checkpoint(tmp_path):
     good = torch.load(tiny_checkpoint(tmp_path / "good.pt"), weights_only=True)
     torch.save({"model": good["model"], "model_config": good["model_config"]}, tmp_path / "weights.pt")
