@@ -156,15 +156,54 @@ def load_checkpoint(path, cfg, model):
     return checkpoint
 
 
+def damage(path):
+    """What makes a checkpoint of this project unusable as it lies (cut short, empty, shards missing, not ours), in
+    a few words, or None: read as a resume reads it, and for a sharded one, every file its metadata names there and
+    long enough. Settings that differ from the run's are not damage: that is for load_checkpoint to say."""
+    keys = ("model", "model_config", "optimizer", "step", "train_loader", "rng", "config")
+    try:
+        if not os.path.isdir(path):
+            read_checkpoint(path, keys)
+            return None
+        read_sharded_checkpoint(path, keys, whole=False)
+        for info in MetadataReader(path).read_metadata().storage_data.values():
+            shard = os.path.join(path, info.relative_path)
+            size = os.path.getsize(shard) if os.path.isfile(shard) else None
+            if size is None or size < info.offset + info.length:
+                return f"its shard {info.relative_path} is {'missing' if size is None else f'cut short ({size:,} bytes)'}"
+    except ValueError as e:
+        return error_text(e).removeprefix(f"checkpoint {path} ").removeprefix(f"{path} ")
+    return None
+
+
+def newest_usable(run):
+    """--resume auto's checkpoint: the newest here that is whole, each newer one skipped with a line saying why;
+    None if there is none yet. If every one is damaged, a ValueError: starting over would lose the run."""
+    found = run.checkpoints()
+    for path in found:
+        problem = damage(path)
+        if problem is None:
+            return path
+        print(f"--resume auto: skipping {path}: {problem}")
+    if found:
+        raise ValueError(f"--resume auto: none of the {len(found)} checkpoints in {run.path} can be used (see above): "
+                         "pass --resume with one you trust, or move the damaged ones away")
+    return None
+
+
 def checkpoint_to_resume(cfg, world, run, model):
     """The checkpoint this run continues from, read and checked on every rank, or None for a run from step 0;
     log.txt is made to agree with it."""
     with world.together():
-        path = run.find_checkpoint(cfg.resume) if cfg.resume and world.master else None
+        path = (newest_usable(run) if cfg.resume == "auto" else cfg.resume) if cfg.resume and world.master else None
     # every rank resumes rank 0's checkpoint: a node that sees another log_dir must not continue another run
     path = world.broadcast(path)
     with world.together():  # first every rank reads it: a node that cannot is the error to report
         checkpoint = load_checkpoint(path, cfg, model) if path else None
+    if checkpoint and checkpoint["step"] >= cfg.max_steps and cfg.resume == "auto":  # a requeue after the end
+        world.print(f"--resume auto: {path} ends the run (step {cfg.max_steps} of {cfg.max_steps}): nothing is "
+                    "left to train")
+        sys.exit(0)
     with world.together():
         if checkpoint and checkpoint["step"] >= cfg.max_steps:
             raise ValueError(f"{path} ends its run (step {cfg.max_steps} of {cfg.max_steps}): nothing is left to "
@@ -304,13 +343,25 @@ def checkpoint_meta(step, model_config, train_loader, cfg):
     }
 
 
+def fsync(path):
+    """path's bytes (a file's, or a directory's list of names) on the disk, not only in the OS's cache: after a crash
+    of the machine, a checkpoint that was renamed into place is whole."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_checkpoint_file(path, state, meta):
     """Everything needed to continue exactly, as tensors and plain data (loads with weights_only=True)."""
     model_state, optimizer_state = state
     tmp = path + ".tmp"
     try:
         torch.save({"model": model_state, "optimizer": optimizer_state, **meta}, tmp)
+        fsync(tmp)  # on the disk before it takes the name, which is on the disk before any older one is deleted
         os.replace(tmp, path)  # atomic: a crash mid-write never leaves a truncated checkpoint
+        fsync(os.path.dirname(path) or ".")
     except BaseException:  # a full disk, say: never leave 1.5 GB of half a checkpoint behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -330,9 +381,13 @@ def write_sharded_checkpoint(path, model, optimizer, meta, world):
         dcp.save({"model": get_model_state_dict(model), "optimizer": optimizer_state["state"]}, checkpoint_id=tmp)
         if world.master:
             torch.save({**meta, "param_groups": optimizer_state["param_groups"]}, os.path.join(tmp, META_FILE))
+            for name in os.listdir(tmp):  # the shards every rank wrote (rank 0 sees them all on a shared folder)
+                fsync(os.path.join(tmp, name))
+            fsync(tmp)
             if os.path.isdir(path):
                 shutil.rmtree(path)  # the same step saved before, by a run this one resumed from earlier
             os.replace(tmp, path)
+            fsync(os.path.dirname(path) or ".")
     except BaseException:
         if world.master:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -38,14 +38,12 @@ class RunDir:
         """Where the checkpoint written after step goes."""
         return os.path.join(self.path, f"model_{step:05d}.{'dcp' if sharded else 'pt'}")
 
-    def find_checkpoint(self, resume):
-        """The checkpoint --resume names: a path, or for 'auto' the newest here (None if there is none)."""
-        if resume != "auto":
-            return resume  # read_checkpoint says so if it is not there
-        # by step number, not by name: past step 99,999 the names outgrow their zero padding
+    def checkpoints(self):
+        """The checkpoints here, newest first: by step number, not by name (past step 99,999 the names outgrow their
+        zero padding)."""
         names = os.listdir(self.path) if os.path.isdir(self.path) else []
         steps = {int(m.group(1)): name for name in names if (m := CHECKPOINT_NAME.fullmatch(name))}
-        return os.path.join(self.path, steps[max(steps)]) if steps else None
+        return [os.path.join(self.path, steps[step]) for step in sorted(steps, reverse=True)]
 
     @contextlib.contextmanager
     def claim(self):

@@ -169,11 +169,47 @@ def test_a_planted_sharded_checkpoint_is_refused_on_every_path_without_running_i
     ]:
         assert error_of(main, args) == refused, args
     (log / "log.txt").write_text("0 train 10.000000\n")
-    error = error_of(train_gpt2.main, [*TINY, "--log_dir", str(log), "--resume", "auto"])
-    assert error.endswith("is refused: its .metadata names posix.mkdir, which checkpoint metadata never holds "
-                          "(unpickled, it could run code)"), error
+    error = error_of(train_gpt2.main, [*TINY, "--log_dir", str(log), "--resume", "auto"])  # skipped, and none is left
+    assert error == (f"error: --resume auto: none of the 1 checkpoints in {log} can be used (see above): pass "
+                     "--resume with one you trust, or move the damaged ones away")
     assert not marker.exists()  # nothing ran
     assert sorted(os.listdir(tmp_path)) == ["log"] and sorted(os.listdir(log)) == ["log.txt", "model_99999.dcp"]
+
+
+def test_resume_auto_skips_damaged_newer_checkpoints_for_the_newest_whole_one_and_a_finished_run_exits_0(tmp_path,
+                                                                                                         capsys):
+    import warnings
+    import torch.distributed.checkpoint as dcp
+    args = [*TINY, "--max_steps", "4", "--checkpoint_every", "1", "--log_dir", str(tmp_path)]
+    train_gpt2.main(args)  # model_00000.pt ... model_00003.pt, the last the end of the run
+    whole = torch.load(tmp_path / "model_00001.pt", weights_only=True)
+    newest = tmp_path / "model_00003.pt"
+    newest.write_bytes(newest.read_bytes()[:4096])  # cut short, as a crash of the machine can leave it
+    (tmp_path / "model_00002.pt").write_bytes(b"")  # empty
+    sharded = tmp_path / "model_00009.dcp"  # a sharded one, newer still, one of whose shards never arrived
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": whole["model"]}, checkpoint_id=str(sharded), no_dist=True)
+    torch.save({k: v for k, v in whole.items() if k not in ("model", "optimizer")}, sharded / "meta.pt")
+    shards = sorted(p.name for p in sharded.glob("*.distcp"))
+    (sharded / shards[0]).unlink()
+    capsys.readouterr()
+    train_gpt2.main([*args, "--resume", "auto"])
+    out = capsys.readouterr().out
+    assert out.index(f"--resume auto: skipping {sharded}: its shard {shards[0]} is missing\n") < \
+        out.index(f"--resume auto: skipping {newest}: cannot read checkpoint") < \
+        out.index(f"--resume auto: skipping {tmp_path / 'model_00002.pt'}: is empty (0 bytes)") < \
+        out.index(f"resuming from {tmp_path / 'model_00001.pt'}\n")
+    assert "resuming at step 2" in out and [l.split()[:2] for l in (tmp_path / "log.txt").read_text().splitlines()
+                                            if l.split()[1] == "train"] == [["0", "train"], ["1", "train"],
+                                                                             ["2", "train"], ["3", "train"]]
+    # a requeue after the end: nothing to do, said, and exit 0; naming the file itself stays an error
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.main([*args, "--resume", "auto"])
+    assert e.value.code == 0 and capsys.readouterr().out.endswith(
+        f"--resume auto: {tmp_path / 'model_00003.pt'} ends the run (step 4 of 4): nothing is left to train\n")
+    assert "ends its run (step 4 of 4): nothing is left to train" in error_of(
+        train_gpt2.main, [*args, "--resume", str(tmp_path / "model_00003.pt")])
 
 
 def test_resume_needs_a_whole_training_checkpoint(tmp_path):

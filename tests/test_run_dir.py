@@ -27,7 +27,9 @@ def test_a_read_only_log_dir_is_refused(tmp_path, monkeypatch):
 def test_resume_auto_picks_the_newest_checkpoint_by_step_number(tmp_path):
     for name in ("model_09999.pt", "model_99999.pt", "model_100000.pt", "model_20000.pt", "model_x.pt"):
         (tmp_path / name).write_bytes(b"")
-    assert RunDir(str(tmp_path)).find_checkpoint("auto") == str(tmp_path / "model_100000.pt")  # by name: model_99999.pt
+    assert RunDir(str(tmp_path)).checkpoints()[0] == str(tmp_path / "model_100000.pt")  # by name: model_99999.pt
+    assert [os.path.basename(p) for p in RunDir(str(tmp_path)).checkpoints()] == [
+        "model_100000.pt", "model_99999.pt", "model_20000.pt", "model_09999.pt"]
 
 
 def test_each_evaluation_draws_the_curves_as_a_png(tmp_path):
