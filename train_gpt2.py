@@ -577,7 +577,7 @@ def train(cfg, world, model, data, run, checkpoint=None):
                 save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg, rotate=due == "time")
         if stopping:
             if step >= start_step:  # else nothing was trained since the start, or since the checkpoint resumed
-                save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg)
+                save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg, rotate=True)
             run.mark_stopped(step + 1, stop.requested)  # log_dir/STOPPED: what a requeue script looks for
             world.print(f"stopped before step {step + 1}: continue with --resume auto --log_dir {cfg.log_dir}")
     return stopping

@@ -210,6 +210,7 @@ def checkpoint_to_resume(cfg, world, run, model):
                              "train; to train on, start a new run with --init_from it and another --log_dir")
         if path:
             world.print(f"resuming from {path}")  # for --resume auto, the file it chose
+            run.rotating = path if checkpoint.get("rotates") else None  # the rotation goes on across requeues
         if cfg.resume and not path:  # killed before its first checkpoint: there is nothing to continue
             world.print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
         elif not cfg.resume and world.master:  # rank 0's log_dir decides: another node's may be a stale copy
@@ -231,10 +232,14 @@ def save_checkpoint(run, world, step, model, optimizer, train_loader, cfg, rotat
     """Checkpoint the run after step. Every rank calls this: one file, for which each rank gathers its FSDP shards
     and rank 0 writes them, or a sharded checkpoint, where each rank writes its own. If the write fails (a full
     disk), every rank stops, with one line naming the last good one. Once it is written, the checkpoint before it
-    goes if it was a rotating one (written for time, not steps); rotate: this one rotates too."""
+    goes if it was a rotating one; rotate: this one rotates too (one written for time or on a stop, not for steps:
+    the checkpoint records it, so a resumed run goes on rotating). A step already saved is not saved again (a stop
+    during the evaluation right after its checkpoint): the checkpoint on disk stays as it was."""
+    if run.saved_step == step:
+        return
     sharded = saves_sharded(cfg, sum(p.numel() for p in model.parameters()))
     path = run.checkpoint_path(step, sharded)
-    meta = checkpoint_meta(step + 1, model.config, train_loader, cfg)
+    meta = {**checkpoint_meta(step + 1, model.config, train_loader, cfg), "rotates": rotate}
     state = None if sharded else whole_state(model, optimizer, keep=world.master)
     error = None
     try:
@@ -258,6 +263,7 @@ def save_checkpoint(run, world, step, model, optimizer, train_loader, cfg, rotat
     error = world.wait_for_master(f"checkpoint {step}", error, seconds=write_seconds(model))
     if error:
         sys.exit(f"error: {error}" if world.master else 1)
+    run.saved_step = step  # on every rank alike
 
 
 def write_seconds(model):

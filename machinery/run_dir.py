@@ -31,7 +31,8 @@ class RunDir:
         self.stopped_file = os.path.join(path, "STOPPED")  # there while the run stopped on request may resume
         self.last_saved = None  # the newest checkpoint this run wrote: named if a later one fails
         self.last_saved_time = time.time()  # --checkpoint_minutes count from here
-        self.rotating = None  # the newest checkpoint if it was written for time: the next one replaces it
+        self.rotating = None  # the newest checkpoint if it rotates (see save_checkpoint): the next one replaces it
+        self.saved_step = None  # the step this run saved last, on every rank
         self.log_failed = False  # a log line could not be written: said once
 
     def checkpoint_path(self, step, sharded=False):

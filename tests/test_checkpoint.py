@@ -408,3 +408,43 @@ def test_a_checkpoint_is_read_memory_mapped_not_into_memory(tmp_path):
     out = run(["-c", code, str(tmp_path / "big.pt")])
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) < 32, out.stdout  # MiB more: the file is mapped, its pages read when used
+
+
+class StopAfter:
+    """train()'s StopRequest, as if SIGTERM arrived once the run had checked `steps` losses (one a step)."""
+    steps, seen = 2, 0
+
+    def __init__(self, world):
+        StopAfter.seen = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @property
+    def requested(self):
+        return "SIGTERM" if StopAfter.seen >= StopAfter.steps else None
+
+
+def test_four_stop_and_resume_cycles_leave_one_stop_checkpoint_and_the_steps_checkpoints(tmp_path, monkeypatch):
+    from machinery import stopping
+    real_check = stopping.stop_if_not_finite
+    def counted(*args):
+        StopAfter.seen += 1
+        return real_check(*args)
+    monkeypatch.setattr(train_gpt2, "stop_if_not_finite", counted)
+    monkeypatch.setattr(train_gpt2, "StopRequest", StopAfter)
+    args = [*TINY, "--max_steps", "20", "--checkpoint_every", "5", "--checkpoint_minutes", "0", "--eval_every", "1000",
+            "--log_dir", str(tmp_path)]
+    kept = []
+    for cycle in range(4):  # each run trains 2 steps, is stopped, checkpoints; the next resumes it
+        with pytest.raises(SystemExit) as e:
+            train_gpt2.main([*args, "--resume", "auto"] if cycle else args)
+        assert e.value.code == 75  # STOPPED
+        kept.append(sorted(f for f in os.listdir(tmp_path) if f.startswith("model_")))
+    # steps 0-1, 2-3, 4-5, 6-7: step 4 is --checkpoint_every's and stays; each stop's replaces the one before
+    assert kept == [["model_00001.pt"], ["model_00003.pt"], ["model_00004.pt", "model_00005.pt"],
+                    ["model_00004.pt", "model_00007.pt"]]
+    assert (tmp_path / "STOPPED").read_text().startswith("stopped before step 8 (SIGTERM); checkpoint ")
