@@ -1,9 +1,8 @@
 """GPT-2 (124M) from scratch: the model, its data, and its training loop, in one file.
 
-Read it top to bottom, in the lecture's order: the model, the data loader, evaluation, the learning-rate
-schedule, the training loop, and main(), which sets a run up (torchrun, DDP or FSDP) and starts the loop.
-What a production run needs beyond the lecture (settings and presets, the run directory, checkpoints,
-signals, agreement between ranks, speed figures) lives in the package beside it, machinery/.
+Read it top to bottom, in the lecture's order: the model, the data loader, evaluation, the learning-rate schedule,
+the training loop, the recipe and main(), which sets a run up (torchrun, DDP or FSDP). What a production run needs
+beyond the lecture (checkpoints, signals, agreement between ranks, speed figures) lives beside it, in machinery/.
 """
 import bisect
 import collections
@@ -481,8 +480,8 @@ def clip_and_step(model, optimizer):
     return norm.full_tensor() if isinstance(norm, DTensor) else norm  # (FSDP returns it as a DTensor)
 
 
-def train(cfg, world, model, data, run, checkpoint=None):
-    """The training loop: from step 0, or from where checkpoint left off. True if it stopped on request."""
+def train(cfg, world, model, data, run, stop, checkpoint=None):
+    """The loop, from step 0 or where checkpoint left off; True if it stopped on request (stop: main()'s StopRequest)"""
     device = world.device
     world.print(f"using device: {device}" + (f", {world.world_size} processes" if world.ddp else ""))
     world.print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -515,71 +514,68 @@ def train(cfg, world, model, data, run, checkpoint=None):
         if use_compile:
             model = torch.compile(model, mode=cfg.compile_mode)
 
-    stopping = False
-    with StopRequest(world) as stop:  # SIGTERM, Ctrl-C, SIGHUP, SIGUSR1: finish the step, checkpoint, exit
-        for step in range(start_step, cfg.max_steps):
-            last_step = step == cfg.max_steps - 1
-            # HellaSwag is scored with the eager model: its shapes vary from batch to batch
-            if (step % cfg.eval_every == 0 or last_step) and not evaluate(
-                    step, eval_model, raw_model, data, cfg, world, run, should_stop=lambda: stop.requested):
-                stopping, step = True, step - 1  # cut short: the step is not trained; a resume evaluates it again
-                break
-            # under FSDP every rank takes part in each forward pass, so every rank samples (the same text)
-            sample_due = (step > 0 and step % cfg.sample_every == 0) or last_step
-            if sample_due and not world.any(stop.requested) and (world.master or cfg.fsdp):
-                # the eager model again: each new token makes a new shape, which would recompile every time
-                for i, text in enumerate(sample(raw_model, device, prompt=samples_prompt(cfg, GPT2_PROMPT))):
-                    world.print(f"sample {i}: {text}")
+    stopping = False  # SIGTERM, Ctrl-C, SIGHUP, SIGUSR1 (stop.requested): finish the step, checkpoint, exit
+    for step in range(start_step, cfg.max_steps):
+        last_step = step == cfg.max_steps - 1
+        # a stop (in the start-up, or during the step before; the ranks may see it at different steps) or one that
+        # cuts the evaluation short: the step is not trained, a resume starts with it (HellaSwag is eager: shapes vary)
+        if world.any(stop.requested) or ((step % cfg.eval_every == 0 or last_step) and not evaluate(
+                step, eval_model, raw_model, data, cfg, world, run, should_stop=lambda: stop.requested)):
+            stopping, step = True, step - 1
+            break
+        # under FSDP every rank takes part in each forward pass, so every rank samples (the same text)
+        sample_due = (step > 0 and step % cfg.sample_every == 0) or last_step
+        if sample_due and not world.any(stop.requested) and (world.master or cfg.fsdp):
+            # the eager model again: each new token makes a new shape, which would recompile every time
+            for i, text in enumerate(sample(raw_model, device, prompt=samples_prompt(cfg, GPT2_PROMPT))):
+                world.print(f"sample {i}: {text}")
 
-            # ---- the lecture's training step: BEGIN ----
-            t0 = time.time()
-            optimizer.zero_grad()
-            loss_accum = 0.0
-            for micro_step in range(grad_accum_steps):
-                x, y = data.train.next_batch()
-                x, y = x.to(device), y.to(device)
-                # DDP would average gradients after every backward; only the last micro-step's is needed.
-                # no_sync() must wrap the forward too: DDP decides during the forward what backward does
-                last = micro_step == grad_accum_steps - 1
-                if cfg.fsdp:  # keep the gathered weights until the last micro-step: the next forward needs them
-                    raw_model.set_reshard_after_backward(last)
-                with model.no_sync() if world.ddp and not cfg.fsdp and not last else contextlib.nullcontext():
-                    # bf16 autocast: matmuls run in bfloat16 (fp32's range, 8 bits of mantissa); weights and loss stay fp32
-                    with torch.autocast(device_type=world.device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                        # [1], not `logits, loss =`: a name would keep this step's (B, T, vocab) logits
-                        # alive through the next micro-step's forward (6 GiB at B=64 in bf16)
-                        loss = model(x, y)[1]
-                    # backward adds to .grad: dividing each micro-batch's mean loss by their number makes
-                    # the sum the mean over the whole batch, as if it had been one forward pass
-                    loss = loss / grad_accum_steps
-                    loss_accum += loss.detach()
-                    loss.backward()
-            if world.ddp:  # the loss to print is the mean over all processes (sum, then divide: gloo lacks AVG)
-                dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
-                loss_accum /= world.world_size
-            stop_if_not_finite(loss_accum, step, cfg.log_dir)  # inf or nan: stop before the update
-            lr = get_lr(step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-            norm = clip_and_step(model, optimizer)  # clip, then AdamW
-            synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
-            dt = time.time() - t0
-            tokens_per_sec = B * T * grad_accum_steps * world.world_size / dt
-            world.print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
-                        f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f} | {meter(step, tokens_per_sec, dt)}")
-            run.log(step, "train", f"{loss_accum.item():.6f}")
-            # ---- the lecture's training step: END; what follows is machinery: stops and checkpoints ----
+        # ---- the lecture's training step: BEGIN ----
+        t0 = time.time()
+        optimizer.zero_grad()
+        loss_accum = 0.0
+        for micro_step in range(grad_accum_steps):
+            x, y = data.train.next_batch()
+            x, y = x.to(device), y.to(device)
+            # DDP would average gradients after every backward; only the last micro-step's is needed.
+            # no_sync() must wrap the forward too: DDP decides during the forward what backward does
+            last = micro_step == grad_accum_steps - 1
+            if cfg.fsdp:  # keep the gathered weights until the last micro-step: the next forward needs them
+                raw_model.set_reshard_after_backward(last)
+            with model.no_sync() if world.ddp and not cfg.fsdp and not last else contextlib.nullcontext():
+                # bf16 autocast: matmuls run in bfloat16 (fp32's range, 8 bits of mantissa); weights and loss stay fp32
+                with torch.autocast(device_type=world.device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    # [1], not `logits, loss =`: a name would keep this step's (B, T, vocab) logits
+                    # alive through the next micro-step's forward (6 GiB at B=64 in bf16)
+                    loss = model(x, y)[1]
+                # backward adds to .grad: dividing each micro-batch's mean loss by their number makes
+                # the sum the mean over the whole batch, as if it had been one forward pass
+                loss = loss / grad_accum_steps
+                loss_accum += loss.detach()
+                loss.backward()
+        if world.ddp:  # the loss to print is the mean over all processes (sum, then divide: gloo lacks AVG)
+            dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
+            loss_accum /= world.world_size
+        stop_if_not_finite(loss_accum, step, cfg.log_dir)  # inf or nan: stop before the update
+        lr = get_lr(step, cfg.warmup_steps, cfg.max_steps, cfg.max_lr, cfg.min_lr)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+        norm = clip_and_step(model, optimizer)  # clip, then AdamW
+        synchronize(device)  # the GPU runs ahead of Python: wait for it before reading the clock
+        dt = time.time() - t0
+        tokens_per_sec = B * T * grad_accum_steps * world.world_size / dt
+        world.print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm:.4f} "
+                    f"| dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f} | {meter(step, tokens_per_sec, dt)}")
+        run.log(step, "train", f"{loss_accum.item():.6f}")
+        # ---- the lecture's training step: END; what follows is machinery: stops and checkpoints ----
 
-            stopping = world.any(stop.requested)  # the signal may reach the ranks at different steps
-            if stopping:
-                break
-            if due := checkpoint_due(cfg, world, run, step):  # every --checkpoint_every steps, minutes, or the end
-                save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg, rotate=due == "time")
-        if stopping:
-            if step >= start_step:  # else nothing was trained since the start, or since the checkpoint resumed
-                save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg, rotate=True)
-            run.mark_stopped(step + 1, stop.requested)  # log_dir/STOPPED: what a requeue script looks for
-            world.print(f"stopped before step {step + 1}: continue with --resume auto --log_dir {cfg.log_dir}")
+        if due := checkpoint_due(cfg, world, run, step):  # every --checkpoint_every steps, minutes, or the end
+            save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg, rotate=due == "time")
+    if stopping:
+        if step >= start_step:  # else nothing was trained since the start, or since the checkpoint resumed
+            save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg, rotate=True)
+        run.mark_stopped(step + 1, stop.requested)  # log_dir/STOPPED: what a requeue script looks for
+        world.print(f"stopped before step {step + 1}: continue with --resume auto --log_dir {cfg.log_dir}")
     return stopping
 
 
@@ -593,9 +589,8 @@ def scratch_config(cfg):
                      n_embd=cfg.n_embd)
 
 
-# The recipe: GPT-3 Small's hyperparameters (the GPT-3 paper, Table 2.1), with which the lecture trains GPT-2 124M on
-# 10B tokens of FineWeb-Edu. Each is the default of the flag of the same name (--help), which overrides it; --model
-# sets other sizes' own (machinery/settings.py)
+# The recipe: GPT-3 Small's hyperparameters (GPT-3 paper, Table 2.1), with which the lecture trains GPT-2 124M on 10B
+# tokens. Each is the default of the flag of its name (--help); --model sets other sizes' (machinery/settings.py)
 RECIPE = dict(
     n_layer=GPTConfig.n_layer, n_head=GPTConfig.n_head, n_embd=GPTConfig.n_embd,  # the model: GPT-2 124M
     total_batch_size=524288,  # 2**19, ~0.5M tokens per optimisation step, as GPT-3 Small
@@ -627,72 +622,75 @@ def pick_device(requested="auto"):
 
 
 def main(argv=None):
-    with one_line_errors():  # the same settings on every rank: if these fail, they fail on all of them alike
-        cfg = parse_args(argv, RECIPE)  # the recipe, as --model and the flags given change it
-        # DDP: torchrun starts a process per GPU and tells each who it is; a plain run is a world of one
-        check_launcher(planning=cfg.dry_run)  # all of torchrun's variables or none, whole numbers that fit together
-        ddp = int(os.environ.get("RANK", -1)) != -1 and not cfg.dry_run  # is this a ddp run?
-        ddp_rank = int(os.environ.get("RANK", 0))
-        ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))  # which GPU of its machine the process drives
-        ddp_world_size = int(os.environ.get("WORLD_SIZE", 1))
-        device = init_device(pick_device(cfg.device), ddp_local_rank if ddp else None)  # checked; cuda:N under DDP
-        world = World(ddp_rank, ddp_local_rank, ddp_world_size, ddp, device)  # who is who, for the package's helpers
-        check_config(cfg, world.world_size)
-        cfg.batch_size = fit_batch_size(cfg, world)
-        if cfg.dry_run:
-            return dry_run(cfg, world, GPT, scratch_config(cfg))
-        if cfg.bf16 == "auto":  # decided once, here: the checkpoint records what the run really did
-            cfg.bf16 = bf16_fast(world.device)
-        check_run(cfg, world)  # the settings that depend on the device and the processes
-    if world.ddp:
-        # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
-        init_process_group(backend="nccl" if world.device_type == "cuda" else "gloo")
-    if world.device_type == "cuda":
-        # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa, ~3x faster on A100/H100; the weights and
-        # activations stay fp32, and training does not notice the lost precision
-        torch.set_float32_matmul_precision("high")
-    stopped = None  # True or False once train() returns
-    try:
-        run = RunDir(cfg.log_dir, writes=world.master)
-        with one_line_errors(), contextlib.ExitStack() as claim:  # claim holds the log_dir for the run (rank 0)
-            # from here a step may fail on one rank only: the ranks agree after each stage
-            with world.together():
-                if world.master:  # before any work: a log_dir that cannot be used fails now, not after an hour
-                    claim.enter_context(run.claim())
-                torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-                if cfg.init_from == "scratch":
-                    # FSDP: rank 0 alone builds the weights; the others build shapes without memory (the meta
-                    # device) and take their shards of rank 0's in shard_model: one whole model a job, not a process
-                    with torch.device("meta") if cfg.fsdp and not world.master else contextlib.nullcontext():
-                        model = GPT(scratch_config(cfg))
-                else:  # fine-tuning: the weights only, with a fresh optimizer from step 0
-                    model = load_model(cfg.init_from)
-                if cfg.seq_len > model.config.block_size:
-                    raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of {model.config.block_size}")
-                # how the model trains, set before anything measures it (--batch_size auto tries this very model)
-                model.activation_checkpointing, model.loss_chunks = cfg.activation_checkpointing, cfg.loss_chunks
-            if cfg.batch_size == "auto":  # the largest that fits: tried on a CUDA GPU, else from the memory estimate
-                with world.together():
-                    cfg.batch_size = choose_batch_size(cfg, world, model, log=world.print)
-            with world.together():
-                train_loader, val_loader = (DataLoaderLite(cfg.batch_size, cfg.seq_len, world.rank, world.world_size,
-                                                           split, cfg.data, cfg.seed if shuffle else None)
-                                            for split, shuffle in (("train", cfg.shuffle_shards), ("val", False)))
-                check_data(cfg, model, train_loader, val_loader)  # token ids the model knows, enough val batches
-            checkpoint = checkpoint_to_resume(cfg, world, run, model)
-            data = Data(train_loader, val_loader, hellaswag=hellaswag.load_for_run(cfg, world))
-            # an error on one rank alone: it says why, and every rank stops; out of memory: which B to try
-            with world.stop_all_on_error(), out_of_memory_advice(cfg):
-                stopped = train(cfg, world, model, data, run, checkpoint)
-            model = data = checkpoint = None  # freed before the process group is: see World.leave
-    except torch._dynamo.exc.TorchDynamoException as e:
-        # compiling happens at the first forward, not at torch.compile(): a missing compiler shows up here
-        sys.exit(f"error: torch.compile failed ({error_text(e)}): pass --compile 0 to train without it")
-    finally:
+    with StopRequest() as stop:  # a stop signal from here on: the run stops before its next step, with STOPPED
+        with one_line_errors():  # the same settings on every rank: if these fail, they fail on all of them alike
+            cfg = parse_args(argv, RECIPE)  # the recipe, as --model and the flags given change it
+            # DDP: torchrun starts a process per GPU and tells each who it is; a plain run is a world of one
+            check_launcher(planning=cfg.dry_run)  # all of torchrun's variables or none, whole numbers that fit together
+            ddp = int(os.environ.get("RANK", -1)) != -1 and not cfg.dry_run  # is this a ddp run?
+            ddp_rank = int(os.environ.get("RANK", 0))
+            ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))  # which GPU of its machine the process drives
+            ddp_world_size = int(os.environ.get("WORLD_SIZE", 1))
+            device = init_device(pick_device(cfg.device), ddp_local_rank if ddp else None)  # checked; cuda:N under DDP
+            world = World(ddp_rank, ddp_local_rank, ddp_world_size, ddp, device)  # who is who, for the package
+            check_config(cfg, world.world_size)
+            cfg.batch_size = fit_batch_size(cfg, world)
+            if cfg.dry_run:
+                return dry_run(cfg, world, GPT, scratch_config(cfg))
+            if cfg.bf16 == "auto":  # decided once, here: the checkpoint records what the run really did
+                cfg.bf16 = bf16_fast(world.device)
+            check_run(cfg, world)  # the settings that depend on the device and the processes
         if world.ddp:
-            world.leave(finished=stopped is not None)
-    if stopped and not world.ddp:  # under torchrun, exit 0: its own report would call a stop a failure
-        sys.exit(STOPPED)
+            # NCCL moves gradients between GPUs; gloo does it on the CPU, so DDP runs on a laptop too
+            init_process_group(backend="nccl" if world.device_type == "cuda" else "gloo")
+        if world.device_type == "cuda":
+            # TF32: fp32 matmuls on tensor cores with a 10-bit mantissa, ~3x faster on A100/H100; the weights and
+            # activations stay fp32, and training does not notice the lost precision
+            torch.set_float32_matmul_precision("high")
+        stopped = None  # True or False once train() returns
+        try:
+            run = RunDir(cfg.log_dir, writes=world.master)
+            with one_line_errors(), contextlib.ExitStack() as claim:  # claim holds the log_dir for the run (rank 0)
+                # from here a step may fail on one rank only: the ranks agree after each stage
+                with world.together():
+                    if world.master:  # before any work: a log_dir that cannot be used fails now, not after an hour
+                        claim.enter_context(run.claim())
+                    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+                    if cfg.init_from == "scratch":
+                        # FSDP: rank 0 alone builds the weights; the others build shapes without memory (the meta
+                        # device) and take their shards of rank 0's in shard_model: one whole model a job, not a process
+                        with torch.device("meta") if cfg.fsdp and not world.master else contextlib.nullcontext():
+                            model = GPT(scratch_config(cfg))
+                    else:  # fine-tuning: the weights only, with a fresh optimizer from step 0
+                        model = load_model(cfg.init_from)
+                    if cfg.seq_len > model.config.block_size:
+                        raise ValueError(f"--seq_len {cfg.seq_len} is longer than the model's context of "
+                                         f"{model.config.block_size}")
+                    # how the model trains, set before anything measures it (--batch_size auto tries this very model)
+                    model.activation_checkpointing, model.loss_chunks = cfg.activation_checkpointing, cfg.loss_chunks
+                if cfg.batch_size == "auto":  # the largest that fits: tried on a CUDA GPU, else from an estimate
+                    with world.together():
+                        cfg.batch_size = choose_batch_size(cfg, world, model, log=world.print)
+                with world.together():
+                    train_loader, val_loader = (DataLoaderLite(cfg.batch_size, cfg.seq_len, world.rank,
+                                                               world.world_size, split, cfg.data,
+                                                               cfg.seed if shuffle else None)
+                                                for split, shuffle in (("train", cfg.shuffle_shards), ("val", False)))
+                    check_data(cfg, model, train_loader, val_loader)  # token ids the model knows, enough val batches
+                checkpoint = checkpoint_to_resume(cfg, world, run, model)
+                data = Data(train_loader, val_loader, hellaswag=hellaswag.load_for_run(cfg, world))
+                # an error on one rank alone: it says why, and every rank stops; out of memory: which B to try
+                with world.stop_all_on_error(), out_of_memory_advice(cfg):
+                    stopped = train(cfg, world, model, data, run, stop, checkpoint)
+                model = data = checkpoint = None  # freed before the process group is: see World.leave
+        except torch._dynamo.exc.TorchDynamoException as e:
+            # compiling happens at the first forward, not at torch.compile(): a missing compiler shows up here
+            sys.exit(f"error: torch.compile failed ({error_text(e)}): pass --compile 0 to train without it")
+        finally:
+            if world.ddp:
+                world.leave(finished=stopped is not None)
+        if stopped and not world.ddp:  # under torchrun, exit 0: its own report would call a stop a failure
+            sys.exit(STOPPED)
 
 
 if __name__ == "__main__":

@@ -211,6 +211,7 @@ def checkpoint_to_resume(cfg, world, run, model):
         if path:
             world.print(f"resuming from {path}")  # for --resume auto, the file it chose
             run.rotating = path if checkpoint.get("rotates") else None  # the rotation goes on across requeues
+            run.last_saved = path  # the run's newest checkpoint, until it writes one
         if cfg.resume and not path:  # killed before its first checkpoint: there is nothing to continue
             world.print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
         elif not cfg.resume and world.master:  # rank 0's log_dir decides: another node's may be a stale copy

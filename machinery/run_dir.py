@@ -33,6 +33,7 @@ class RunDir:
         self.last_saved_time = time.time()  # --checkpoint_minutes count from here
         self.rotating = None  # the newest checkpoint if it rotates (see save_checkpoint): the next one replaces it
         self.saved_step = None  # the step this run saved last, on every rank
+        self.trained = False  # whether this run has logged a trained step
         self.log_failed = False  # a log line could not be written: said once
 
     def checkpoint_path(self, step, sharded=False):
@@ -66,18 +67,13 @@ class RunDir:
                              "in another --log_dir")
 
     def start_log(self, start_step):
-        """Make log.txt agree with a run that starts at start_step: lines of steps it will run again go, and
-        so does STOPPED, the mark of the run this one continues or replaces.
+        """Make log.txt agree with a run that starts at start_step: lines of steps it will run again go.
 
         A run killed after logging a step but before its checkpoint would log that step twice on
         resume. The whole earlier log is kept beside it (log.txt.1, .2, ...) before anything is dropped.
         """
         log_file = self.log_file
-        if not self.writes:
-            return
-        if os.path.exists(self.stopped_file):
-            os.remove(self.stopped_file)  # a stopped run resumes, or a new one starts: it stands no more
-        if not os.path.exists(log_file):
+        if not self.writes or not os.path.exists(log_file):
             return
         with open(log_file, errors="surrogateescape") as f:  # a damaged byte is kept as it is, not a crash
             lines = f.readlines()
@@ -107,6 +103,10 @@ class RunDir:
         """A line of log.txt: only ever appended to (a resumed run adds lines). A line that cannot be written
         (a full disk) is said once, not fatal: the checkpoints are what a run must not lose."""
         if self.writes:
+            if kind == "train" and not self.trained:  # a run that stopped, resumed, trains again: STOPPED stands no
+                self.trained = True  # more (a stop or a refusal before this step leaves it, or rewrites it)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.stopped_file)
             try:
                 with open(self.log_file, "a") as f:
                     f.write(f"{step} {kind} {value}\n")

@@ -31,12 +31,13 @@ def stop_if_not_finite(loss, step, log_dir):
 
 class StopRequest:
     """While in its with block, the signals above set .requested (the signal's name): the loop finishes its
-    step, checkpoints and exits. A signal the process was started ignoring (nohup, a background job's Ctrl-C)
-    stays ignored."""
+    step, checkpoints and exits; during the start-up (main() holds it from its start), the run stops before its
+    first step, with STOPPED. A signal the process was started ignoring (nohup, a background job's Ctrl-C) stays
+    ignored. log: how to say so (default: print, on rank 0 alone, which RANK tells before any process group)."""
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
-    def __init__(self, world):
-        self.world = world
+    def __init__(self, log=None):
+        self.log = log or (lambda line: print(line) if os.environ.get("RANK", "0") == "0" else None)
         self.requested = None
         self.first_ctrl_c = None  # when the first SIGINT came
 
@@ -51,8 +52,8 @@ class StopRequest:
         if self.requested:
             return  # the stop is under way: a repeated signal changes nothing
         self.requested = name
-        self.world.print(f"\n{name}: stopping after this step, with a checkpoint (Ctrl-C again to stop at once, "
-                         "without one)")
+        self.log(f"\n{name}: stopping after this step, with a checkpoint (Ctrl-C again to stop at once, "
+                 "without one)")
 
     def __enter__(self):
         self.previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}

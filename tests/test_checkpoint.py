@@ -414,7 +414,7 @@ class StopAfter:
     """train()'s StopRequest, as if SIGTERM arrived once the run had checked `steps` losses (one a step)."""
     steps, seen = 2, 0
 
-    def __init__(self, world):
+    def __init__(self, log=None):
         StopAfter.seen = 0
 
     def __enter__(self):

@@ -281,23 +281,6 @@ def test_the_small_scripts_refuse_nonsense_in_one_line(args, message):
     assert error.startswith("error: ") and message in error and "\n" not in error, error
 
 
-def test_ctrl_c_during_startup_ends_in_one_line_not_a_traceback(tmp_path):
-    import signal
-    big = tmp_path / "big.txt"
-    with open(INPUT) as f:
-        big.write_text(f.read() * 8)  # tokenizing the val split again takes seconds
-    proc = subprocess.Popen([sys.executable, "train_gpt2.py", *SMALL, "--data", str(big), "--log_dir", str(tmp_path / "log")],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if "(train):" in line:  # the train split is tokenized; the val split is being tokenized now
-            proc.send_signal(signal.SIGINT)
-            break
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130
-    assert stderr.strip() == "interrupted: stopped at once, without a checkpoint"
-    assert not (tmp_path / "log").exists()
-
-
 @pytest.mark.parametrize("script", ["fineweb.py", "hellaswag.py", "eval_hellaswag.py", "sample.py", "export_hf.py",
                                     "bench.py", "gpu_check.py", "train_gpt2.py"])
 def test_every_script_ends_a_ctrl_c_with_one_line_and_code_130(script, monkeypatch, capsys):

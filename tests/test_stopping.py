@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, assert_same_log, read_log, torchrun
+from conftest import INPUT, ROOT, TINY, assert_same_log, read_log, torchrun
 from machinery.stopping import AT_ONCE_AFTER, StopRequest
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
@@ -52,11 +52,11 @@ def test_once_a_stop_is_under_way_the_exit_ignores_every_stop_signal_and_otherwi
     try:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
-        with StopRequest(QuietWorld()) as stop:  # no stop: the handlers found are put back
+        with StopRequest(QuietWorld().print) as stop:  # no stop: the handlers found are put back
             pass
         assert stop.requested is None and all(signal.getsignal(sig) is signal.SIG_DFL for sig in STOP_SIGNALS)
         world = QuietWorld()
-        with StopRequest(world) as stop:
+        with StopRequest(world.print) as stop:
             os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C: Python runs the handler before the next line
             os.kill(os.getpid(), signal.SIGINT)  # the same keypress reaching the process twice
         assert stop.requested == "SIGINT" and len(world.printed) == 1
@@ -171,3 +171,42 @@ def test_a_second_ctrl_c_seconds_after_the_first_stops_at_once_without_a_checkpo
     assert stderr == "interrupted: stopped at once, without a checkpoint\n"
     assert "SIGINT: stopping after this step, with a checkpoint (Ctrl-C again to stop at once" in stdout
     assert sorted(os.listdir(log)) == ["curves.png", "log.txt"]  # no checkpoint, no STOPPED, no lock left behind
+
+
+def signal_during_start_up(args, sig):
+    """train_gpt2.py with args, sent sig while it tokenizes its text (the train split is done, the val split under
+    way): its exit code and stderr."""
+    proc = start([sys.executable, "train_gpt2.py", *args])
+    for line in proc.stdout:
+        if "(train):" in line:
+            proc.send_signal(sig)
+            break
+    _, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stderr
+
+
+def test_a_stop_during_start_up_exits_75_with_stopped_and_a_requeue_stopped_so_keeps_its_stopped(tmp_path):
+    big, log = tmp_path / "big.txt", tmp_path / "log"
+    with open(INPUT) as f:
+        big.write_text(f.read() * 8)  # tokenizing it takes seconds: a window for the signal
+    args = [*TINY, "--data", str(big), "--max_steps", "6", "--checkpoint_every", "1000", "--log_dir", str(log)]
+    # Slurm's advance warning while a job is still starting: no traceback, no death by signal, STOPPED, exit 75
+    assert signal_during_start_up(args, signal.SIGUSR1) == (75, "")
+    assert (log / "STOPPED").read_text() == \
+        f"stopped before step 0 (SIGUSR1); no new checkpoint: continue with --resume auto --log_dir {log}\n"
+    assert sorted(os.listdir(log)) == ["STOPPED"]  # nothing trained, no lock left behind
+    # requeued, it trains two steps and is stopped: its checkpoint and a new STOPPED
+    proc = start([sys.executable, "train_gpt2.py", *args, "--resume", "auto"])
+    wait_for_log(log, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75
+    log_lines = (log / "log.txt").read_text()
+    saved = sorted(f for f in os.listdir(log) if f.startswith("model_"))
+    assert saved and (log / "STOPPED").read_text().startswith(f"stopped before step {int(saved[0][6:11]) + 1} (SIGTERM)")
+    # requeued again, and stopped (Ctrl-C this time) while starting: STOPPED stays, naming what it resumed
+    assert signal_during_start_up([*args, "--resume", "auto"], signal.SIGINT) == (75, "")
+    step = int(saved[0][6:11]) + 1
+    assert (log / "STOPPED").read_text() == (f"stopped before step {step} (SIGINT); checkpoint {log / saved[0]}: "
+                                            f"continue with --resume auto --log_dir {log}\n")
+    assert sorted(f for f in os.listdir(log) if f.startswith("model_")) == saved  # nothing trained, nothing saved
+    assert (log / "log.txt").read_text() == log_lines
