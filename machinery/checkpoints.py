@@ -95,6 +95,9 @@ def read_sharded_checkpoint(path, keys, whole=True):
     """A sharded checkpoint (a directory) as read_checkpoint reads a file: its weights read whole in this process
     (for sampling, exporting, fine-tuning), or, not whole, only their shapes (a resume reads its shards later)."""
     if not os.path.exists(os.path.join(path, ".metadata")):  # not written by torch.distributed.checkpoint
+        if os.path.normpath(path).endswith(".dcp"):
+            raise ValueError(f"checkpoint {path} has no .metadata, the index of its shards: a sharded save that did "
+                             "not finish, or was copied in part; use another checkpoint")
         raise ValueError(f"checkpoint {path} is a directory: pass a checkpoint file in it (model_NNNNN.pt), or "
                          f"--resume auto --log_dir {path} for the newest one there")
     try:
@@ -146,6 +149,8 @@ def load_checkpoint(path, cfg, model):
     keys = ("model", "model_config", "optimizer", "step", "train_loader", "rng", "config")
     # a sharded one is read later, each rank its own shards: here its shapes, for the checks below
     checkpoint = read_sharded_checkpoint(path, keys, whole=False) if os.path.isdir(path) else read_checkpoint(path, keys)
+    if os.path.isdir(path) and (problem := missing_shard(path)):  # found now, before log.txt is touched
+        raise ValueError(f"checkpoint {path} cannot be resumed: {problem}; use another checkpoint")
     for name in RESUME_MUST_MATCH:
         # a setting newer than the checkpoint: the run that wrote it did what the default does
         saved = checkpoint["config"].get(name, getattr(TrainConfig(), name))
@@ -154,6 +159,17 @@ def load_checkpoint(path, cfg, model):
                              f"{getattr(cfg, name)}: resume with the run's own settings")
     check_weights(model, checkpoint["model"], path)
     return checkpoint
+
+
+def missing_shard(path):
+    """For a sharded checkpoint whose metadata reads: a file it names that is not there or too short, in a few
+    words, or None."""
+    for info in MetadataReader(path).read_metadata().storage_data.values():
+        shard = os.path.join(path, info.relative_path)
+        size = os.path.getsize(shard) if os.path.isfile(shard) else None
+        if size is None or size < info.offset + info.length:
+            return f"its shard {info.relative_path} is {'missing' if size is None else f'cut short ({size:,} bytes)'}"
+    return None
 
 
 def damage(path):
@@ -166,11 +182,7 @@ def damage(path):
             read_checkpoint(path, keys)
             return None
         read_sharded_checkpoint(path, keys, whole=False)
-        for info in MetadataReader(path).read_metadata().storage_data.values():
-            shard = os.path.join(path, info.relative_path)
-            size = os.path.getsize(shard) if os.path.isfile(shard) else None
-            if size is None or size < info.offset + info.length:
-                return f"its shard {info.relative_path} is {'missing' if size is None else f'cut short ({size:,} bytes)'}"
+        return missing_shard(path)
     except ValueError as e:
         return error_text(e).removeprefix(f"checkpoint {path} ").removeprefix(f"{path} ")
     return None

@@ -203,6 +203,16 @@ def test_resume_auto_skips_damaged_newer_checkpoints_for_the_newest_whole_one_an
     assert "resuming at step 2" in out and [l.split()[:2] for l in (tmp_path / "log.txt").read_text().splitlines()
                                             if l.split()[1] == "train"] == [["0", "train"], ["1", "train"],
                                                                              ["2", "train"], ["3", "train"]]
+    # named itself, a sharded checkpoint missing a shard is refused before log.txt is touched, and one without its
+    # index gets advice that fits a sharded save
+    log_text, kept = (tmp_path / "log.txt").read_text(), sorted(tmp_path.glob("log.txt.*"))  # .1: the resume above
+    assert error_of(train_gpt2.main, [*args, "--resume", str(sharded)]) == \
+        f"error: checkpoint {sharded} cannot be resumed: its shard {shards[0]} is missing; use another checkpoint"
+    (sharded / ".metadata").unlink()
+    assert error_of(sample.main, ["-m", str(sharded), "-d", "cpu"]) == (
+        f"error: checkpoint {sharded} has no .metadata, the index of its shards: a sharded save that did not finish, "
+        "or was copied in part; use another checkpoint")
+    assert (tmp_path / "log.txt").read_text() == log_text and sorted(tmp_path.glob("log.txt.*")) == kept
     # a requeue after the end: nothing to do, said, and exit 0; naming the file itself stays an error
     with pytest.raises(SystemExit) as e:
         train_gpt2.main([*args, "--resume", "auto"])
