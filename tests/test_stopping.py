@@ -1,6 +1,8 @@
 """Stops as clusters deliver them (machinery/stopping.py): every stop signal checkpoints, repeated ones never
 escalate, long evaluations give way, and a stopped run leaves STOPPED for a requeue script to find."""
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -210,3 +212,40 @@ def test_a_stop_during_start_up_exits_75_with_stopped_and_a_requeue_stopped_so_k
                                             f"continue with --resume auto --log_dir {log}\n")
     assert sorted(f for f in os.listdir(log) if f.startswith("model_")) == saved  # nothing trained, nothing saved
     assert (log / "log.txt").read_text() == log_lines
+
+
+def test_the_sbatch_templates_srun_torchrun_line_turns_slurms_sigusr1_into_a_checkpoint_stopped_and_a_requeue(
+        tmp_path):
+    # Slurm's parts, faked: srun runs its command (one node), scontrol names this machine and records a requeue
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text('#!/bin/sh\nif [ "$1" = show ]; then echo 127.0.0.1; '
+                                      'else echo "$@" >> "$SCONTROL_LOG"; fi\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+           "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node001", "GPUS_PER_NODE": "2",
+           "LOG_DIR": str(log), "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "PYTHONUNBUFFERED": "1"}
+    flags = [a for a in TINY if a not in ("--log_dir",)]
+    job = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "train.sbatch"), *flags, "--max_steps", "100000"],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True, preexec_fn=default_signals)
+    try:
+        wait_for_log(log, 1, job, timeout=240)
+        os.killpg(job.pid, signal.SIGUSR1)  # --signal=USR1@120: every process of the job, torchrun and its workers
+        out, err = job.communicate(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, err[-3000:]
+    # torchrun, signalled itself, reports it in a traceback of its own (SignalException); the workers end cleanly
+    assert 'train_gpt2.py", line' not in err and "recvValue failed" not in err and "DistNetworkError" not in err, err
+    assert "SignalException: Process" in err and "got signal: 10" in err
+    stopped = (log / "STOPPED").read_text()
+    assert re.fullmatch(rf"stopped before step (\d+) \(SIGUSR1\); checkpoint {re.escape(str(log))}/model_\d{{5}}\.pt: "
+                        rf"continue with --resume auto --log_dir {re.escape(str(log))}\n", stopped), stopped
+    assert os.path.exists(stopped.split("checkpoint ")[1].split(":")[0])  # the checkpoint it names is there
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # the job goes back in the queue
+    assert not (log / "run.lock").exists()
