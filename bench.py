@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import hellaswag
-from machinery.cli import auto_on_off, on_off, one_line_errors, run_script
+from machinery.cli import auto_on_off, on_off, one_line_errors, one_line_flag_errors, run_script
 from machinery.perf import datasheet_tflops, flops_per_token, measured_tflops, mfu, peak_memory_gib
 from machinery.world import bf16_fast, device_type, init_device, maybe_compile, synchronize
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding
@@ -195,7 +195,7 @@ def peak_memory(device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = one_line_flag_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--n_layer", type=int, default=12)
     p.add_argument("--n_head", type=int, default=12)
     p.add_argument("--n_embd", type=int, default=768)

@@ -11,7 +11,7 @@ import argparse
 import os
 
 import hellaswag
-from machinery.cli import one_line_errors, run_script
+from machinery.cli import one_line_errors, one_line_flag_errors, run_script
 from machinery.inputs import check_vocab
 from machinery.world import bf16_fast, init_device
 from tokenizer import GPT2_VOCAB_SIZE
@@ -19,7 +19,7 @@ from train_gpt2 import load_model, pick_device
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Score a model on HellaSwag (completion style).")
+    p = one_line_flag_errors(argparse.ArgumentParser(description="Score a model on HellaSwag (completion style)."))
     p.add_argument("-m", "--model", default="gpt2", help="gpt2 ... gpt2-xl, a Hugging Face GPT-2 directory, or a checkpoint (.pt, .dcp)")
     p.add_argument("-d", "--device", default="auto")
     p.add_argument("--data_file", help="a local HellaSwag jsonl (no download)")

@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 
-from machinery.cli import one_line_errors, run_script
+from machinery.cli import one_line_errors, one_line_flag_errors, run_script
 from tokenizer import EOT, GPT2_VOCAB_SIZE
 from train_gpt2 import CONV1D_WEIGHTS, HF_MASK_BUFFERS, load_model
 
@@ -45,7 +45,7 @@ def export(model, out_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = one_line_flag_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("checkpoint", help="a checkpoint written by train_gpt2.py: a .pt file, or a .dcp directory of shards")
     p.add_argument("out_dir", help="the Hugging Face directory to create (must not exist)")
     args = p.parse_args(argv)

@@ -29,7 +29,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from machinery.cli import error_text, one_line_errors, run_script
+from machinery.cli import error_text, one_line_errors, one_line_flag_errors, run_script
 from machinery.locks import hold_directory
 from machinery.shards import MANIFEST, PREFIX, read_manifest, write_manifest, write_shard
 from tokenizer import EOT, gpt2_encoding
@@ -152,7 +152,7 @@ def write_shards(texts, local_dir, shard_size, num_proc):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tokenize FineWeb-Edu sample-10BT into uint16 shards.")
+    p = one_line_flag_errors(argparse.ArgumentParser(description="Tokenize FineWeb-Edu sample-10BT into uint16 shards."))
     p.add_argument("--data_files", nargs="+", help="local json/jsonl/parquet files with a 'text' column (no download)")
     p.add_argument("--local_dir", default="edu_fineweb10B", help="where the shards go")
     p.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard")

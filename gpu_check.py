@@ -39,7 +39,7 @@ import torch
 
 import bench
 import hellaswag
-from machinery.cli import error_text, on_off, one_line_errors, run_script
+from machinery.cli import error_text, on_off, one_line_errors, one_line_flag_errors, run_script
 from machinery.memory import choose_batch_size
 from machinery.perf import datasheet_tflops, flops_per_token, mfu, peak_memory_gib
 from machinery.settings import parse_args
@@ -325,7 +325,7 @@ def run_rung(rung, device, rehearse, table):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = one_line_flag_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("--out", default="gpu_check_out", help="where the shards, the runs' output and the table go")
     p.add_argument("--hellaswag_file", default="", help="a HellaSwag jsonl (default: the downloaded val set, else "
                                                          "tests/fixtures/hellaswag_val_every50.jsonl)")

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from machinery.cli import error_text, on_off, one_line_errors, run_script
+from machinery.cli import error_text, on_off, one_line_errors, one_line_flag_errors, run_script
 from machinery.inputs import load_hf_gpt2
 from machinery.world import device_type, init_device
 from tokenizer import EOT, gpt2_encoding
@@ -249,9 +249,9 @@ def plain_predictions(logits_of, examples, device, use_bf16=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Score a Hugging Face GPT-2 on HellaSwag, as the lecture does (python "
-                                            "hellaswag.py -m gpt2 -d cuda); the data is downloaded once into "
-                                            "HELLASWAG_CACHE (default ./hellaswag)")
+    p = one_line_flag_errors(argparse.ArgumentParser(
+        description="Score a Hugging Face GPT-2 on HellaSwag, as the lecture does (python hellaswag.py -m gpt2 -d cuda); "
+                    "the data is downloaded once into HELLASWAG_CACHE (default ./hellaswag)"))
     p.add_argument("-m", "--model_type", default="gpt2", help="gpt2 ... gpt2-xl (OpenAI's weights, through Hugging "
                                                               "Face), or a local Hugging Face GPT-2 directory")
     p.add_argument("-d", "--device", default="cuda", help="the device to use: cuda, cuda:N, mps or cpu")

@@ -4,7 +4,7 @@
 """
 import argparse
 
-from machinery.cli import one_line_errors, run_script
+from machinery.cli import one_line_errors, one_line_flag_errors, run_script
 from machinery.inputs import check_vocab
 from machinery.world import init_device
 from tokenizer import GPT2_VOCAB_SIZE
@@ -12,7 +12,7 @@ from train_gpt2 import GPT2_PROMPT, load_model, pick_device, sample
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = one_line_flag_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     p.add_argument("-m", "--model", required=True, help="a .pt checkpoint, a Hugging Face GPT-2 directory, or gpt2 ... gpt2-xl")
     p.add_argument("--prompt", default=GPT2_PROMPT)
     p.add_argument("--num_samples", type=int, default=4)

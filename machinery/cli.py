@@ -19,6 +19,15 @@ def one_line_errors():
         sys.exit(f"error: {error_text(e)}")
 
 
+def one_line_flag_errors(parser):
+    """parser, answering a bad or missing flag as the trainer does: one line on stderr and exit code 1, where argparse
+    prints its usage block and exits 2. --help is unchanged."""
+    def error(message):
+        sys.exit(f"error: {message} (see --help)")
+    parser.error = error
+    return parser
+
+
 def run_script(main, interrupted="interrupted"):
     """Run a script's main(): a Ctrl-C ends it with one line and exit code 130, never a traceback."""
     try:

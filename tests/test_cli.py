@@ -281,6 +281,22 @@ def test_the_small_scripts_refuse_nonsense_in_one_line(args, message):
     assert error.startswith("error: ") and message in error and "\n" not in error, error
 
 
+def test_every_script_answers_a_bad_or_missing_flag_in_one_line_as_the_trainer_does():
+    import importlib
+    for script in ("sample.py", "eval_hellaswag.py", "hellaswag.py", "export_hf.py", "bench.py", "fineweb.py",
+                   "gpu_check.py"):
+        main = importlib.import_module(script[:-3]).main
+        required = {"sample.py": ["-m", "gpt2"], "export_hf.py": ["a.pt", "out"]}.get(script, [])
+        assert error_of(main, [*required, "--no_such_flag", "1"]) == \
+            "error: unrecognized arguments: --no_such_flag 1 (see --help)", script
+    assert error_of(importlib.import_module("sample").main, []) == \
+        "error: the following arguments are required: -m/--model (see --help)"
+    assert error_of(importlib.import_module("bench").main, ["--steps", "many"]) == \
+        "error: argument --steps: invalid int value: 'many' (see --help)"
+    out = run(["sample.py", "--num_samples"])  # in a real process: one line on stderr, exit code 1, not 2
+    assert (out.returncode, out.stderr) == (1, "error: argument --num_samples: expected one argument (see --help)\n")
+
+
 @pytest.mark.parametrize("script", ["fineweb.py", "hellaswag.py", "eval_hellaswag.py", "sample.py", "export_hf.py",
                                     "bench.py", "gpu_check.py", "train_gpt2.py"])
 def test_every_script_ends_a_ctrl_c_with_one_line_and_code_130(script, monkeypatch, capsys):
