@@ -4,7 +4,7 @@
 """
 import argparse
 
-from machinery.cli import one_line_errors, one_line_flag_errors, run_script
+from machinery.cli import check_utf8, one_line_errors, one_line_flag_errors, run_script
 from machinery.inputs import check_vocab
 from machinery.world import init_device
 from tokenizer import GPT2_VOCAB_SIZE
@@ -21,6 +21,7 @@ def main(argv=None):
     p.add_argument("-d", "--device", default="auto")
     args = p.parse_args(argv)
     with one_line_errors():
+        check_utf8(args.prompt, "--prompt")
         if args.num_samples < 1 or args.max_new_tokens < 0:
             raise ValueError("--num_samples must be at least 1 and --max_new_tokens at least 0, got "
                              f"{args.num_samples} and {args.max_new_tokens}")

@@ -294,8 +294,8 @@ class DataLoaderLite:
         self.lengths = [len(s) for s in self.shards]
         self.total = sum(self.lengths)
         if self.total < B * T * num_processes + 1:
-            raise ValueError(f"{data_root} ({split}) has {self.total} tokens, fewer than one step of "
-                             f"B*T*processes+1 = {B * T * num_processes + 1}")
+            raise ValueError(f"{data_root} ({split}) has {self.total} tokens, fewer than one step of B*T*processes+1 "
+                             f"= {B * T * num_processes + 1}: pass a smaller --batch_size or --seq_len, or more data")
         # the largest token id, to check against the model's vocabulary before training, read from the data
         # itself, not a record of it (a memory-mapped max: 0.013 s for 100M cached tokens, disk speed when cold)
         self.max_id = max(int(s.max()) for s in self.shards)

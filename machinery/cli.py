@@ -19,6 +19,13 @@ def one_line_errors():
         sys.exit(f"error: {error_text(e)}")
 
 
+def check_utf8(text, what):
+    """A command-line text that is not UTF-8 reaches Python with its bad bytes as lone surrogates: say so, rather
+    than let them turn into U+FFFD in a prompt or fail deep inside a file name."""
+    if any("\udc80" <= c <= "\udcff" for c in text):
+        raise ValueError(f"{what} is not UTF-8 text: pass it in UTF-8")
+
+
 def one_line_flag_errors(parser):
     """parser, answering a bad or missing flag as the trainer does: one line on stderr and exit code 1, where argparse
     prints its usage block and exits 2. --help is unchanged."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from machinery.cli import auto_on_off, error_text, int_or_auto, on_off
+from machinery.cli import auto_on_off, check_utf8, error_text, int_or_auto, on_off
 from machinery.memory import DRY_RUN_MEMORY, device_memory, largest_estimated, memory_estimate, sequences_per_process
 from machinery.perf import DATASHEET_BF16_TFLOPS, MEASURED_MFU, MEASURED_ON, SCALING, duration, flops_per_token, run_seconds
 from machinery.shards import open_shard, shard_paths
@@ -137,6 +137,8 @@ def parse_args(argv, recipe):
     model = given.get("model", TrainConfig.model)
     if model not in MODELS:
         raise ValueError(f"--model {model!r} is not one of {', '.join(MODELS)}")
+    for name in ("prompt", "data", "log_dir", "resume", "init_from", "hellaswag_file"):
+        check_utf8(given.get(name, ""), f"--{name}")
     return TrainConfig(**{**recipe, **MODELS[model], **given})
 
 

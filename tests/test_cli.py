@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import error_of, INPUT, parse_args, read_docs, read_log, ROOT, run, SMALL
+import sample
 import train_gpt2
 from train_gpt2 import GPT2_PROMPT
 from machinery.cli import error_text
@@ -413,3 +414,17 @@ def test_the_dry_run_says_how_long_the_run_takes_on_1_and_8_gpus_and_from_what(m
     _, out = dry_run_memory(["--compile", "0", "--max_steps", "1000", "--warmup_steps", "10"], capsys)
     # the ladder measured 414,337 tok/s eager: 1,265 s
     assert "(36.0%, eager)" in out and "  H200 (989 TFLOP/s): 21m07s on 1, 2m47s on 8\n" in out
+
+
+def test_a_prompt_that_would_be_mangled_is_refused_and_a_sequence_longer_than_the_data_says_what_to_change(tmp_path):
+    # a prompt in another encoding reaches Python as lone surrogates: it used to become U+FFFD in the samples
+    latin1 = b"caf\xe9".decode("utf-8", "surrogateescape")  # what a Latin-1 terminal's argv turns into
+    assert error_of(train_gpt2.main, [*SMALL, "--prompt", latin1, "--log_dir", str(tmp_path)]) == \
+        "error: --prompt is not UTF-8 text: pass it in UTF-8"
+    assert error_of(sample.main, ["-m", "gpt2", "--prompt", latin1]) == \
+        "error: --prompt is not UTF-8 text: pass it in UTF-8"
+    # a sequence longer than the data: what to change
+    error = error_of(train_gpt2.main, [*SMALL, "--seq_len", "1024", "--batch_size", "64", "--total_batch_size",
+                                       "65536", "--log_dir", str(tmp_path)])
+    assert error.endswith(": pass a smaller --batch_size or --seq_len, or more data"), error
+    assert os.listdir(tmp_path) == []
