@@ -3,6 +3,7 @@ fits the device (tried on a CUDA GPU, else from the estimate)."""
 import dataclasses
 import gc
 import os
+import resource
 
 import torch
 
@@ -60,13 +61,28 @@ def batch_sizes(cfg, world_size):
     return [b for b in range(sequences, 0, -1) if sequences % b == 0]
 
 
+# where a container's memory limit is written: cgroup v2, then v1 (a number of bytes, or "max")
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def device_memory(device):
     """The bytes a process may fill: a CUDA GPU's total (under set_per_process_memory_fraction, that share of it),
-    else the machine's RAM."""
+    else the machine's RAM, or less where the process is held to less: its address-space limit (ulimit -v) or its
+    container's (cgroup), as on a shared login node or a Slurm job's share of a machine."""
     if device.startswith("cuda"):
         fraction = torch.cuda.get_per_process_memory_fraction(device)
         return int(torch.cuda.get_device_properties(device).total_memory * fraction)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    for path in CGROUP_LIMITS:
+        try:
+            with open(path) as f:
+                limits.append(int(f.read().strip()))  # "max": no limit, a ValueError
+        except (OSError, ValueError):
+            pass
+    return min(limits)
 
 
 def estimated_bytes(cfg, config, n_params, world_size, batch_size):

@@ -1,4 +1,6 @@
 """--batch_size auto: the largest micro-batch that fits, tried (here with an injected out-of-memory) or estimated."""
+import os
+
 import torch
 
 from conftest import assert_same_log, parse_args, SMALL
@@ -110,3 +112,18 @@ def test_the_dry_run_plans_auto_for_an_80_gib_gpu_and_names_the_others(monkeypat
             "a run on a CUDA GPU tries them)\ntotal batch 524,288 tokens = 8 micro-batches of 64 x 1024") in out
     train_gpt2.main(["--model", "gpt3-13b", "--batch_size", "auto", "--dry_run", "1", "--device", "cpu"])
     assert "--batch_size auto: not even 1 fits; planned at 1 for 80 GiB" in capsys.readouterr().out
+
+
+def test_on_the_cpu_auto_plans_for_the_memory_the_process_may_use_not_the_machines(tmp_path, monkeypatch):
+    import resource
+    ram = memory.device_memory("cpu")
+    monkeypatch.setattr(memory, "CGROUP_LIMITS", (str(tmp_path / "none"),))  # no container limit here
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert memory.device_memory("cpu") == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >= ram
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (3 * 2**30, resource.RLIM_INFINITY))  # ulimit -v
+    assert memory.device_memory("cpu") == 3 * 2**30
+    (tmp_path / "memory.max").write_text("1073741824\n")  # a container of 1 GiB (cgroup v2)
+    monkeypatch.setattr(memory, "CGROUP_LIMITS", (str(tmp_path / "memory.max"),))
+    assert memory.device_memory("cpu") == 2**30
+    (tmp_path / "memory.max").write_text("max\n")  # no limit
+    assert memory.device_memory("cpu") == 3 * 2**30
