@@ -51,6 +51,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if os.path.exists(args.out_dir):
         sys.exit(f"error: {args.out_dir} exists: choose a new directory")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out_dir))):
+        sys.exit(f"error: {os.path.dirname(os.path.abspath(args.out_dir))} does not exist: make it first, or choose "
+                 "another place for the export")
     with one_line_errors():
         if not os.path.normpath(args.checkpoint).endswith((".pt", ".dcp")):
             raise ValueError(f"{args.checkpoint!r} is not a checkpoint of this project (a .pt file or a .dcp directory)")

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from machinery.cli import error_text
-from machinery.run_dir import is_sharded_save, remove_checkpoint
+from machinery.run_dir import CHECKPOINT_NAME, is_sharded_save, remove_checkpoint
 from machinery.settings import RESUME_MUST_MATCH, TrainConfig, checkpoint_bytes, saves_sharded
 
 SLOW_DISK = 50e6  # bytes a second: a busy network file system
@@ -188,6 +188,12 @@ def damage(path):
     return None
 
 
+def checkpoint_step(path):
+    """The step a checkpoint's name says it follows (-1 for another name)."""
+    m = CHECKPOINT_NAME.fullmatch(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else -1
+
+
 def newest_usable(run):
     """--resume auto's checkpoint: the newest here that is whole, each newer one skipped with a line saying why;
     None if there is none yet. If every one is damaged, a ValueError: starting over would lose the run."""
@@ -208,6 +214,10 @@ def checkpoint_to_resume(cfg, world, run, model):
     log.txt is made to agree with it."""
     with world.together():
         path = (newest_usable(run) if cfg.resume == "auto" else cfg.resume) if cfg.resume and world.master else None
+        newer = [p for p in run.checkpoints() if path and checkpoint_step(p) > checkpoint_step(path)]
+        if newer and os.path.dirname(os.path.abspath(path)) != os.path.abspath(run.path):
+            raise ValueError(f"--resume {path} is older than {newer[-1]} in --log_dir {run.path}, which this run would "
+                             "overwrite: resume that one (--resume auto), or pass another --log_dir")
     # every rank resumes rank 0's checkpoint: a node that sees another log_dir must not continue another run
     path = world.broadcast(path)
     with world.together():  # first every rank reads it: a node that cannot is the error to report

@@ -30,6 +30,9 @@ def init_device(device, local_rank=None):
         raise ValueError(f"device {device!r} asked for, but this torch sees no {'CUDA GPU' if kind == 'cuda' else 'MPS'} "
                          "here: use --device cpu")
     if kind == "cuda" and local_rank is not None:
+        if local_rank >= torch.cuda.device_count():  # more processes on this machine than it has GPUs
+            raise ValueError(f"LOCAL_RANK={local_rank}, but this machine has {torch.cuda.device_count()} GPUs: start "
+                             f"at most {torch.cuda.device_count()} processes a node (--nproc_per_node)")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     return device
@@ -92,6 +95,9 @@ def check_launcher(planning=False):
         missing = next(k for k in LAUNCHER_VARIABLES if k not in os.environ)
         raise ValueError(f"{given[0]} is set but {missing} is not: torchrun sets them all; start the run with "
                          f"torchrun --nproc_per_node=N, or unset {', '.join(given)}")
+    if given and not planning and not os.environ["MASTER_ADDR"].strip():
+        raise ValueError("MASTER_ADDR is empty: it names the machine of rank 0 (torchrun sets it; under Slurm, the "
+                         "job's first node)")
     rank, local_rank, world_size = (env_int(k, d) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     if not (world_size >= 1 and 0 <= rank < world_size and local_rank >= 0):
         raise ValueError(f"RANK={rank}, LOCAL_RANK={local_rank} and WORLD_SIZE={world_size} do not fit together: "

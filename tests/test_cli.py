@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import error_of, INPUT, parse_args, read_docs, read_log, ROOT, run, SMALL
 import sample
@@ -428,3 +429,36 @@ def test_a_prompt_that_would_be_mangled_is_refused_and_a_sequence_longer_than_th
                                        "65536", "--log_dir", str(tmp_path)])
     assert error.endswith(": pass a smaller --batch_size or --seq_len, or more data"), error
     assert os.listdir(tmp_path) == []
+
+
+def test_an_empty_master_addr_and_more_processes_than_gpus_are_one_line_each(tmp_path, monkeypatch):
+    from machinery.world import init_device
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", ""),
+                        ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    assert error_of(train_gpt2.main, [*SMALL, "--log_dir", str(tmp_path / "log")]) == (
+        "error: MASTER_ADDR is empty: it names the machine of rank 0 (torchrun sets it; under Slurm, the job's "
+        "first node)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine of 2 GPUs, its third process
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError) as e:
+        init_device("cuda", local_rank=2)
+    assert str(e.value) == ("LOCAL_RANK=2, but this machine has 2 GPUs: start at most 2 processes a node "
+                            "(--nproc_per_node)")
+    assert not (tmp_path / "log").exists()
+
+
+def test_resuming_another_directorys_older_checkpoint_over_a_newer_one_and_exporting_nowhere_are_refused(tmp_path):
+    import export_hf
+    args = [*SMALL, "--max_steps", "4", "--checkpoint_every", "2", "--eval_every", "1000", "--val_steps", "2"]
+    train_gpt2.main([*args, "--log_dir", str(tmp_path / "a")])  # model_00001.pt, model_00003.pt
+    train_gpt2.main([*args, "--max_steps", "2", "--log_dir", str(tmp_path / "b")])
+    before = sorted(os.listdir(tmp_path / "a"))
+    error = error_of(train_gpt2.main, [*args, "--resume", str(tmp_path / "b" / "model_00001.pt"),
+                                       "--log_dir", str(tmp_path / "a")])
+    assert error == (f"error: --resume {tmp_path / 'b' / 'model_00001.pt'} is older than {tmp_path / 'a' / 'model_00003.pt'}"
+                     f" in --log_dir {tmp_path / 'a'}, which this run would overwrite: resume that one (--resume auto), "
+                     "or pass another --log_dir")
+    assert sorted(os.listdir(tmp_path / "a")) == before
+    assert error_of(export_hf.main, [str(tmp_path / "a" / "model_00003.pt"), str(tmp_path / "no" / "such" / "hf")]) == (
+        f"error: {tmp_path / 'no' / 'such'} does not exist: make it first, or choose another place for the export")
