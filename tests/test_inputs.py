@@ -77,7 +77,7 @@ def test_resume_says_which_checkpoint_it_continues_and_refuses_a_finished_run_an
     log = tmp_path / "log"
     args = [*SMALL, "--max_steps", "3", "--checkpoint_every", "2", "--val_steps", "1", "--log_dir", str(log)]
     train_gpt2.main(args)  # model_00001.pt, then model_00002.pt at the end
-    error = error_of(train_gpt2.main, [*args, "--resume", "auto"])
+    error = error_of(train_gpt2.main, [*args, "--resume", str(log / "model_00002.pt")])
     assert error == (f"error: {log}/model_00002.pt ends its run (step 3 of 3): nothing is left to train; to train "
                      "on, start a new run with --init_from it and another --log_dir")
     error = error_of(train_gpt2.main, [*args, "--resume", str(log)])
