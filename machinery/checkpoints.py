@@ -214,7 +214,8 @@ def checkpoint_to_resume(cfg, world, run, model):
     log.txt is made to agree with it."""
     with world.together():
         path = (newest_usable(run) if cfg.resume == "auto" else cfg.resume) if cfg.resume and world.master else None
-        newer = [p for p in run.checkpoints() if path and checkpoint_step(p) > checkpoint_step(path)]
+        named = path is not None and checkpoint_step(path) >= 0  # a checkpoint's name: else read_checkpoint says why
+        newer = [p for p in run.checkpoints() if named and checkpoint_step(p) > checkpoint_step(path)]
         if newer and os.path.dirname(os.path.abspath(path)) != os.path.abspath(run.path):
             raise ValueError(f"--resume {path} is older than {newer[-1]} in --log_dir {run.path}, which this run would "
                              "overwrite: resume that one (--resume auto), or pass another --log_dir")
