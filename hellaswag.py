@@ -17,6 +17,7 @@ acc 0.2859, acc_norm 0.2955 (completion style, the original val file). predict()
 this with a fraction of the work: it says how.
 """
 import argparse
+import contextlib
 import json
 import os
 import urllib.request
@@ -47,14 +48,22 @@ def download(split="val", cache_dir=DATA_CACHE_DIR):
     path = os.path.join(cache_dir, f"hellaswag_{split}.jsonl")
     if os.path.exists(path):
         return path
+    if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+        raise ValueError(f"HELLASWAG_CACHE={cache_dir} is a file: set it to a directory, or unset it for ./hellaswag")
     os.makedirs(cache_dir, exist_ok=True)
     tmp = path + ".tmp"
-    with urllib.request.urlopen(URLS[split], timeout=30) as r, open(tmp, "wb") as f:
-        with tqdm(total=int(r.headers.get("content-length", 0)), unit="B", unit_scale=True,
-                  desc=f"hellaswag {split}") as bar:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
+    try:
+        with urllib.request.urlopen(URLS[split], timeout=30) as r, open(tmp, "wb") as f:
+            with tqdm(total=int(r.headers.get("content-length", 0)), unit="B", unit_scale=True,
+                      desc=f"hellaswag {split}") as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:  # offline, say: what to do, not only urllib's words
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise ValueError(f"cannot download HellaSwag's {split} split ({error_text(e)}): on a machine online, run "
+                         f"`python hellaswag.py --download_only 1` and copy {path} here, or pass --data_file") from None
     os.replace(tmp, path)
     return path
 

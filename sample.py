@@ -3,8 +3,11 @@
     python sample.py -m log/model_19072.pt --prompt "The meaning of life is" --num_samples 4 --max_new_tokens 64
 """
 import argparse
+import sys
 
-from machinery.cli import check_utf8, one_line_errors, one_line_flag_errors, run_script
+import torch
+
+from machinery.cli import check_utf8, error_text, one_line_errors, one_line_flag_errors, run_script
 from machinery.inputs import check_vocab
 from machinery.world import init_device
 from tokenizer import GPT2_VOCAB_SIZE
@@ -28,7 +31,14 @@ def main(argv=None):
         device = init_device(pick_device(args.device))
         model = load_model(args.model).to(device)
         check_vocab(model, GPT2_VOCAB_SIZE - 1, "GPT-2 text (--prompt)")
-    for i, text in enumerate(sample(model, device, args.num_samples, args.max_new_tokens, args.seed, args.prompt)):
+    try:
+        samples = sample(model, device, args.num_samples, args.max_new_tokens, args.seed, args.prompt)
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # --num_samples rows at once: too many for the device
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        sys.exit(f"error: out of memory sampling {args.num_samples} rows at once ({error_text(e).split('. ')[0]}): "
+                 "pass a smaller --num_samples")
+    for i, text in enumerate(samples):
         print(f"sample {i}: {text}")
 
 

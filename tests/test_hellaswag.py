@@ -249,12 +249,18 @@ def test_hellaswag_is_a_leaf_the_trainer_imports_and_its_command_downloads_and_c
     cache = tmp_path / "cache"
     env = dict(os.environ, HELLASWAG_CACHE=str(cache),
                https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")  # nothing leaves this machine
-    out = run(["hellaswag.py"], env=env)  # offline, nothing cached: one line, no traceback
-    assert out.returncode == 1 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    out = run(["hellaswag.py"], env=env)  # offline, nothing cached: one line that says what to do, no traceback
+    assert out.returncode == 1 and out.stderr.startswith("error: cannot download HellaSwag's val split (") and \
+        out.stderr.endswith(f"): on a machine online, run `python hellaswag.py --download_only 1` and copy "
+                            f"{cache}/hellaswag_val.jsonl here, or pass --data_file\n"), out.stderr
     assert not list(cache.glob("*"))  # no partial download left behind
     (cache / "hellaswag_val.jsonl").write_text(open(HELLASWAG_64).read())  # as a finished download leaves it
     out = run(["hellaswag.py", "--split", "val", "--download_only", "1"], env=env)
     assert out.returncode == 0 and out.stdout == f"hellaswag val: 64 examples in {cache}/hellaswag_val.jsonl\n"
+    (tmp_path / "a_file").write_text("")  # HELLASWAG_CACHE pointing at a file: the setting is named
+    out = run(["hellaswag.py", "--download_only", "1"], env={**env, "HELLASWAG_CACHE": str(tmp_path / "a_file")})
+    assert (out.returncode, out.stderr) == (1, f"error: HELLASWAG_CACHE={tmp_path / 'a_file'} is a file: set it to a "
+                                               "directory, or unset it for ./hellaswag\n")
 
 
 def test_a_file_with_a_byte_order_mark_reads_and_an_empty_context_is_scored_after_endoftext(tmp_path):

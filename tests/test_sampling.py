@@ -1,6 +1,6 @@
 import torch
 
-from conftest import NO_SHAPE, SMALL, run
+from conftest import error_of, NO_SHAPE, SMALL, run
 from tokenizer import gpt2_encoding
 from train_gpt2 import GPT, GPTConfig, sample
 
@@ -104,3 +104,13 @@ def test_cached_logits_are_the_full_pass_logits():
         steps = [model(idx[:, t:t + 1], pos=torch.arange(t, t + 1), caches=caches)[0] for t in range(6, 10)]
     assert caches[0][0].shape == (3, 4, 10, 8)  # keys: batch, heads, the 10 tokens, head size
     assert torch.allclose(torch.cat([first, *steps], dim=1), full, atol=1e-5)
+
+
+def test_too_many_samples_for_the_memory_is_one_line_that_says_to_ask_for_fewer(hf_checkpoint, monkeypatch, capsys):
+    import sample
+    def out_of_memory(*args, **kwargs):  # as a device answers 100,000 rows at once
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB. GPU 0 has 79 GiB")
+    monkeypatch.setattr(sample, "sample", out_of_memory)
+    path = hf_checkpoint(vocab_size=50257, n_embd=16, n_positions=64)
+    assert error_of(sample.main, ["-m", path, "-d", "cpu", "--num_samples", "100000"]) == \
+        "error: out of memory sampling 100000 rows at once (CUDA out of memory): pass a smaller --num_samples"
