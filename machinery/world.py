@@ -118,6 +118,7 @@ class World:
         self.master = self.rank == 0  # rank 0 alone prints, logs and writes files
         self.writing = threading.Lock()  # held while a file is written: a rank leaving after another's error waits
         self.waits = 0  # wait_for_master calls so far: every rank makes them in the same order
+        self.token = None  # the run's name in the job's store, once stop_all_on_error has agreed on it
 
     def print(self, *args):
         if self.master:
@@ -171,7 +172,7 @@ class World:
         return dist.distributed_c10d._get_default_store()
 
     def _key(self, name):
-        return f"{name}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a restarted job starts afresh
+        return f"{self.token}/{name}"
 
     def wait_for_master(self, name, result, seconds):
         """Rank 0's result (a line of text, or None) on every rank, once rank 0 has it: the others wait up to
@@ -197,6 +198,9 @@ class World:
         if not self.ddp:
             yield
             return
+        # the store outlives an elastic restart, and each node's agent counts restarts for itself: the keys of this
+        # attempt carry a token rank 0 draws (not from torch's generator: training's random stream stays as it is)
+        self.token = self.broadcast(os.urandom(8).hex())
         store, key = self._store(), self._key("failed")
         done = threading.Event()
         threading.Thread(target=self._leave_once_failed, args=(store, key, done), daemon=True).start()

@@ -207,3 +207,46 @@ run_script(train_gpt2.main)
                           f"free some space; this run wrote none yet, and those already in {log} are untouched\n")
     assert sorted(os.listdir(log)) == ["curves.png", "log.txt"]  # no half-written file left, no lock; step 2 never ran
     assert [r[0] for r in read_log(log) if r[1] == "train"] == ["0", "1"]
+
+
+def test_an_elastic_restart_after_one_nodes_crash_resumes_and_finishes_what_one_process_logs(one, tmp_path):
+    # two torchrun agents, "nodes", meet in a c10d rendezvous. Node 1's worker dies at step 3; node 0's is busy then
+    # (6 s), so its agent restarts it for the new round without counting a failure: the two agents' restart counts
+    # differ (0 and 1), and only a token that rank 0 draws makes the store keys of the new attempt agree
+    mark = tmp_path / "crashed"
+    wrapper = tmp_path / "crash_once.py"
+    wrapper.write_text(f"""import os, sys, time
+sys.path.insert(0, {ROOT!r})
+import train_gpt2
+from machinery.cli import run_script
+get_lr, first_attempt = train_gpt2.get_lr, not os.path.exists({str(mark)!r})
+def get_lr_crashing_once(step, *args):
+    if step == 3 and first_attempt:
+        if os.environ["NODE"] == "1":
+            open({str(mark)!r}, "w").close()
+            os._exit(13)
+        time.sleep(6)
+    return get_lr(step, *args)
+train_gpt2.get_lr = get_lr_crashing_once
+run_script(train_gpt2.main)
+""")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "log"
+    args = [*DDP, "--log_dir", str(log), "--resume", "auto", "--checkpoint_every", "2"]
+    launcher = ("--nnodes=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=elastic",
+                "--max-restarts=1", "--monitor-interval=0.5")
+    env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # as scripts/train.sbatch sets it
+    def node(i):
+        return torchrun(1, args, 150, launcher, env=dict(env, NODE=str(i)), script=str(wrapper))
+    with ThreadPoolExecutor(2) as pool:
+        out = list(pool.map(node, (0, 1)))
+    assert [o.returncode for o in out] == [0, 0], out[0].stdout + out[1].stdout
+    assert mark.exists()
+    printed = out[0].stdout + out[1].stdout
+    # rank 0 checkpointed what was trained before the restart: after step 1 (its own node crashed), or after step 3
+    # (its agent's SIGTERM came in the 6 s: a stop checkpoint, and the step in hand had every rank's gradients)
+    assert "resuming at step 2\n" in printed or "resuming at step 4\n" in printed, printed
+    assert sorted(f for f in os.listdir(log) if f.startswith("model_")) == [f"model_0000{s}.pt" for s in (1, 3, 4)]
+    assert_same_log(log, one, tol=1e-5)  # steps 0 to 4, as if nothing had happened
