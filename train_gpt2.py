@@ -680,7 +680,7 @@ def main(argv=None):
                 checkpoint = checkpoint_to_resume(cfg, world, run, model)
                 data = Data(train_loader, val_loader, hellaswag=hellaswag.load_for_run(cfg, world))
                 # an error on one rank alone: it says why, and every rank stops; out of memory: which B to try
-                with world.stop_all_on_error(), out_of_memory_advice(cfg):
+                with world.stop_all_on_error(stopping=lambda: stop.requested), out_of_memory_advice(cfg):
                     stopped = train(cfg, world, model, data, run, stop, checkpoint)
                 model = data = checkpoint = None  # freed before the process group is: see World.leave
         except torch._dynamo.exc.TorchDynamoException as e:

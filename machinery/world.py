@@ -5,8 +5,8 @@ import os
 import shutil
 import sys
 import threading
+import time
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -104,6 +104,11 @@ def check_launcher(planning=False):
                          "start the run with torchrun")
 
 
+# a rank asked to stop while it waits for rank 0's write leaves once rank 0 has been silent this long (killed with its
+# node, say); rank 0 alive, it waits on: the write is the checkpoint the stop is for
+SILENT_SECONDS = 10
+
+
 @dataclass
 class World:
     """This process's place in the run: which process it is, of how many, on which device."""
@@ -119,6 +124,7 @@ class World:
         self.writing = threading.Lock()  # held while a file is written: a rank leaving after another's error waits
         self.waits = 0  # wait_for_master calls so far: every rank makes them in the same order
         self.token = None  # the run's name in the job's store, once stop_all_on_error has agreed on it
+        self.stopping = lambda: None  # whether this rank was asked to stop: stop_all_on_error is told how to ask
 
     def print(self, *args):
         if self.master:
@@ -185,19 +191,32 @@ class World:
         if self.master:
             store.set(key, "" if result is None else "=" + result)
             return result
-        store.wait([key], timedelta(seconds=seconds))
+        # short checks, not one long wait: the process's store connection serves one request at a time (the failure
+        # watcher's checks would queue behind a wait), and a signal's handler runs only between them
+        deadline, beats, heard = time.monotonic() + seconds, None, time.monotonic()
+        while not store.check([key]):
+            now, beat = time.monotonic(), store.add(self._key("alive"), 0)  # rank 0's watcher adds 1 each second
+            if beat != beats:
+                beats, heard = beat, now
+            if self.stopping() and now - heard > SILENT_SECONDS:  # asked to stop, and rank 0 is gone: nothing comes
+                sys.exit(f"rank {self.rank}: stopping: rank 0 went silent during {name}")
+            if now > deadline:
+                raise TimeoutError(f"rank 0 did not finish {name} within {seconds:.0f} s")
+            time.sleep(0.1)
         value = store.get(key).decode()
         return value[1:] if value else None
 
     @contextlib.contextmanager
-    def stop_all_on_error(self):
+    def stop_all_on_error(self, stopping=lambda: None):
         """Training, where an error can strike one rank alone (out of memory, a full disk): that rank says why in one
         line, and every other rank leaves within seconds, wherever it waits. Without this, the others would wait
         for it in a collective (NCCL: until its timeout, 10 minutes) or crash there with a traceback of their own.
-        The ranks learn of the failure through the store torchrun gives the job, which every node reaches."""
+        The ranks learn of the failure through the store torchrun gives the job, which every node reaches.
+        stopping: whether this rank was asked to stop (then a rank 0 gone silent is not waited for)."""
         if not self.ddp:
             yield
             return
+        self.stopping = stopping
         # the store outlives an elastic restart, and each node's agent counts restarts for itself: the keys of this
         # attempt carry a token rank 0 draws (not from torch's generator: training's random stream stays as it is)
         self.token = self.broadcast(os.urandom(8).hex())
@@ -218,9 +237,12 @@ class World:
             done.set()
 
     def _leave_once_failed(self, store, key, done):
-        # a thread, as the main one may be stuck in a collective that never returns; a file being written is finished
+        # a thread, as the main one may be stuck in a collective that never returns; a file being written is finished.
+        # On rank 0 it also counts seconds in the store: the others, waiting for its write, hear that it is alive
         try:
             while not done.wait(1):
+                if self.master:
+                    store.add(self._key("alive"), 1)
                 if store.check([key]):
                     with self.writing:
                         os._exit(1)
