@@ -104,6 +104,12 @@ def check_launcher(planning=False):
                          "start the run with torchrun")
 
 
+def peers_gone(e):
+    """Whether error e says the other processes are out of reach: the store unreachable (DistNetworkError), a
+    collective's other end closed (gloo), a communicator aborted (NCCL)."""
+    return isinstance(e, dist.DistError) or any(s in str(e) for s in ("Connection closed by peer", "Connection reset"))
+
+
 # a rank asked to stop while it waits for rank 0's write leaves once rank 0 has been silent this long (killed with its
 # node, say); rank 0 alive, it waits on: the write is the checkpoint the stop is for
 SILENT_SECONDS = 10
@@ -158,7 +164,8 @@ class World:
         under them can abort a process at exit ("terminate called without an active exception", FSDP2 on gloo)."""
         if finished:
             gc.collect()
-            dist.barrier()
+            with contextlib.suppress(RuntimeError):  # a rank already gone (rank 0 after a stop, its node lost): the
+                dist.barrier()  # run is over, and there is nobody to wait for
         dist.destroy_process_group()
 
     @contextlib.contextmanager
@@ -226,8 +233,12 @@ class World:
         try:
             yield
         except Exception as e:
-            if store.check([key]):  # another rank failed first: this error follows from it, and it said why
-                sys.exit(1)
+            with contextlib.suppress(dist.DistError):  # (the store is gone with rank 0: see below)
+                if store.check([key]):  # another rank failed first: this error follows from it, and it said why
+                    sys.exit(1)
+            if self.stopping() and peers_gone(e):  # rank 0, the store's host, left first: this rank was leaving too
+                print(f"rank {self.rank}: stopping: rank 0 is gone ({type(e).__name__})", flush=True)
+                sys.exit(0)  # as a stopped worker exits under torchrun
             cause = error_text(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {error_text(e)}"
             line = f"error: rank {self.rank}: {cause}"  # a ValueError is one of this project's own lines
             print(line, file=sys.stderr, flush=True)
