@@ -4,6 +4,7 @@ import contextlib
 import os
 import pickle
 import shutil
+import socket
 import sys
 import time
 import warnings
@@ -209,9 +210,33 @@ def newest_usable(run):
     return None
 
 
+def check_shared_log_dir(run, world):
+    """A sharded checkpoint is every rank's files in one directory: before the run trains, each rank writes a probe
+    file into --log_dir and rank 0 checks that it sees them all. Else, one line naming the nodes that do not share
+    it (their shards would be left on their own disks, and every checkpoint would be unusable)."""
+    probe = os.path.join(run.path, f".shared.{world.broadcast(os.urandom(4).hex())}.")  # this start's own names
+    with contextlib.suppress(OSError):  # a node without the folder (or without access) cannot write: it is missing
+        with open(probe + str(world.rank), "w") as f:
+            f.write(socket.gethostname())
+    hosts = [None] * world.world_size
+    dist.all_gather_object(hosts, socket.gethostname())  # after every rank's write: a collective is a barrier too
+    unseen = [r for r in range(world.world_size) if world.master and not os.path.exists(probe + str(r))]
+    unseen = world.broadcast(unseen)
+    with contextlib.suppress(OSError):
+        os.remove(probe + str(world.rank))
+    if unseen:
+        nodes = ", ".join(sorted({f"{hosts[r]} (rank {r})" for r in unseen}))
+        raise ValueError(f"--log_dir {run.path} is not shared by every node: rank 0 on {hosts[0]} does not see the "
+                         f"files of {nodes}; sharded checkpoints need a folder every node shares (a network file "
+                         "system): pass such a --log_dir, or --sharded_checkpoints 0")
+
+
 def checkpoint_to_resume(cfg, world, run, model):
     """The checkpoint this run continues from, read and checked on every rank, or None for a run from step 0;
-    log.txt is made to agree with it."""
+    log.txt is made to agree with it. A run that saves sharded checkpoints first checks its --log_dir is shared."""
+    if world.ddp and saves_sharded(cfg, sum(p.numel() for p in model.parameters())):
+        with world.together():
+            check_shared_log_dir(run, world)
     with world.together():
         path = (newest_usable(run) if cfg.resume == "auto" else cfg.resume) if cfg.resume and world.master else None
         named = path is not None and checkpoint_step(path) >= 0  # a checkpoint's name: else read_checkpoint says why

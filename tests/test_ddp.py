@@ -148,6 +148,24 @@ def test_rank_0s_log_dir_decides_whether_a_run_is_new_a_stale_copy_on_another_no
     assert (node1 / "log" / "log.txt").read_text() == "0 train 10.0\n"  # rank 1 writes nothing, loses nothing
 
 
+def test_sharded_checkpoints_into_a_log_dir_the_nodes_do_not_share_are_refused_before_training(tmp_path):
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"  # --log_dir log: a folder on each node's own disk
+    node0.mkdir(), node1.mkdir()
+    args = [*DDP, "--hellaswag", "0", "--fsdp", "1", "--sharded_checkpoints", "1", "--log_dir", "log"]
+    (code0, _, err0), (code1, _, err1) = two_nodes(args, [node0, node1], [{}, {}])
+    assert code0 != 0 and code1 != 0
+    host = socket.gethostname()
+    assert err0 == (f"error: --log_dir log is not shared by every node: rank 0 on {host} does not see the files of "
+                    f"{host} (rank 1); sharded checkpoints need a folder every node shares (a network file system): "
+                    "pass such a --log_dir, or --sharded_checkpoints 0\n")
+    assert err1 == err0  # every rank stops with the same line
+    assert os.listdir(node0) == os.listdir(node1) == []  # no probe, no log: the folder rank 0 made for it went too
+    # a shared one passes the probe, and leaves nothing of it
+    out = two_nodes([*args[:-1], str(tmp_path / "shared"), "--max_steps", "2"], [node0, node1], [{}, {}])
+    assert [code for code, _, _ in out] == [0, 0], out[0][2] + out[1][2]
+    assert sorted(os.listdir(tmp_path / "shared")) == ["curves.png", "log.txt", "model_00001.dcp"]
+
+
 def test_ddp_compiled_around_the_ddp_module_logs_what_one_process_logs(one, tmp_path):
     # torch.compile(DDP(model)): compile splits its graph at DDP's buckets, so each all-reduce overlaps backward
     out = torchrun(2, [*DDP, "--compile", "1", "--log_dir", str(tmp_path)])
