@@ -356,32 +356,34 @@ Data = collections.namedtuple("Data", "train val hellaswag")
 
 
 @torch.no_grad()
-def evaluate_loss(model, val_loader, val_steps, world, use_bf16=False, should_stop=lambda: False):
-    """Mean loss over the first val_steps chunks of the val split, the same on any number of processes.
+def evaluate_loss(model, val_loader, val_rows, world, use_bf16=False, should_stop=lambda: False):
+    """Mean loss over the first val_rows sequences of the val split, the same whatever B and the number of processes.
 
-    val_loader's process r reads chunks r, r + N, r + 2N, ...: together the processes cover
-    chunks 0 .. val_steps-1 once each, so 1 GPU and 8 GPUs measure the same tokens. Every process
-    runs as many forward passes (under FSDP each one is a collective); past val_steps, one is not counted.
-    None if a stop was requested meanwhile: a long pass must not delay the checkpoint.
-    """
+    They go in chunks of B; val_loader's process r reads chunks r, r + N, ...: 1 GPU and 8, at B=64 or B=12,
+    measure the same tokens. Every process runs as many forward passes (under FSDP each one is a collective);
+    past the last chunk, one is not counted. None if a stop was requested meanwhile: a long pass must not delay
+    the checkpoint."""
     model.eval()
     val_loader.reset()
     loss_sum = torch.zeros((), device=world.device)
-    N = val_loader.num_processes
-    for chunk in range(val_loader.process_rank, -(-val_steps // N) * N, N):  # this process's chunks
+    B, N = val_loader.B, val_loader.num_processes
+    for chunk in range(val_loader.process_rank, -(-val_rows // (B * N)) * N, N):  # this process's chunks
         if world.any(should_stop()):  # asked on every rank alike, so all of them stop at the same chunk
             model.train()
             return None
         x, y = val_loader.next_batch()
+        rows = min(B, val_rows - chunk * B)  # of its B sequences, those that count: all, the last chunk's first, none
+        if 0 < rows < B:  # cross_entropy's ignore_index, -100: the loss is the mean over the rows that count
+            y = torch.cat([y[:rows], torch.full_like(y[rows:], -100)])  # a copy: y shares its memory with x
         x, y = x.to(world.device), y.to(world.device)
         with torch.autocast(device_type=world.device_type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(x, y)[1]  # the logits are dropped at once, not kept until the next batch
-        if chunk < val_steps:
-            loss_sum += loss.float()
+        if rows > 0:
+            loss_sum += loss.float() * (rows / B)
     if world.ddp:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)  # sum, then divide: gloo lacks AVG
     model.train()
-    return loss_sum.item() / val_steps
+    return loss_sum.item() / (val_rows / B)
 
 
 @torch.no_grad()
@@ -417,7 +419,7 @@ def evaluate_hellaswag(model, examples, world, use_bf16=False, should_stop=lambd
 def evaluate(step, eval_model, raw_model, data, cfg, world, run, should_stop):
     """The val loss, and HellaSwag where there is data: printed and logged; then curves.png is redrawn. False if
     a stop requested meanwhile cut them short."""
-    val_loss = evaluate_loss(eval_model, data.val, cfg.val_steps, world, cfg.bf16, should_stop)
+    val_loss = evaluate_loss(eval_model, data.val, cfg.val_steps * cfg.val_batch_size, world, cfg.bf16, should_stop)
     if val_loss is None:
         world.print("validation: cut short, a stop was requested")
         return False
@@ -602,7 +604,7 @@ RECIPE = dict(
     max_steps=19073,  # 10B tokens / 2**19: one epoch of FineWeb-Edu's 10B-token sample
     weight_decay=0.1,
     eval_every=250,  # the val loss and HellaSwag every 250 steps, and at the last
-    val_steps=20,  # val batches of B x T each evaluation
+    val_steps=20,  # val batches of 64 x T each evaluation (--val_batch_size: the B given), whatever B is now
     sample_every=250,
     checkpoint_every=5000,
     seed=1337,

@@ -258,6 +258,13 @@ def checkpoint_to_resume(cfg, world, run, model):
                              "train; to train on, start a new run with --init_from it and another --log_dir")
         if path:
             world.print(f"resuming from {path}")  # for --resume auto, the file it chose
+            # the val loss of a run is measured on one set of tokens, whatever B it resumes with (older checkpoints:
+            # their val batches were their micro-batches)
+            saved = checkpoint["config"].get("val_batch_size") or checkpoint["config"]["batch_size"]
+            if saved != cfg.val_batch_size:
+                world.print(f"validation: {cfg.val_steps} batches of {saved} sequences, as the run started with "
+                            f"(--val_batch_size {saved})")
+                cfg.val_batch_size = saved
             run.rotating = path if checkpoint.get("rotates") else None  # the rotation goes on across requeues
             run.last_saved = path  # the run's newest checkpoint, until it writes one
         if cfg.resume and not path:  # killed before its first checkpoint: there is nothing to continue

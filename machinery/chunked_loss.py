@@ -30,7 +30,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 grad_x[i:i + size] = (grad @ w).to(x.dtype)
                 grad_w += (grad.t() @ xc).to(weight.dtype)
         ctx.save_for_backward(grad_x, grad_w)
-        return loss / N
+        # the mean over the targets that count: an evaluation masks rows past its set with -100, cross_entropy's
+        # ignore_index (without gradients: a step that trains has no masked targets, and its gradients assume none)
+        return loss / (N if needs_grad else (targets != -100).sum())
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -78,7 +78,7 @@ def check_data(cfg, model, train_loader, val_loader):
     --val_steps batches an evaluation reads (more would count some of them twice)."""
     for loader in (train_loader, val_loader):
         check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
-    chunks = (val_loader.total - 1) // (cfg.batch_size * cfg.seq_len)  # the val batches the split holds
+    chunks = (val_loader.total - 1) // (cfg.val_batch_size * cfg.seq_len)  # the val batches the split holds
     if cfg.val_steps > chunks:
         raise ValueError(f"--val_steps {cfg.val_steps} is more than the val split of {cfg.data} holds: "
-                         f"{chunks} chunks of {cfg.batch_size} x {cfg.seq_len}: pass --val_steps {chunks} or less")
+                         f"{chunks} chunks of {cfg.val_batch_size} x {cfg.seq_len}: pass --val_steps {chunks} or less")

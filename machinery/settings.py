@@ -74,6 +74,9 @@ class TrainConfig:
     # evaluation, logging and checkpoints
     eval_every: int = flag(None, "evaluate every this many steps, and at the last step")
     val_steps: int = flag(None, "val batches per evaluation, from the start of the val split")
+    val_batch_size: int = flag(0, "sequences per val batch, read in micro-batches of --batch_size: the same val tokens "
+                                  "whatever B and the processes (0: --batch_size as given, or the model's own with "
+                                  "auto; a resumed run keeps the one it started with)")
     hellaswag: bool = flag(True, "evaluate HellaSwag acc_norm every --eval_every steps")
     hellaswag_file: str = flag("", "a local HellaSwag jsonl (default: the val split, downloaded once by hellaswag.py)")
     sample_every: int = flag(None, "print 4 samples every this many steps, and at the last step")
@@ -139,13 +142,17 @@ def parse_args(argv, recipe):
         raise ValueError(f"--model {model!r} is not one of {', '.join(MODELS)}")
     for name in ("prompt", "data", "log_dir", "resume", "init_from", "hellaswag_file"):
         check_utf8(given.get(name, ""), f"--{name}")
-    return TrainConfig(**{**recipe, **MODELS[model], **given})
+    cfg = TrainConfig(**{**recipe, **MODELS[model], **given})
+    if not cfg.val_batch_size:  # the lecture's val batch is its B; --batch_size auto keeps the model's, not the B found
+        cfg.val_batch_size = next(b for b in (cfg.batch_size, MODELS[model].get("batch_size"), recipe["batch_size"])
+                                  if b not in (None, "auto"))
+    return cfg
 
 
 def check_config(cfg, world_size=1):
     """Catch bad settings before any work is done, with a message that says what to change."""
     for name in ("n_layer", "n_head", "n_embd", "total_batch_size", "batch_size", "seq_len", "max_steps", "warmup_steps",
-                 "eval_every", "val_steps", "sample_every", "checkpoint_every", "loss_chunks"):
+                 "eval_every", "val_steps", "val_batch_size", "sample_every", "checkpoint_every", "loss_chunks"):
         least = 0 if name == "warmup_steps" else 1
         if getattr(cfg, name) != "auto" and getattr(cfg, name) < least:
             raise ValueError(f"--{name} must be at least {least}, got {getattr(cfg, name)}")

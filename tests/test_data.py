@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import INPUT, SMALL, error_of
+from conftest import INPUT, SMALL, TINY, assert_same_log, error_of, read_log, run, torchrun
 import sample
 import train_gpt2
 from machinery.world import World
@@ -132,6 +132,45 @@ def test_val_loss_is_the_mean_over_the_first_val_steps_chunks(shard_dir):
     expected = sum(model(*val.next_batch())[1].item() for _ in range(3)) / 3
     assert abs(loss - expected) < 1e-6
     assert abs(evaluate_loss(model, val, 3, World()) - loss) < 1e-7  # from the start each time
+
+
+@pytest.mark.parametrize("loss_chunks", [1, 2])
+def test_the_val_loss_reads_the_same_sequences_whatever_the_micro_batch(loss_chunks):
+    # 6 sequences of 8 tokens: in micro-batches of 1, 2, 3 and 6, and of 4 and 5, whose last chunk is cut short
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
+    model.loss_chunks = loss_chunks  # --loss_chunks computes the loss in pieces: the cut-short rows must not count
+    stream = DataLoaderLite(1, 8, split="val", data_root=INPUT)
+    rows = [stream.next_batch() for _ in range(6)]
+    expected = sum(model(x, y)[1].item() for x, y in rows) / 6
+    for B in (1, 2, 3, 4, 5, 6):
+        loss = evaluate_loss(model, DataLoaderLite(B, 8, split="val", data_root=INPUT), 6, World())
+        assert abs(loss - expected) < 1e-5, (B, loss, expected)  # float32 sums in another order
+
+
+def test_b4_b3_and_b2_on_one_or_two_processes_log_the_same_val_loss_and_a_resume_keeps_its_val_batches(tmp_path):
+    args = [*TINY, "--total_batch_size", "192", "--max_steps", "1", "--warmup_steps", "1", "--val_steps", "3",
+            "--val_batch_size", "4"]
+    logs = {}
+    for B in (2, 3, 4):
+        train_gpt2.main([*args, "--batch_size", str(B), "--log_dir", str(tmp_path / f"b{B}")])
+        logs[B] = read_log(tmp_path / f"b{B}")
+    out = torchrun(2, [*args, "--batch_size", "3", "--log_dir", str(tmp_path / "two")])
+    assert out.returncode == 0, out.stderr
+    logs["two"] = read_log(tmp_path / "two")
+    vals = {run: [v for _, kind, v in log if kind == "val"] for run, log in logs.items()}
+    assert len(set(map(tuple, vals.values()))) == 1 and len(vals[2]) == 1, vals  # 12 sequences, in 6, 4 or 3 chunks
+    # a run started at B=2 (val batches of 2 sequences: the B given) and resumed at B=4 measures the same tokens
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    runs = [*TINY, "--total_batch_size", "192", "--max_steps", "4", "--checkpoint_every", "2"]
+    train_gpt2.main([*runs, "--log_dir", str(whole)])
+    resumed.mkdir()
+    (resumed / "log.txt").write_text("".join(l for l in (whole / "log.txt").open() if int(l.split()[0]) <= 1))
+    out = run(["train_gpt2.py", *runs, "--batch_size", "4", "--log_dir", str(resumed), "--resume",
+               str(whole / "model_00001.pt")])
+    assert out.returncode == 0, out.stderr
+    assert "validation: 2 batches of 2 sequences, as the run started with (--val_batch_size 2)\n" in out.stdout
+    assert_same_log(resumed, whole, tol=2e-6, after=1)  # B=4 trains within rounding of B=2; val on the same tokens
 
 
 def test_token_ids_beyond_the_models_vocabulary_are_refused_before_training(shard_dir, tmp_path, hf_checkpoint):
