@@ -60,7 +60,7 @@ def test_init_from_a_checkpoint_starts_from_its_weights(checkpoint, tmp_path):
     model = load_model(checkpoint)
     assert model.config.block_size == 16  # a model trained from scratch has the context it was trained with
     val = DataLoaderLite(2, 16, split="val", data_root=INPUT)
-    assert abs(first_val - evaluate_loss(model, val, 3, World())) < 1e-4
+    assert abs(first_val - evaluate_loss(model, val, 3 * 2, World())) < 1e-4  # --val_steps 3 batches of 2 sequences
 
 
 def test_fine_tune_a_hugging_face_checkpoint_on_input_txt(tmp_path):
