@@ -26,8 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag  # downloads, renders and scores HellaSwag; it never imports this file
 from tokenizer import GPT2_VOCAB_SIZE, gpt2_encoding  # GPT-2's BPE, read from files in this repo: never downloaded
 # what a production run needs beyond the lecture, from the package beside this file (which never imports it)
-from machinery.checkpoints import (check_weights, checkpoint_due, checkpoint_to_resume, read_checkpoint,
-                                   restore_checkpoint, save_checkpoint)  # checkpoints: written, found, read, restored
+from machinery.checkpoints import (CheckpointManager, check_weights,  # checkpoints: found, restored, saved, rotated
+                                   read_checkpoint)
 from machinery.chunked_loss import chunked_cross_entropy  # --loss_chunks: the loss without the whole logits
 from machinery.cli import error_text, one_line_errors, run_script  # a bad input is one line and an exit code
 from machinery.fsdp import shard_model  # --fsdp 1: FSDP2 for models that do not fit one GPU
@@ -482,8 +482,9 @@ def clip_and_step(model, optimizer):
     return norm.full_tensor() if isinstance(norm, DTensor) else norm  # (FSDP returns it as a DTensor)
 
 
-def train(cfg, world, model, data, run, stop, checkpoint=None):
-    """The loop, from step 0 or where checkpoint left off; True if it stopped on request (stop: main()'s StopRequest)"""
+def train(cfg, world, model, data, run, stop, checkpoints):
+    """The loop, from step 0 or where the checkpoint to resume left off (checkpoints: the run's CheckpointManager);
+    True if it stopped on request (stop: main()'s StopRequest)"""
     device = world.device
     world.print(f"using device: {device}" + (f", {world.world_size} processes" if world.ddp else ""))
     world.print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -500,7 +501,7 @@ def train(cfg, world, model, data, run, stop, checkpoint=None):
     # GPT-3's AdamW: beta2 0.95 (not 0.999) lets the second moment follow the gradients' scale faster
     optimizer = model.configure_optimizers(weight_decay=cfg.weight_decay, learning_rate=cfg.max_lr,
                                            device_type=world.device_type, log=world.print)
-    start_step = restore_checkpoint(checkpoint, model, optimizer, data.train) if checkpoint else 0
+    start_step = checkpoints.load(model, optimizer, data.train)  # 0, or the step the checkpoint to resume is at
     if start_step:  # a checkpoint's step is the next to run: 1 or more
         world.print(f"resuming at step {start_step}")
     # compile fuses the model's elementwise ops into a few kernels and cuts Python overhead; the
@@ -571,12 +572,11 @@ def train(cfg, world, model, data, run, stop, checkpoint=None):
         run.log(step, "train", f"{loss_accum.item():.6f}")
         # ---- the lecture's training step: END; what follows is machinery: stops and checkpoints ----
 
-        if due := checkpoint_due(cfg, world, run, step):  # every --checkpoint_every steps, minutes, or the end
-            save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg, rotate=due == "time")
+        checkpoints.maybe_save(step)  # every --checkpoint_every steps, every --checkpoint_minutes, and at the end
     if stopping:
         if step >= start_step:  # else nothing was trained since the start, or since the checkpoint resumed
-            save_checkpoint(run, world, step, raw_model, optimizer, data.train, cfg, rotate=True)
-        run.mark_stopped(step + 1, stop.requested)  # log_dir/STOPPED: what a requeue script looks for
+            checkpoints.save(step, rotate=True)
+        run.mark_stopped(step + 1, stop.requested, checkpoints.last_saved)  # log_dir/STOPPED: what requeueing looks for
         world.print(f"stopped before step {step + 1}: continue with --resume auto --log_dir {cfg.log_dir}")
     return stopping
 
@@ -679,12 +679,12 @@ def main(argv=None):
                                                                cfg.seed if shuffle else None)
                                                 for split, shuffle in (("train", cfg.shuffle_shards), ("val", False)))
                     check_data(cfg, model, train_loader, val_loader)  # token ids the model knows, enough val batches
-                checkpoint = checkpoint_to_resume(cfg, world, run, model)
+                checkpoints = CheckpointManager(cfg, world, run, model)  # finds the checkpoint to resume, and reads it
                 data = Data(train_loader, val_loader, hellaswag=hellaswag.load_for_run(cfg, world))
                 # an error on one rank alone: it says why, and every rank stops; out of memory: which B to try
                 with world.stop_all_on_error(stopping=lambda: stop.requested), out_of_memory_advice(cfg):
-                    stopped = train(cfg, world, model, data, run, stop, checkpoint)
-                model = data = checkpoint = None  # freed before the process group is: see World.leave
+                    stopped = train(cfg, world, model, data, run, stop, checkpoints)
+                model = data = checkpoints = None  # freed before the process group is: see World.leave
         except torch._dynamo.exc.TorchDynamoException as e:
             # compiling happens at the first forward, not at torch.compile(): a missing compiler shows up here
             sys.exit(f"error: torch.compile failed ({error_text(e)}): pass --compile 0 to train without it")

@@ -12,7 +12,8 @@ module a concern, each usable on its own:
 - locks.py: one process at a time in a directory (a run's --log_dir, fineweb.py's --local_dir)
 - run_dir.py: the --log_dir a run owns: its lock, log.txt, checkpoint names, curves.png
 - fsdp.py: FSDP2, the model's weights, gradients and AdamW's moments sharded across the processes
-- checkpoints.py: reading, checking, writing and restoring checkpoints, FSDP's shards included
+- checkpoints.py: reading, checking, writing and restoring checkpoints, FSDP's shards included; CheckpointManager,
+  what the training loop calls: the checkpoint to resume, when to save, names, rotation, one file or shards
 - stopping.py: signals that ask a run to stop with a checkpoint, and the exit code that says so
 
 Nothing here imports train_gpt2.py: where a module needs the model, it is handed the class or a model.

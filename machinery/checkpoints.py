@@ -231,95 +231,125 @@ def check_shared_log_dir(run, world):
                          "system): pass such a --log_dir, or --sharded_checkpoints 0")
 
 
-def checkpoint_to_resume(cfg, world, run, model):
-    """The checkpoint this run continues from, read and checked on every rank, or None for a run from step 0;
-    log.txt is made to agree with it. A run that saves sharded checkpoints first checks its --log_dir is shared."""
-    if world.ddp and saves_sharded(cfg, sum(p.numel() for p in model.parameters())):
+class CheckpointManager:
+    """A run's checkpoints, in one place (as torchtitan's CheckpointManager): which one the run resumes, restoring
+    it, when to save, names (model_{step:05d}.pt, or .dcp for every rank's shards), one file or shards, rotation.
+
+    main() makes it once the model is built: it finds the checkpoint to resume and reads it on every rank. train()
+    then calls load() once its optimizer exists, maybe_save(step) after each step, and save(step) when it stops.
+    """
+
+    def __init__(self, cfg, world, run, model):
+        self.cfg, self.world, self.run = cfg, world, run
+        self.last_saved = None  # the run's newest checkpoint: named if a later write fails, and in STOPPED
+        self.last_saved_time = time.time()  # --checkpoint_minutes count from here
+        self.rotating = None  # the newest checkpoint if it rotates (see save): the next one replaces it
+        self.saved_step = None  # the step saved last, on every rank
+        self.resumed = self.find(model)  # the checkpoint to resume, read: until load() restores it
+        self.state = None  # what load() restored into and every save holds: the model, its optimizer, the train loader
+
+    def load(self, model, optimizer, train_loader):
+        """Restore the checkpoint found (if any) into these, which every later save holds; the step to start at."""
+        self.state = (model, optimizer, train_loader)
+        start_step = restore_checkpoint(self.resumed, model, optimizer, train_loader) if self.resumed else 0
+        self.resumed = None  # its tensors are not kept through the run
+        return start_step
+
+    def maybe_save(self, step):
+        """Save after step if a checkpoint is due (see due): every --checkpoint_every steps, the minutes, the end."""
+        if due := self.due(step):
+            self.save(step, rotate=due == "time")
+
+    def find(self, model):
+        """The checkpoint this run continues from, read and checked on every rank, or None for a run from step 0;
+        log.txt is made to agree with it. A run that saves sharded checkpoints first checks its --log_dir is shared."""
+        cfg, world, run = self.cfg, self.world, self.run
+        if world.ddp and saves_sharded(cfg, sum(p.numel() for p in model.parameters())):
+            with world.together():
+                check_shared_log_dir(run, world)
         with world.together():
-            check_shared_log_dir(run, world)
-    with world.together():
-        path = (newest_usable(run) if cfg.resume == "auto" else cfg.resume) if cfg.resume and world.master else None
-        named = path is not None and checkpoint_step(path) >= 0  # a checkpoint's name: else read_checkpoint says why
-        newer = [p for p in run.checkpoints() if named and checkpoint_step(p) > checkpoint_step(path)]
-        if newer and os.path.dirname(os.path.abspath(path)) != os.path.abspath(run.path):
-            raise ValueError(f"--resume {path} is older than {newer[-1]} in --log_dir {run.path}, which this run would "
-                             "overwrite: resume that one (--resume auto), or pass another --log_dir")
-    # every rank resumes rank 0's checkpoint: a node that sees another log_dir must not continue another run
-    path = world.broadcast(path)
-    with world.together():  # first every rank reads it: a node that cannot is the error to report
-        checkpoint = load_checkpoint(path, cfg, model) if path else None
-    if checkpoint and checkpoint["step"] >= cfg.max_steps and cfg.resume == "auto":  # a requeue after the end
-        world.print(f"--resume auto: {path} ends the run (step {cfg.max_steps} of {cfg.max_steps}): nothing is "
-                    "left to train")
-        sys.exit(0)
-    with world.together():
-        if checkpoint and checkpoint["step"] >= cfg.max_steps:
-            raise ValueError(f"{path} ends its run (step {cfg.max_steps} of {cfg.max_steps}): nothing is left to "
-                             "train; to train on, start a new run with --init_from it and another --log_dir")
-        if path:
-            world.print(f"resuming from {path}")  # for --resume auto, the file it chose
-            # the val loss of a run is measured on one set of tokens, whatever B it resumes with (older checkpoints:
-            # their val batches were their micro-batches)
-            saved = checkpoint["config"].get("val_batch_size") or checkpoint["config"]["batch_size"]
-            if saved != cfg.val_batch_size:
-                world.print(f"validation: {cfg.val_steps} batches of {saved} sequences, as the run started with "
-                            f"(--val_batch_size {saved})")
-                cfg.val_batch_size = saved
-            run.rotating = path if checkpoint.get("rotates") else None  # the rotation goes on across requeues
-            run.last_saved = path  # the run's newest checkpoint, until it writes one
-        if cfg.resume and not path:  # killed before its first checkpoint: there is nothing to continue
-            world.print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
-        elif not cfg.resume and world.master:  # rank 0's log_dir decides: another node's may be a stale copy
-            run.check_new_run()
-        run.start_log(checkpoint["step"] if checkpoint else 0)
-    return checkpoint
+            path = (newest_usable(run) if cfg.resume == "auto" else cfg.resume) if cfg.resume and world.master else None
+            named = path is not None and checkpoint_step(path) >= 0  # a checkpoint's name (else reading says why)
+            newer = [p for p in run.checkpoints() if named and checkpoint_step(p) > checkpoint_step(path)]
+            if newer and os.path.dirname(os.path.abspath(path)) != os.path.abspath(run.path):
+                raise ValueError(f"--resume {path} is older than {newer[-1]} in --log_dir {run.path}, which this run "
+                                 "would overwrite: resume that one (--resume auto), or pass another --log_dir")
+        # every rank resumes rank 0's checkpoint: a node that sees another log_dir must not continue another run
+        path = world.broadcast(path)
+        with world.together():  # first every rank reads it: a node that cannot is the error to report
+            checkpoint = load_checkpoint(path, cfg, model) if path else None
+        if checkpoint and checkpoint["step"] >= cfg.max_steps and cfg.resume == "auto":  # a requeue after the end
+            world.print(f"--resume auto: {path} ends the run (step {cfg.max_steps} of {cfg.max_steps}): nothing is "
+                        "left to train")
+            sys.exit(0)
+        with world.together():
+            if checkpoint and checkpoint["step"] >= cfg.max_steps:
+                raise ValueError(f"{path} ends its run (step {cfg.max_steps} of {cfg.max_steps}): nothing is left to "
+                                 "train; to train on, start a new run with --init_from it and another --log_dir")
+            if path:
+                world.print(f"resuming from {path}")  # for --resume auto, the file it chose
+                # the val loss of a run is measured on one set of tokens, whatever B it resumes with (older checkpoints:
+                # their val batches were their micro-batches)
+                saved = checkpoint["config"].get("val_batch_size") or checkpoint["config"]["batch_size"]
+                if saved != cfg.val_batch_size:
+                    world.print(f"validation: {cfg.val_steps} batches of {saved} sequences, as the run started with "
+                                f"(--val_batch_size {saved})")
+                    cfg.val_batch_size = saved
+                self.rotating = path if checkpoint.get("rotates") else None  # the rotation goes on across requeues
+                self.last_saved = path  # the run's newest checkpoint, until it writes one
+            if cfg.resume and not path:  # killed before its first checkpoint: there is nothing to continue
+                world.print(f"--resume auto: no checkpoint in {cfg.log_dir} yet: starting from step 0")
+            elif not cfg.resume and world.master:  # rank 0's log_dir decides: another node's may be a stale copy
+                run.check_new_run()
+            run.start_log(checkpoint["step"] if checkpoint else 0)
+        return checkpoint
 
+    def due(self, step):
+        """Why to checkpoint after step, or None: "steps" at the last step and every --checkpoint_every steps, "time"
+        when --checkpoint_minutes have passed since the last checkpoint (rank 0's clock decides, for every rank)."""
+        cfg, world = self.cfg, self.world
+        if step == cfg.max_steps - 1 or (step + 1) % cfg.checkpoint_every == 0:
+            return "steps"
+        late = world.master and time.time() - self.last_saved_time >= 60 * cfg.checkpoint_minutes
+        return "time" if cfg.checkpoint_minutes and world.any(late) else None
 
-def checkpoint_due(cfg, world, run, step):
-    """Why to checkpoint after step, or None: "steps" at the last step and every --checkpoint_every steps, "time"
-    when --checkpoint_minutes have passed since the last checkpoint (rank 0's clock decides, for every rank)."""
-    if step == cfg.max_steps - 1 or (step + 1) % cfg.checkpoint_every == 0:
-        return "steps"
-    late = world.master and time.time() - run.last_saved_time >= 60 * cfg.checkpoint_minutes
-    return "time" if cfg.checkpoint_minutes and world.any(late) else None
-
-
-def save_checkpoint(run, world, step, model, optimizer, train_loader, cfg, rotate=False):
-    """Checkpoint the run after step. Every rank calls this: one file, for which each rank gathers its FSDP shards
-    and rank 0 writes them, or a sharded checkpoint, where each rank writes its own. If the write fails (a full
-    disk), every rank stops, with one line naming the last good one. Once it is written, the checkpoint before it
-    goes if it was a rotating one; rotate: this one rotates too (one written for time or on a stop, not for steps:
-    the checkpoint records it, so a resumed run goes on rotating). A step already saved is not saved again (a stop
-    during the evaluation right after its checkpoint): the checkpoint on disk stays as it was."""
-    if run.saved_step == step:
-        return
-    sharded = saves_sharded(cfg, sum(p.numel() for p in model.parameters()))
-    path = run.checkpoint_path(step, sharded)
-    meta = {**checkpoint_meta(step + 1, model.config, train_loader, cfg), "rotates": rotate}
-    state = None if sharded else whole_state(model, optimizer, keep=world.master)
-    error = None
-    try:
-        if sharded:
-            write_sharded_checkpoint(path, model, optimizer, meta, world)
-        elif world.master:
-            with world.writing:  # a rank leaving on another's error finishes this first
-                write_checkpoint_file(path, state, meta)
-        if world.master:
-            print(f"saved {path}")
-            if run.rotating and run.rotating != path:
-                with contextlib.suppress(OSError):  # an older checkpoint: the one just written is newer
-                    remove_checkpoint(run.rotating)
-            run.last_saved, run.rotating, run.last_saved_time = path, path if rotate else None, time.time()
-    except (OSError, RuntimeError, CheckpointException) as e:  # a full disk, say: what was half-written is gone
-        error = (f"cannot write checkpoint {path} ({error_text(e)}): free some space; " +
-                 (f"the last good checkpoint is {run.last_saved}" if run.last_saved else
-                  f"this run wrote none yet, and those already in {cfg.log_dir} are untouched"))
-    del state  # under FSDP, a whole copy on the CPU: not kept until the next checkpoint
-    # every rank waits here for rank 0's write, so none tears the process group down while it writes
-    error = world.wait_for_master(f"checkpoint {step}", error, seconds=write_seconds(model))
-    if error:
-        sys.exit(f"error: {error}" if world.master else 1)
-    run.saved_step = step  # on every rank alike
+    def save(self, step, rotate=False):
+        """Checkpoint the run after step. Every rank calls this: one file, for which each rank gathers its FSDP shards
+        and rank 0 writes them, or a sharded checkpoint, where each rank writes its own. If the write fails (a full
+        disk), every rank stops, with one line naming the last good one. Once it is written, the checkpoint before it
+        goes if it was a rotating one; rotate: this one rotates too (one written for time or on a stop, not for steps:
+        the checkpoint records it, so a resumed run goes on rotating). A step already saved is not saved again (a stop
+        during the evaluation right after its checkpoint): the checkpoint on disk stays as it was."""
+        if self.saved_step == step:
+            return
+        cfg, world, run, (model, optimizer, train_loader) = self.cfg, self.world, self.run, self.state
+        sharded = saves_sharded(cfg, sum(p.numel() for p in model.parameters()))
+        path = run.checkpoint_path(step, sharded)
+        meta = {**checkpoint_meta(step + 1, model.config, train_loader, cfg), "rotates": rotate}
+        state = None if sharded else whole_state(model, optimizer, keep=world.master)
+        error = None
+        try:
+            if sharded:
+                write_sharded_checkpoint(path, model, optimizer, meta, world)
+            elif world.master:
+                with world.writing:  # a rank leaving on another's error finishes this first
+                    write_checkpoint_file(path, state, meta)
+            if world.master:
+                print(f"saved {path}")
+                if self.rotating and self.rotating != path:
+                    with contextlib.suppress(OSError):  # an older checkpoint: the one just written is newer
+                        remove_checkpoint(self.rotating)
+                self.last_saved, self.rotating, self.last_saved_time = path, path if rotate else None, time.time()
+        except (OSError, RuntimeError, CheckpointException) as e:  # a full disk, say: what was half-written is gone
+            error = (f"cannot write checkpoint {path} ({error_text(e)}): free some space; " +
+                     (f"the last good checkpoint is {self.last_saved}" if self.last_saved else
+                      f"this run wrote none yet, and those already in {cfg.log_dir} are untouched"))
+        del state  # under FSDP, a whole copy on the CPU: not kept until the next checkpoint
+        # every rank waits here for rank 0's write, so none tears the process group down while it writes
+        error = world.wait_for_master(f"checkpoint {step}", error, seconds=write_seconds(model))
+        if error:
+            sys.exit(f"error: {error}" if world.master else 1)
+        self.saved_step = step  # on every rank alike
 
 
 def write_seconds(model):

@@ -7,7 +7,6 @@ import contextlib
 import os
 import re
 import shutil
-import time
 
 from machinery.cli import error_text
 from machinery.locks import hold_directory
@@ -29,10 +28,6 @@ class RunDir:
         self.writes = writes  # rank 0 writes; the other ranks only read through it
         self.log_file = os.path.join(path, "log.txt")
         self.stopped_file = os.path.join(path, "STOPPED")  # there while the run stopped on request may resume
-        self.last_saved = None  # the newest checkpoint this run wrote: named if a later one fails
-        self.last_saved_time = time.time()  # --checkpoint_minutes count from here
-        self.rotating = None  # the newest checkpoint if it rotates (see save_checkpoint): the next one replaces it
-        self.saved_step = None  # the step this run saved last, on every rank
         self.trained = False  # whether this run has logged a trained step
         self.log_failed = False  # a log line could not be written: said once
 
@@ -90,10 +85,11 @@ class RunDir:
         print(f"{log_file}: {len(lines) - len(keep)} lines of step {start_step} on set aside (this run logs them "
               f"again); the earlier log is kept whole as {log_file}.{n}")
 
-    def mark_stopped(self, next_step, reason):
-        """STOPPED: this run stopped on request before next_step, its checkpoint written; a new run here removes it."""
+    def mark_stopped(self, next_step, reason, checkpoint):
+        """STOPPED: this run stopped on request before next_step, its checkpoint (the newest, or None) written; a new
+        run here removes it."""
         if self.writes:
-            saved = f"checkpoint {self.last_saved}" if self.last_saved else "no new checkpoint"
+            saved = f"checkpoint {checkpoint}" if checkpoint else "no new checkpoint"
             with open(self.stopped_file + ".tmp", "w") as f:
                 f.write(f"stopped before step {next_step} ({reason}); {saved}: continue with --resume auto "
                         f"--log_dir {self.path}\n")
