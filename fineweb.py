@@ -155,7 +155,8 @@ def main(argv=None):
     p = one_line_flag_errors(argparse.ArgumentParser(description="Tokenize FineWeb-Edu sample-10BT into uint16 shards."))
     p.add_argument("--data_files", nargs="+", help="local json/jsonl/parquet files with a 'text' column (no download)")
     p.add_argument("--local_dir", default="edu_fineweb10B", help="where the shards go")
-    p.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard")
+    p.add_argument("--shard_size", type=int, default=10**8,
+                   help="tokens per shard (the trainer holds each shard open: keep their number under `ulimit -n`)")
     p.add_argument("--streaming", type=int, choices=(0, 1), default=0, help="stream from the hub (1) instead of caching it")
     p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes")
     args = p.parse_args(argv)

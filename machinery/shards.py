@@ -4,8 +4,10 @@ A shard set is a directory of 1-D uint16 .npy arrays named {PREFIX}_{split}_{ind
 val, the rest train), and fineweb.json, its manifest: the settings it was made with, and once the set is
 whole, `complete` and each shard's name, length and largest token id.
 """
+import errno
 import json
 import os
+import resource
 
 import numpy as np
 
@@ -89,6 +91,14 @@ def open_shard(path, expected_tokens=None):
     checked from its header and its size alone."""
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except OSError as e:
+        if e.errno != errno.EMFILE:
+            raise ValueError(f"cannot read shard {path} ({error_text(e)}): remake it with fineweb.py") from None
+        # each shard, memory-mapped, holds a file open: too many shards for this process's limit
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        raise ValueError(f"cannot open shard {path}: its folder holds more shards than this process may hold open "
+                         f"(ulimit -n: {limit}): remake them with a larger fineweb.py --shard_size (the default makes "
+                         "100), or raise the limit") from None
     except Exception as e:  # truncated, a damaged header (numpy parses it: a SyntaxError), Python objects, not .npy
         raise ValueError(f"cannot read shard {path} ({error_text(e)}): remake it with fineweb.py") from None
     if tokens.ndim != 1 or tokens.dtype != np.uint16:

@@ -3,6 +3,7 @@ file, flag or variable and says what to do, exit code 1, nothing written."""
 import json
 import os
 import pickle
+import re
 import warnings
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import error_of, INPUT, make_hf_checkpoint, parse_args, SMALL
+from conftest import error_of, INPUT, make_hf_checkpoint, parse_args, run, SMALL
 from machinery.settings import PROMPT_CHARS, samples_prompt
 from machinery.shards import shard_name, write_manifest, write_shard
 from tokenizer import EOT
@@ -132,6 +133,21 @@ def test_a_shard_replaced_with_ids_past_the_vocabulary_is_caught_from_the_data_n
     np.save(shards / shard_name(2), np.full(200, 60000, dtype=np.uint16))  # the same length: the manifest is fooled
     error = refused([*SMALL, "--data", str(shards), "--max_steps", "1", "--val_steps", "1"], tmp_path)
     assert error.startswith(f"error: {shards} (train) holds token id 60000, but the model's vocabulary has 50304 ids")
+
+
+def test_more_shards_than_the_process_may_hold_open_is_one_line_saying_what_to_do(tmp_path):
+    # fineweb.py --shard_size 1 wrote 23,573 shards; each one, memory-mapped, holds a file open
+    (tmp_path / "many").mkdir()
+    records = [write_shard(str(tmp_path / "many"), i, np.arange(50, dtype=np.uint16) + i) for i in range(120)]
+    write_manifest(str(tmp_path / "many"), {"made_by": "test"}, records)
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))"
+    out = run(["-c", f"{limit}; import sys; sys.argv[0] = 'train_gpt2.py'; from machinery.cli import run_script; "
+                     "import train_gpt2; run_script(train_gpt2.main)", *SMALL, "--data", str(tmp_path / "many"),
+               "--max_steps", "1", "--val_steps", "1", "--log_dir", str(tmp_path / "log")])
+    assert out.returncode == 1
+    assert re.fullmatch(r"error: cannot open shard .*/edufineweb_train_0000\d\d\.npy: its folder holds more shards than "
+                        r"this process may hold open \(ulimit -n: 64\): remake them with a larger fineweb.py "
+                        r"--shard_size \(the default makes 100\), or raise the limit\n", out.stderr), out.stderr
 
 
 def test_a_manifest_without_its_shard_list_is_one_line(shards):
