@@ -74,8 +74,14 @@ def check_vocab(model, max_id, what):
 
 
 def check_data(cfg, model, train_loader, val_loader):
-    """Before training: every token id of the data indexes the model's vocabulary, and the val split holds the
-    --val_steps batches an evaluation reads (more would count some of them twice)."""
+    """Before training: the model is the one asked for (a shape flag given with --init_from is its shape), every
+    token id of the data indexes its vocabulary, and the val split holds the --val_steps batches an evaluation
+    reads (more would count some of them twice)."""
+    for name in ("n_layer", "n_head", "n_embd"):  # --init_from's model keeps its own shape
+        if cfg.init_from != "scratch" and name in getattr(cfg, "given", ()) and getattr(cfg, name) != getattr(
+                model.config, name):
+            raise ValueError(f"--{name} {getattr(cfg, name)} does not fit --init_from {cfg.init_from}, whose model has "
+                             f"{getattr(model.config, name)}: leave the shape flags out (the model keeps its shape)")
     for loader in (train_loader, val_loader):
         check_vocab(model, loader.max_id, f"{cfg.data} ({loader.split})")
     chunks = (val_loader.total - 1) // (cfg.val_batch_size * cfg.seq_len)  # the val batches the split holds

@@ -143,6 +143,7 @@ def parse_args(argv, recipe):
     for name in ("prompt", "data", "log_dir", "resume", "init_from", "hellaswag_file"):
         check_utf8(given.get(name, ""), f"--{name}")
     cfg = TrainConfig(**{**recipe, **MODELS[model], **given})
+    cfg.given = frozenset(given)  # the flags on the command line (not a setting: no checkpoint records it)
     if not cfg.val_batch_size:  # the lecture's val batch is its B; --batch_size auto keeps the model's, not the B found
         cfg.val_batch_size = next(b for b in (cfg.batch_size, MODELS[model].get("batch_size"), recipe["batch_size"])
                                   if b not in (None, "auto"))

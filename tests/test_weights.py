@@ -80,6 +80,17 @@ def test_a_sequence_longer_than_a_pretrained_models_context_is_a_clear_error(tmp
     assert not (tmp_path / "log").exists()
 
 
+def test_shape_flags_given_with_init_from_must_be_the_models_shape(tmp_path):
+    path = make_hf_checkpoint(tmp_path / "hf", vocab_size=50257, n_embd=32, n_positions=64)  # 2 layers, 4 heads
+    argv = [*NO_SHAPE, "--init_from", path, "--n_layer", "2", "--n_head", "4", "--log_dir", str(tmp_path / "log")]
+    assert error_of(train_gpt2.main, [*argv, "--n_embd", "64"]) == (
+        f"error: --n_embd 64 does not fit --init_from {path}, whose model has 32: leave the shape flags out (the model "
+        "keeps its shape)")  # it used to train the 32-wide model without a word
+    assert not (tmp_path / "log").exists()
+    train_gpt2.main([*argv, "--n_embd", "32", "--max_steps", "1"])  # the model's own shape, said again: it trains
+    assert [k for _, k, _ in read_log(tmp_path / "log")] == ["val", "train"]
+
+
 def test_published_weights_offline_are_one_line_that_says_how_to_use_a_local_copy(tmp_path):
     # the tests run with Hugging Face offline, as a machine without internet would be
     error = error_of(train_gpt2.main, [*NO_SHAPE, "--init_from", "gpt2", "--log_dir", str(tmp_path / "log")])
