@@ -84,7 +84,7 @@ REHEARSAL = dict(n_layer=2, n_head=2, n_embd=64)
 REHEARSAL_SCALE = 16
 REHEARSAL_RECIPE = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--seq_len", "128", "--batch_size", "16",
                     "--total_batch_size", "4096", "--max_steps", "4", "--warmup_steps", "1", "--eval_every", "2",
-                    "--sample_every", "2", "--checkpoint_every", "2", "--val_steps", "2"]
+                    "--sample_every", "2", "--checkpoint_every", "2", "--val_steps", "2", "--val_batch_size", "16"]
 STEP_LINE = re.compile(r"^step +(\d+) \| loss ([\d.]+) .*?\| dt ([\d.]+)ms \| tok/sec ([\d.]+) \| mfu ([\d.]+)% "
                        r"\| eta \S+(?: \| mem ([\d.]+) GiB)?$", re.M)
 HEADER = ["| what | B | ms/step | tok/s | MFU (datasheet bf16) | peak GiB | notes |", "|---|---|---|---|---|---|---|"]

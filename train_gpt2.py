@@ -604,7 +604,7 @@ RECIPE = dict(
     max_steps=19073,  # 10B tokens / 2**19: one epoch of FineWeb-Edu's 10B-token sample
     weight_decay=0.1,
     eval_every=250,  # the val loss and HellaSwag every 250 steps, and at the last
-    val_steps=20,  # val batches of 64 x T each evaluation (--val_batch_size: the B given), whatever B is now
+    val_steps=20, val_batch_size=64,  # 20 val batches of 64 x T each evaluation, read B at a time: the same for any B
     sample_every=250,
     checkpoint_every=5000,
     seed=1337,

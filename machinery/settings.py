@@ -74,9 +74,8 @@ class TrainConfig:
     # evaluation, logging and checkpoints
     eval_every: int = flag(None, "evaluate every this many steps, and at the last step")
     val_steps: int = flag(None, "val batches per evaluation, from the start of the val split")
-    val_batch_size: int = flag(0, "sequences per val batch, read in micro-batches of --batch_size: the same val tokens "
-                                  "whatever B and the processes (0: --batch_size as given, or the model's own with "
-                                  "auto; a resumed run keeps the one it started with)")
+    val_batch_size: int = flag(None, "sequences per val batch, read in micro-batches of --batch_size: the same val "
+                                     "tokens whatever B and the processes (a resumed run keeps the one it started with)")
     hellaswag: bool = flag(True, "evaluate HellaSwag acc_norm every --eval_every steps")
     hellaswag_file: str = flag("", "a local HellaSwag jsonl (default: the val split, downloaded once by hellaswag.py)")
     sample_every: int = flag(None, "print 4 samples every this many steps, and at the last step")
@@ -144,9 +143,6 @@ def parse_args(argv, recipe):
         check_utf8(given.get(name, ""), f"--{name}")
     cfg = TrainConfig(**{**recipe, **MODELS[model], **given})
     cfg.given = frozenset(given)  # the flags on the command line (not a setting: no checkpoint records it)
-    if not cfg.val_batch_size:  # the lecture's val batch is its B; --batch_size auto keeps the model's, not the B found
-        cfg.val_batch_size = next(b for b in (cfg.batch_size, MODELS[model].get("batch_size"), recipe["batch_size"])
-                                  if b not in (None, "auto"))
     return cfg
 
 

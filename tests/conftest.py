@@ -25,20 +25,24 @@ HELLASWAG_20 = os.path.join(FIXTURES, "hellaswag_val_20.jsonl")  # the first 20 
 sys.path.insert(0, ROOT)
 
 # The flags of runs small enough for a test, to which tests add --max_steps, --log_dir and what they examine.
+# Each reads val batches of 2 sequences (--val_batch_size; the recipe's 64 would be 32 times the work).
 # 2 blocks of 32 channels, one micro-batch of 2 x 16 tokens a step, eager, no HellaSwag: a tenth of a second a step
 SMALL = ["--data", INPUT, "--hellaswag", "0", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "2",
-         "--seq_len", "16", "--total_batch_size", "32", "--compile", "0", "--warmup_steps", "1"]
+         "--seq_len", "16", "--total_batch_size", "32", "--compile", "0", "--warmup_steps", "1", "--val_batch_size", "2"]
 # 1 block of 16 channels, 2 micro-batches a step, a val loss every 2 steps, fp32 on the CPU: runs that stop and resume
 TINY = ["--data", INPUT, "--hellaswag", "0", "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--batch_size", "2",
         "--seq_len", "16", "--total_batch_size", "64", "--warmup_steps", "2", "--max_lr", "1e-3", "--eval_every", "2",
-        "--val_steps", "2", "--sample_every", "1000", "--compile", "0", "--bf16", "0", "--device", "cpu"]
+        "--val_steps", "2", "--val_batch_size", "2", "--sample_every", "1000", "--compile", "0", "--bf16", "0",
+        "--device", "cpu"]
 # 5 steps of 64 tokens, val and HellaSwag (20 examples) at steps 0, 2 and 4: one process against several
 DDP = ["--data", INPUT, "--hellaswag_file", HELLASWAG_20, "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
        "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "64", "--max_steps", "5", "--warmup_steps", "2",
-       "--max_lr", "1e-3", "--compile", "0", "--bf16", "0", "--device", "cpu", "--eval_every", "2", "--val_steps", "3"]
+       "--max_lr", "1e-3", "--compile", "0", "--bf16", "0", "--device", "cpu", "--eval_every", "2", "--val_steps", "3",
+       "--val_batch_size", "2"]
 # SMALL's batch and schedule without a shape: for runs whose model comes from --init_from
 NO_SHAPE = ["--data", INPUT, "--hellaswag", "0", "--batch_size", "2", "--seq_len", "16", "--total_batch_size", "32",
-            "--warmup_steps", "1", "--eval_every", "1000", "--val_steps", "3", "--compile", "0", "--bf16", "0", "--device", "cpu"]
+            "--warmup_steps", "1", "--eval_every", "1000", "--val_steps", "3", "--val_batch_size", "2", "--compile", "0",
+            "--bf16", "0", "--device", "cpu"]
 
 # set before anything imports transformers; subprocesses inherit them. tiktoken reads the repo's own
 # BPE files (tokenizer.py), as it does for a user: a cache set elsewhere must not stand in for them

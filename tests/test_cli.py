@@ -134,10 +134,10 @@ def test_help_lists_every_flag_with_its_default():
 
 
 def test_a_model_sets_its_shape_and_recipe_and_explicit_flags_win():
-    # the lesson's recipe, its val batches of its B (the default, 0, is resolved so)
-    assert parse_args([]) == parse_args(["--model", "gpt2"]) == TrainConfig(**train_gpt2.RECIPE, val_batch_size=64)
+    assert parse_args([]) == parse_args(["--model", "gpt2"]) == TrainConfig(**train_gpt2.RECIPE)  # the lesson's recipe
+    # the val batches: 64 sequences whatever the micro-batch, unless given
     assert [parse_args(a).val_batch_size for a in ([], ["--batch_size", "8"], ["--batch_size", "auto"],
-            ["--model", "gpt2-xl", "--batch_size", "auto"], ["--batch_size", "8", "--val_batch_size", "3"])] == [64, 8, 64, 8, 3]
+            ["--model", "gpt2-xl"], ["--batch_size", "8", "--val_batch_size", "3"])] == [64, 64, 64, 64, 3]
     assert (parse_args([]).total_batch_size, parse_args([]).max_steps, parse_args([]).max_lr) == (524288, 19073, 6e-4)
     c = parse_args(["--model", "gpt3-xl"])  # GPT-3 XL: 24 layers of 2048, 1M tokens a step, lr 2e-4, context 2048
     assert (c.n_layer, c.n_head, c.n_embd, c.seq_len, c.total_batch_size) == (24, 16, 2048, 2048, 2**20)

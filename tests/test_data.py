@@ -160,13 +160,13 @@ def test_b4_b3_and_b2_on_one_or_two_processes_log_the_same_val_loss_and_a_resume
     logs["two"] = read_log(tmp_path / "two")
     vals = {run: [v for _, kind, v in log if kind == "val"] for run, log in logs.items()}
     assert len(set(map(tuple, vals.values()))) == 1 and len(vals[2]) == 1, vals  # 12 sequences, in 6, 4 or 3 chunks
-    # a run started at B=2 (val batches of 2 sequences: the B given) and resumed at B=4 measures the same tokens
+    # a run started with val batches of 2 sequences, resumed at B=4 and told 4: it keeps the val tokens it started with
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     runs = [*TINY, "--total_batch_size", "192", "--max_steps", "4", "--checkpoint_every", "2"]
     train_gpt2.main([*runs, "--log_dir", str(whole)])
     resumed.mkdir()
     (resumed / "log.txt").write_text("".join(l for l in (whole / "log.txt").open() if int(l.split()[0]) <= 1))
-    out = run(["train_gpt2.py", *runs, "--batch_size", "4", "--log_dir", str(resumed), "--resume",
+    out = run(["train_gpt2.py", *runs, "--batch_size", "4", "--val_batch_size", "4", "--log_dir", str(resumed), "--resume",
                str(whole / "model_00001.pt")])
     assert out.returncode == 0, out.stderr
     assert "validation: 2 batches of 2 sequences, as the run started with (--val_batch_size 2)\n" in out.stdout

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 # 4 blocks of 256 channels, 8 x 256 tokens a micro-batch, 2 a step: seconds a run on any GPU
 RUN = ["--data", INPUT, "--hellaswag", "0", "--n_layer", "4", "--n_head", "4", "--n_embd", "256", "--batch_size", "8",
        "--seq_len", "256", "--total_batch_size", "4096", "--warmup_steps", "2", "--max_lr", "1e-3", "--eval_every", "5",
-       "--val_steps", "2", "--sample_every", "1000", "--device", "cuda"]
+       "--val_steps", "2", "--val_batch_size", "8", "--sample_every", "1000", "--device", "cuda"]
 
 
 def train_losses(log_dir):

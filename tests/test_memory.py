@@ -100,9 +100,7 @@ def test_auto_on_the_cpu_picks_from_the_estimate_and_trains_what_that_batch_size
     out = capsys.readouterr().out
     assert (f"--batch_size auto: 16 (the largest the memory estimate fits in 90% of this device's {ram / 2**30:.1f} GiB)\n"
             in out) and "total batch 4,096 tokens = 4 micro-batches of 16 x 64 on each of 1 processes\n" in out
-    # auto's val batches are the model's 64 sequences, whatever B it finds: a B=16 run given those
-    train_gpt2.main([*AUTO[:-4], "--batch_size", "16", "--val_batch_size", "64", "--device", "cpu", "--log_dir",
-                     str(tmp_path / "16")])
+    train_gpt2.main([*AUTO[:-4], "--batch_size", "16", "--device", "cpu", "--log_dir", str(tmp_path / "16")])
     assert_same_log(tmp_path / "auto", tmp_path / "16")  # digit for digit: the run is the B=16 run
 
 
