@@ -227,27 +227,33 @@ run_script(train_gpt2.main)
     assert [r[0] for r in read_log(log) if r[1] == "train"] == ["0", "1"]
 
 
-def test_a_rank_waiting_for_rank_0s_checkpoint_leaves_within_seconds_when_rank_0_fails(tmp_path):
-    # rank 0 fails while writing (an error of a kind the write does not expect) and rank 1 waits for that write in
-    # wait_for_master (for up to 10 minutes): the failure watcher must be heard meanwhile. With one long wait on
-    # the store, its checks queued behind it and rank 1 waited the 10 minutes out
-    wrapper = tmp_path / "fail_in_write.py"
-    wrapper.write_text(f"""import os, sys, time
+def rank_0_saving(tmp_path, save_body, setup=""):
+    """A 2-process run whose rank 0 saves its first checkpoint (after step 1) with a torch.save doing save_body
+    (setup: lines run first, in the workers): what torchrun returned, and how many seconds the run took."""
+    wrapper = tmp_path / "rank_0_saving.py"
+    wrapper.write_text(f"""import os, signal, sys, time
 sys.path.insert(0, {ROOT!r})
-import torch, train_gpt2
+import torch, train_gpt2, machinery.world
 from machinery.cli import run_script
-def failing_save(obj, f):
-    time.sleep(2)
-    raise KeyError("lost")
+def save(obj, f):
+    {save_body}
 if os.environ["RANK"] == "0":
-    torch.save = failing_save
+    torch.save = save
+{setup}
 run_script(train_gpt2.main)
 """)
     args = [a for a in DDP if a not in ("--hellaswag_file", HELLASWAG_20)]
     t0 = time.time()
     out = torchrun(2, [*args, "--hellaswag", "0", "--checkpoint_every", "2", "--log_dir", str(tmp_path / "log")],
                    timeout=120, script=str(wrapper))
-    seconds = time.time() - t0
+    return out, time.time() - t0
+
+
+def test_a_rank_waiting_for_rank_0s_checkpoint_leaves_within_seconds_when_rank_0_fails(tmp_path):
+    # rank 0 fails while writing (an error of a kind the write does not expect) and rank 1 waits for that write in
+    # wait_for_master (for up to 10 minutes): the failure watcher must be heard meanwhile. With one long wait on
+    # the store, its checks queued behind it and rank 1 waited the 10 minutes out
+    out, seconds = rank_0_saving(tmp_path, 'time.sleep(2); raise KeyError("lost")')
     assert out.returncode != 0
     assert seconds < 25, seconds  # torchrun's own kill of a worker that ignores its SIGTERM comes after 30 s
     assert out.stderr == "error: rank 0: KeyError: 'lost'\n"  # and rank 1, ended by the watcher, says nothing
@@ -257,24 +263,8 @@ def test_a_rank_waiting_for_rank_0s_checkpoint_leaves_on_torchruns_sigterm_once_
     # rank 0 is killed while it writes (its node lost); torchrun then sends SIGTERM to rank 1, which waits for that
     # write: it must leave once rank 0 is silent, as the ranks that were not waiting do, not wait for torchrun's
     # SIGKILL 30 s later. (Silent after 3 s here; 10 s in a run)
-    wrapper = tmp_path / "killed_in_write.py"
-    wrapper.write_text(f"""import os, signal, sys, time
-sys.path.insert(0, {ROOT!r})
-import torch, train_gpt2, machinery.world
-from machinery.cli import run_script
-def killed_save(obj, f):
-    time.sleep(1)
-    os.kill(os.getpid(), signal.SIGKILL)
-if os.environ["RANK"] == "0":
-    torch.save = killed_save
-machinery.world.SILENT_SECONDS = 3
-run_script(train_gpt2.main)
-""")
-    args = [a for a in DDP if a not in ("--hellaswag_file", HELLASWAG_20)]
-    t0 = time.time()
-    out = torchrun(2, [*args, "--hellaswag", "0", "--checkpoint_every", "2", "--log_dir", str(tmp_path / "log")],
-                   timeout=120, script=str(wrapper))
-    seconds = time.time() - t0
+    out, seconds = rank_0_saving(tmp_path, "time.sleep(1); os.kill(os.getpid(), signal.SIGKILL)",
+                                 setup="machinery.world.SILENT_SECONDS = 3")
     assert out.returncode != 0
     assert seconds < 25, seconds
     assert out.stderr == "rank 1: stopping: rank 0 went silent during checkpoint 1\n"
